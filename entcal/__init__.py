@@ -1,0 +1,12 @@
+"""entcal: entropy-calibrated text generation.
+
+Sub-packages: ``entcal.decoding`` (sampling processors and their HF / vLLM adapters),
+``entcal.calibrators`` (the future-entropy predictor, alpha fit, simpler calibrators),
+``entcal.eval`` (calibration error, typical-set checks, detectability, diversity).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]
