@@ -9,4 +9,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "generate"]
+
+
+def __getattr__(name: str):
+    # `entcal.generate` is imported on first use so that `import entcal` (and `entcal --help`)
+    # stays free of torch and transformers.
+    if name == "generate":
+        from entcal.generation import generate
+
+        return generate
+    raise AttributeError(f"module 'entcal' has no attribute {name!r}")

@@ -1,1 +1,33 @@
-"""entcal.decoding."""
+"""entcal.decoding: sampling processors as batched tensor ops, with HF and vLLM adapters.
+
+* :func:`parse` turns a spec (``"temperature=0.8,top_p=0.95"``, ``"mirostat:tau=3"``) into a
+  :class:`Decoder`; ``str(decoder)`` is the canonical spec.
+* :func:`register_method` adds named methods (``calibrated`` is registered by
+  ``entcal.calibrators`` on first use).
+* :func:`apply_rows` processes a batch that mixes decoders, one vectorized pass per kind.
+* :mod:`entcal.decoding.ops`: the pure per-row tensor functions.
+* :mod:`entcal.decoding.hf`: ``logits_processor(spec)`` for transformers' ``generate``.
+"""
+
+from __future__ import annotations
+
+from entcal.decoding import ops
+from entcal.decoding.adaptive import EDTDecoder, MirostatDecoder
+from entcal.decoding.base import Decoder
+from entcal.decoding.chain import CHAIN_KEYS, ChainDecoder
+from entcal.decoding.rows import apply_rows
+from entcal.decoding.spec import methods, parse, parse_options, register_method
+
+__all__ = [
+    "CHAIN_KEYS",
+    "ChainDecoder",
+    "Decoder",
+    "EDTDecoder",
+    "MirostatDecoder",
+    "apply_rows",
+    "methods",
+    "ops",
+    "parse",
+    "parse_options",
+    "register_method",
+]

@@ -1,0 +1,170 @@
+"""The :class:`Decoder` base class and the spec-option helpers shared by all decoders."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from entcal.decoding.ops import check_logits
+
+__all__ = ["Decoder", "format_value", "parse_float", "parse_int"]
+
+
+class Decoder:
+    """A sampling rule: maps next-token logits ``[N, V]`` to processed logits ``[N, V]``.
+
+    Masked tokens are ``-inf``; the sampling distribution is ``softmax`` of the result. Calling a
+    decoder never modifies its input, always returns float32, raises ``ValueError`` on NaN or
+    ``+inf`` logits, and returns a row whose logits are all ``-inf`` unchanged (all ``-inf``: no
+    token can be sampled from it; :func:`entcal.generate` reports that as an error).
+
+    Subclasses implement :meth:`_process` and :attr:`spec`; stateful ones (``requires_history``)
+    also :meth:`reset` and :meth:`observe`. :meth:`_apply_group` lets a subclass process rows of a
+    mixed batch that use different instances of it in one vectorized pass
+    (see :func:`entcal.decoding.apply_rows`).
+    """
+
+    #: True if the result depends on ``input_ids`` or on per-sequence state (mirostat,
+    #: calibrated). Stateless decoders can be applied to flattened ``[B*T, V]`` logits at once.
+    requires_history: ClassVar[bool] = False
+
+    def __call__(self, logits: Tensor, input_ids: Tensor | None = None) -> Tensor:
+        check_logits(logits)
+        with torch.no_grad():
+            return self._process(logits.float(), input_ids)
+
+    def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    # ---- state (no-ops for stateless decoders) -------------------------------------------
+    def reset(self, batch_size: int) -> None:
+        """Start ``batch_size`` new sequences (stateful decoders reinitialize their state)."""
+
+    def observe(self, tokens: Tensor) -> None:
+        """Tell the decoder which tokens ``[N]`` were sampled (or teacher-forced) this step."""
+
+    # ---- identity -------------------------------------------------------------------------
+    @property
+    def spec(self) -> str:
+        """Canonical spec string; ``entcal.decoding.parse(d.spec) == d``."""
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.spec
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Decoder):
+            return NotImplemented
+        return type(self) is type(other) and self.spec == other.spec
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.spec))
+
+    # ---- mixed batches --------------------------------------------------------------------
+    @classmethod
+    def _apply_group(
+        cls, decoders: Sequence[Decoder], logits: Tensor, input_ids: Tensor | None
+    ) -> Tensor:
+        """Process rows ``logits[i]`` with ``decoders[i]`` (all instances of ``cls``).
+
+        Default: one call per distinct decoder (equal specs for stateless decoders, the same
+        instance for stateful ones). Subclasses override it with a single vectorized pass.
+        """
+        groups: dict[Any, list[int]] = {}
+        owners: dict[Any, Decoder] = {}
+        for i, d in enumerate(decoders):
+            key = id(d) if d.requires_history else d.spec
+            groups.setdefault(key, []).append(i)
+            owners.setdefault(key, d)
+        if len(groups) == 1:
+            return decoders[0]._process(logits, input_ids)
+        out = torch.empty_like(logits)
+        for key, idx in groups.items():
+            rows_t = torch.tensor(idx, device=logits.device)
+            sub_ids = None if input_ids is None else input_ids.index_select(0, rows_t)
+            out.index_copy_(
+                0, rows_t, owners[key]._process(logits.index_select(0, rows_t), sub_ids)
+            )
+        return out
+
+
+# ---- option parsing helpers (used by every decoder's factory) -----------------------------
+
+
+def parse_float(
+    key: str,
+    text: str | float,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    range_text: str | None = None,
+) -> float:
+    """Parse ``text`` as a finite float in the given range, else ``ValueError`` naming ``key``."""
+    rng = range_text or _range_text(lo, hi, lo_open, hi_open)
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={text!r} is not a number; {key} must be {rng}") from None
+    bad = not math.isfinite(v)
+    if lo is not None:
+        bad |= v <= lo if lo_open else v < lo
+    if hi is not None:
+        bad |= v >= hi if hi_open else v > hi
+    if bad:
+        raise ValueError(f"{key}={text} is out of range; {key} must be {rng}")
+    return v
+
+
+def parse_int(key: str, text: str | int, *, lo: int, range_text: str) -> int:
+    """Parse ``text`` as an integer ``>= lo``, else ``ValueError`` naming ``key``."""
+    if isinstance(text, bool):
+        raise ValueError(f"{key}={text!r} is not an integer; {key} must be {range_text}")
+    if isinstance(text, int):
+        v = text
+    else:
+        try:
+            v = int(str(text).strip())
+        except ValueError:
+            raise ValueError(
+                f"{key}={text!r} is not an integer; {key} must be {range_text}"
+            ) from None
+    if v < lo:
+        raise ValueError(f"{key}={text} is out of range; {key} must be {range_text}")
+    return v
+
+
+def _range_text(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return "a finite number"
+
+
+def format_value(v: float | int) -> str:
+    """Canonical text of an option value: ints as is, floats as the shortest round-trip repr."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, int):
+        return str(v)
+    return repr(float(v))
+
+
+def check_known(method: str, options: Mapping[str, str], known: Sequence[str]) -> None:
+    """``ValueError`` for an option of ``method`` that is not in ``known``."""
+    for key in options:
+        if key not in known:
+            raise ValueError(
+                f"unknown option {key!r} for decoder {method!r}; valid options: {', '.join(known)}"
+            )

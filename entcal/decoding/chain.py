@@ -1,0 +1,202 @@
+"""The built-in chain: temperature, then the truncation rules, in transformers' order.
+
+Order (as transformers' ``generate`` appends its warpers, with top-nσ, which transformers lacks,
+first after temperature as in llama.cpp; its kept set does not depend on temperature)::
+
+    temperature -> top_n_sigma -> top_k -> top_p -> min_p -> typical -> epsilon -> eta
+
+Each stage sees the output of the previous one (masked tokens at ``-inf``), exactly as a
+``LogitsProcessorList`` of transformers' warpers does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from entcal.decoding import ops
+from entcal.decoding.base import Decoder, format_value, parse_float, parse_int
+
+__all__ = ["CHAIN_KEYS", "KEY_ALIASES", "ChainDecoder"]
+
+# key -> (neutral value, valid range text)
+CHAIN_KEYS: dict[str, tuple[Any, str]] = {
+    "temperature": (1.0, "> 0 (use top_k=1 or 'greedy' for greedy decoding)"),
+    "top_n_sigma": (float("inf"), "> 0"),
+    "top_k": (0, "an integer >= 0 (0 = off)"),
+    "top_p": (1.0, "in [0, 1] (1 = off)"),
+    "min_p": (0.0, "in [0, 1] (0 = off)"),
+    "typical": (1.0, "in (0, 1] (1 = off)"),
+    "epsilon": (0.0, "in [0, 1) (0 = off)"),
+    "eta": (0.0, "in [0, 1) (0 = off)"),
+    "min_tokens_to_keep": (1, "an integer >= 1"),
+}
+#: transformers' GenerationConfig names accepted as aliases.
+KEY_ALIASES = {"typical_p": "typical", "epsilon_cutoff": "epsilon", "eta_cutoff": "eta"}
+
+
+def _validate(key: str, value: Any) -> Any:
+    rng = CHAIN_KEYS[key][1]
+    if key in ("top_k", "min_tokens_to_keep"):
+        return parse_int(key, value, lo=0 if key == "top_k" else 1, range_text=rng)
+    if key == "temperature":
+        return parse_float(key, value, lo=0.0, lo_open=True, range_text=rng)
+    if key == "top_n_sigma":
+        v = float(value) if not isinstance(value, str) else None
+        if v == float("inf"):
+            return v
+        return parse_float(key, value, lo=0.0, lo_open=True, range_text=rng)
+    if key in ("top_p", "min_p"):
+        return parse_float(key, value, lo=0.0, hi=1.0, range_text=rng)
+    if key == "typical":
+        return parse_float(key, value, lo=0.0, hi=1.0, lo_open=True, range_text=rng)
+    # epsilon, eta
+    return parse_float(key, value, lo=0.0, hi=1.0, hi_open=True, range_text=rng)
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class ChainDecoder(Decoder):
+    """Temperature followed by truncation; every parameter at its neutral value is skipped.
+
+    Rules (``p = softmax(logits / temperature)``):
+
+    * ``temperature``: ``logits / T``.
+    * ``top_n_sigma`` (Tang et al. 2024, arXiv 2411.07641): keep ``l >= max l - n·σ(l)``.
+    * ``top_k``: keep the ``k`` largest logits (ties with the k-th kept).
+    * ``top_p`` (Holtzman et al. 2020, arXiv 1904.09751): smallest most-probable set with mass
+      ``>= top_p``.
+    * ``min_p`` (Nguyen et al. 2024, arXiv 2407.01082): keep ``p >= min_p · max p``.
+    * ``typical`` (Meister et al. 2023, arXiv 2202.00666): most typical tokens (smallest
+      ``|-log p - H|``) up to mass ``typical``.
+    * ``epsilon`` / ``eta`` (Hewitt et al. 2022, arXiv 2210.15191): keep ``p >= ε``; keep
+      ``p >= min(η, √η·exp(-H))``.
+    * ``min_tokens_to_keep``: every truncation keeps at least this many tokens.
+
+    Example::
+
+        >>> from entcal.decoding import parse
+        >>> d = parse("temperature=0.8,top_p=0.95")
+        >>> processed = d(logits)           # logits: [batch, vocab]
+    """
+
+    temperature: float = 1.0
+    top_n_sigma: float = float("inf")
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical: float = 1.0
+    epsilon: float = 0.0
+    eta: float = 0.0
+    min_tokens_to_keep: int = 1
+
+    requires_history: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _validate(f.name, getattr(self, f.name)))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> ChainDecoder:
+        """Build from ``key -> text`` options (aliases allowed); ``ValueError`` on bad input."""
+        kwargs: dict[str, Any] = {}
+        for raw_key, text in options.items():
+            key = KEY_ALIASES.get(raw_key, raw_key)
+            if key not in CHAIN_KEYS:
+                raise ValueError(
+                    f"unknown decoder key {raw_key!r}; valid keys: {', '.join(CHAIN_KEYS)} "
+                    "(or a named method: see entcal.decoding.methods())"
+                )
+            if key in kwargs:
+                raise ValueError(f"decoder key {key!r} given twice")
+            kwargs[key] = _validate(key, text)
+        return cls(**kwargs)
+
+    @property
+    def spec(self) -> str:
+        parts = [
+            f"{name}={format_value(getattr(self, name))}"
+            for name, (neutral, _) in CHAIN_KEYS.items()
+            if getattr(self, name) != neutral
+        ]
+        if not parts:
+            return "ancestral"
+        if len(parts) == 1 and self.min_tokens_to_keep != 1:
+            # min_tokens_to_keep alone changes nothing; keep it so the spec round-trips.
+            return parts[0]
+        return ",".join(parts)
+
+    def is_identity(self) -> bool:
+        """True for ``ancestral`` (sampling from the model's own distribution)."""
+        return all(
+            getattr(self, n) == neutral
+            for n, (neutral, _) in CHAIN_KEYS.items()
+            if n != "min_tokens_to_keep"
+        )
+
+    __hash__ = Decoder.__hash__
+    __str__ = Decoder.__str__
+
+    def __repr__(self) -> str:
+        return f"ChainDecoder({self.spec!r})"
+
+    def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
+        return chain_apply(logits, {n: getattr(self, n) for n in CHAIN_KEYS})
+
+    @classmethod
+    def _apply_group(
+        cls, decoders: Sequence[Decoder], logits: Tensor, input_ids: Tensor | None
+    ) -> Tensor:
+        params: dict[str, Any] = {}
+        for name, (neutral, _) in CHAIN_KEYS.items():
+            vals = [getattr(d, name) for d in decoders]
+            if all(v == vals[0] for v in vals):
+                params[name] = vals[0]
+            else:
+                dtype = torch.long if isinstance(neutral, int) else torch.float64
+                params[name] = torch.tensor(vals, dtype=dtype, device=logits.device)
+        return chain_apply(logits, params)
+
+
+def _neutral(value: Any, neutral: Any) -> bool:
+    if isinstance(value, Tensor):
+        return bool((value == neutral).all())
+    return value == neutral
+
+
+def chain_apply(logits: Tensor, params: Mapping[str, Any]) -> Tensor:
+    """Apply the chain with per-row (tensor ``[N]``) or shared (number) parameters.
+
+    Rows at a stage's neutral value are untouched by that stage; a stage whose parameter is
+    neutral for every row is skipped entirely.
+    """
+    x = logits
+    mk = params.get("min_tokens_to_keep", 1)
+    t = params.get("temperature", 1.0)
+    if not _neutral(t, 1.0):
+        x = ops.temperature(x, t)
+    stages = (
+        ("top_n_sigma", lambda z, v: ops.top_n_sigma_mask(z, v)),
+        ("top_k", lambda z, v: ops.top_k_mask(z, v, mk)),
+        ("top_p", lambda z, v: ops.top_p_mask(z, v, mk)),
+        ("min_p", lambda z, v: ops.min_p_mask(z, v, mk)),
+        ("typical", lambda z, v: ops.typical_mask(z, v, mk)),
+        ("epsilon", lambda z, v: ops.epsilon_mask(z, v, mk) & _active(v, 0.0, z)),
+        ("eta", lambda z, v: ops.eta_mask(z, v, mk) & _active(v, 0.0, z)),
+    )
+    for name, fn in stages:
+        v = params.get(name, CHAIN_KEYS[name][0])
+        if _neutral(v, CHAIN_KEYS[name][0]):
+            continue
+        x = x.masked_fill(fn(x, v), float("-inf"))
+    return x if x is not logits else logits.clone()
+
+
+def _active(value: Any, neutral: Any, like: Tensor) -> Tensor | bool:
+    """Row mask ``[N, 1]`` of rows whose parameter differs from ``neutral``."""
+    if isinstance(value, Tensor):
+        return (value != neutral).view(-1, 1)
+    return value != neutral

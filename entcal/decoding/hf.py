@@ -1,0 +1,58 @@
+"""Hugging Face adapter: any entcal decoder as a ``transformers.LogitsProcessor``.
+
+Pass it to ``generate`` with transformers' own warpers switched off, or its truncation would be
+applied on top (``do_sample=True, temperature=1.0, top_k=0, top_p=1.0``); :func:`entcal.generate`
+does this for you, including ignoring a model's ``generation_config`` defaults.
+
+Example::
+
+    >>> from entcal.decoding import hf
+    >>> proc = hf.logits_processor("temperature=0.8,top_p=0.95")
+    >>> model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+    ...                logits_processor=[proc])
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor
+
+from entcal.decoding.base import Decoder
+from entcal.decoding.spec import parse
+
+__all__ = ["EntcalLogitsProcessor", "logits_processor"]
+
+
+class EntcalLogitsProcessor(LogitsProcessor):
+    """Wraps a :class:`~entcal.decoding.Decoder` for ``generate``.
+
+    Stateful decoders: a call whose ``input_ids`` are not one token longer than the previous
+    call's (a new ``generate``) resets the decoder's state for the batch; otherwise the last
+    column of ``input_ids`` (the token just sampled) is passed to ``decoder.observe`` first.
+    """
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+        self.supports_continuous_batching = not decoder.requires_history
+        self._last_shape: tuple[int, int] | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.decoder.requires_history:
+            shape = (int(input_ids.shape[0]), int(input_ids.shape[1]))
+            if self._last_shape is not None and shape == (
+                self._last_shape[0],
+                self._last_shape[1] + 1,
+            ):
+                self.decoder.observe(input_ids[:, -1])
+            else:
+                self.decoder.reset(shape[0])
+            self._last_shape = shape
+        return self.decoder(scores, input_ids)
+
+    def __repr__(self) -> str:
+        return f"EntcalLogitsProcessor({self.decoder.spec!r})"
+
+
+def logits_processor(spec_or_decoder: str | Decoder) -> EntcalLogitsProcessor:
+    """A ``transformers.LogitsProcessor`` applying the decoder (a spec string or a Decoder)."""
+    return EntcalLogitsProcessor(parse(spec_or_decoder))

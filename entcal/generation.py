@@ -1,0 +1,288 @@
+"""``entcal.generate``: transformers' ``generate`` with exactly the specified distribution.
+
+transformers adds sampling defaults of its own (``top_k=50``) and of the model's
+``generation_config`` (temperature, top-p, suppress-tokens, ...). :func:`generate` switches all of
+them off, so the only change to the model's next-token distribution is the entcal decoder, and
+records per generated token, as each step is produced (the full logits are never kept: Gemma's
+vocabulary has 262144 entries):
+
+* ``logprob`` / ``entropy`` / ``varentropy``: of the *sampling* distribution (after the decoder);
+* ``raw_logprob`` / ``raw_entropy`` / ``raw_varentropy``: of the raw model distribution.
+
+All in nats. EOS: by default generation does *not* stop at EOS (``stop_at_eos=False``), so every
+sequence has exactly ``max_new_tokens`` tokens (what evaluation needs); with ``stop_at_eos=True`` a
+sequence ends with its first EOS (included in its tokens and statistics).
+
+Example::
+
+    >>> from entcal import generate, models
+    >>> model, tok = models.load("smollm2-135m")
+    >>> out = generate(model, tok, ["The capital of France is"], decoder="top_p=0.95",
+    ...                max_new_tokens=20, seed=0, n=2)
+    >>> out[0].text, out[0].logprob.sum()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from entcal.decoding import Decoder, ops, parse
+
+__all__ = ["Generation", "generate"]
+
+
+@dataclasses.dataclass
+class Generation:
+    """One generated sequence. Per-token statistics are float32 tensors ``[len(token_ids)]``."""
+
+    prompt_index: int
+    text: str
+    token_ids: list[int]
+    logprob: Tensor
+    raw_logprob: Tensor
+    entropy: Tensor
+    raw_entropy: Tensor
+    varentropy: Tensor
+    raw_varentropy: Tensor
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (lists of floats)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.tolist() if isinstance(v, Tensor) else v
+        return out
+
+
+class _Recorder:
+    """LogitsProcessor that applies the decoder and records per-step statistics.
+
+    At step t it computes the statistics of the raw and processed distributions and keeps only
+    the two ``[N, V]`` log-prob tensors of that step; at step t+1 (or after ``generate``) it reads
+    the log-probs of the token that was sampled from them and drops them.
+    """
+
+    def __init__(self, decoder: Decoder, prompt_len: int, eos: set[int] | None) -> None:
+        self.decoder = decoder
+        self.prompt_len = prompt_len
+        self.eos = eos
+        self.steps: list[dict[str, Tensor]] = []
+        self._pending: tuple[Tensor, Tensor] | None = None
+
+    def _settle(self, tokens: Tensor) -> None:
+        if self._pending is None:
+            return
+        logp, raw_logp = self._pending
+        tok = tokens.view(-1, 1).to(logp.device)
+        step = self.steps[-1]
+        step["token"] = tokens.detach().cpu()
+        step["logprob"] = logp.gather(-1, tok).flatten().cpu()
+        step["raw_logprob"] = raw_logp.gather(-1, tok).flatten().cpu()
+        self._pending = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        n = input_ids.shape[0]
+        if input_ids.shape[1] == self.prompt_len:
+            self.decoder.reset(n)
+        else:
+            last = input_ids[:, -1]
+            self._settle(last)
+            self.decoder.observe(last)
+        processed = self.decoder(scores, input_ids)
+        finite = processed.amax(-1)
+        if bool((finite == float("-inf")).any()):
+            rows_ = (finite == float("-inf")).nonzero().flatten().tolist()
+            raise ValueError(
+                f"decoder {self.decoder.spec!r} masked every token in row(s) {rows_[:10]}: "
+                "nothing to sample"
+            )
+        raw_logp, raw_h, raw_v = ops.entropy_stats(scores.float())
+        logp, h, v = ops.entropy_stats(processed)
+        self.steps.append(
+            {
+                "entropy": h.cpu(),
+                "varentropy": v.cpu(),
+                "raw_entropy": raw_h.cpu(),
+                "raw_varentropy": raw_v.cpu(),
+            }
+        )
+        self._pending = (logp, raw_logp)
+        return processed
+
+
+def _left_pad(
+    prompts: Sequence[str] | Sequence[Sequence[int]], tokenizer: Any, pad_id: int
+) -> tuple[Tensor, Tensor]:
+    if all(isinstance(p, str) for p in prompts):
+        ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    else:
+        ids = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str) or not all(isinstance(t, int) for t in p):
+                raise ValueError(
+                    f"prompts[{i}]: prompts must be all strings or all lists of token ids"
+                )
+            ids.append(list(p))
+    if any(len(x) == 0 for x in ids):
+        raise ValueError("prompts: every prompt needs at least one token")
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+        mask[i, width - len(x) :] = 1
+    return input_ids, mask
+
+
+@contextlib.contextmanager
+def _clean_generation_config(model: Any, eos: list[int] | None, pad_id: int):
+    """Temporarily replace the model's generation_config by one with no sampling defaults."""
+    from transformers import GenerationConfig
+
+    old = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig(
+        bos_token_id=getattr(old, "bos_token_id", None),
+        eos_token_id=eos,
+        pad_token_id=pad_id,
+    )
+    try:
+        yield
+    finally:
+        model.generation_config = old
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    decoder: str | Decoder = "ancestral",
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    n: int = 1,
+    stop_at_eos: bool = False,
+    batch_size: int | None = None,
+) -> list[Generation]:
+    """Sample ``n`` continuations of each prompt from ``decoder`` applied to ``model``.
+
+    Args:
+        prompts: strings (tokenized with the tokenizer's special tokens) or lists of token ids
+            (used as given); left-padded internally.
+        decoder: a spec (see :func:`entcal.decoding.parse`) or a Decoder.
+        seed: seeds a private copy of torch's RNG (the caller's global RNG is left as it was).
+        n: continuations per prompt; results are ordered prompt-major (``i * n + j``).
+        stop_at_eos: stop a sequence at its first EOS (default: always ``max_new_tokens``).
+        batch_size: prompts per ``generate`` call (default: all at once).
+
+    Returns: one :class:`Generation` per (prompt, sample), with per-token log-probs, entropies and
+    varentropies (nats) of the sampling and of the raw distribution.
+    """
+    dec = parse(decoder)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}; must be an integer >= 1")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r}; must be an integer >= 1")
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings or of token-id lists, not a string")
+    if len(prompts) == 0:
+        return []
+    eos_ids = getattr(model.generation_config, "eos_token_id", None)
+    if eos_ids is None:
+        eos_ids = tokenizer.eos_token_id
+    eos_list = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = eos_list[0] if eos_list else 0
+    device = next(model.parameters()).device
+    bs = batch_size or len(prompts)
+    results: list[Generation] = []
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), bs):
+            chunk = prompts[start : start + bs]
+            results.extend(
+                _generate_chunk(
+                    model, tokenizer, chunk, start, dec, max_new_tokens, n, stop_at_eos,
+                    eos_list, pad_id, device,
+                )
+            )  # fmt: skip
+    return results
+
+
+def _generate_chunk(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    offset: int,
+    dec: Decoder,
+    max_new_tokens: int,
+    n: int,
+    stop_at_eos: bool,
+    eos_list: list[int],
+    pad_id: int,
+    device: torch.device,
+) -> list[Generation]:
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    input_ids, mask = _left_pad(prompts, tokenizer, pad_id)
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    rec = _Recorder(dec, input_ids.shape[1], set(eos_list) if stop_at_eos else None)
+    eos = eos_list if (stop_at_eos and eos_list) else None
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        num_return_sequences=n,
+        eos_token_id=eos,
+        pad_token_id=pad_id,
+        return_dict_in_generate=True,
+    )
+    with _clean_generation_config(model, eos, pad_id), torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([rec]),
+        )
+    seqs = out.sequences[:, input_ids.shape[1] :].cpu()
+    # the last step's token is only known now
+    if rec.steps and "token" not in rec.steps[-1]:
+        rec._settle(seqs[:, len(rec.steps) - 1].to(device))
+    keys = ("logprob", "raw_logprob", "entropy", "raw_entropy", "varentropy", "raw_varentropy")
+    table = {
+        key: torch.stack([s[key] for s in rec.steps], dim=1).float()
+        if rec.steps
+        else torch.zeros(seqs.shape[0], 0)
+        for key in keys
+    }
+    results = []
+    for r in range(seqs.shape[0]):
+        toks = seqs[r, : len(rec.steps)].tolist()
+        length = len(toks)
+        if stop_at_eos:
+            for j, t in enumerate(toks):
+                if t in eos_list:
+                    length = j + 1
+                    break
+        toks = toks[:length]
+        results.append(
+            Generation(
+                prompt_index=offset + r // n,
+                text=tokenizer.decode(toks, skip_special_tokens=False),
+                token_ids=toks,
+                **{key: table[key][r, :length].clone() for key in keys},
+            )
+        )
+    return results
