@@ -1,0 +1,51 @@
+"""Settings of ``entcal train`` (kept free of torch so the CLI registers instantly)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["TrainConfig"]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings of a training run (defaults: the shipped SmolLM2 predictor, ~15 min on 2 cores)."""
+
+    model: str = "smollm2-135m"
+    corpus: str | None = None
+    seed: int = 0
+    label_pairs: int = 16  # documents for round-0 labels
+    refit_pairs: int = 8  # documents per refit round
+    positions_per_pair: int = 6
+    top_k: int = 16
+    n_tail: int = 4
+    horizon: int = 6
+    table_dim: int = 8
+    alpha_pairs: int = 12
+    alpha_positions_per_pair: int = 96
+    test_pairs: int = 4
+    bucket_edges: tuple[int, ...] = (16, 64, 128)
+    refit_rounds: int = 1
+    prompt_tokens: int = 128
+    continuation_tokens: int = 256
+    estimator: str = "auto"
+
+    def validate(self) -> None:
+        for name in (
+            "label_pairs",
+            "positions_per_pair",
+            "top_k",
+            "horizon",
+            "table_dim",
+            "alpha_pairs",
+            "alpha_positions_per_pair",
+            "prompt_tokens",
+            "continuation_tokens",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("refit_pairs", "n_tail", "refit_rounds", "test_pairs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.refit_rounds and self.refit_pairs < 1:
+            raise ValueError("refit_pairs must be >= 1 when refit_rounds > 0")

@@ -1,0 +1,291 @@
+"""Train a future-entropy predictor and its α for a model (what ``entcal train`` runs).
+
+A practical version of Algorithm 1 of Cao, Valiant & Liang (arXiv 2511.11966):
+
+1. **Labels, round 0.** At human prefixes (training split), for candidates (top-k, the human
+   token, tail samples), the k-step Monte-Carlo future entropy under the raw model
+   (:mod:`entcal.calibrators.montecarlo`).
+2. **Predictor.** Ridge vs MLP on features a logits processor can compute, chosen by held-out R².
+3. **α.** Minimize human log loss of ``p_α`` on held-out human positions (a single α and one per
+   position bucket; convex 1-D problems).
+4. **Refit round(s).** New labels from rollouts of the *adjusted* model (predictor and α of the
+   previous round), a new predictor, α fitted again (the paper's fixed point).
+
+Every Monte-Carlo chunk (one human document) is written to ``OUT/data/roundR/`` as it finishes,
+so an interrupted run resumes where it stopped. Seeded: the same config gives the same predictor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from entcal.calibrators.alpha import AlphaFit, fit_alpha
+from entcal.calibrators.config import TrainConfig
+from entcal.calibrators.features import candidate_features, token_table
+from entcal.calibrators.montecarlo import (
+    choose_candidates,
+    expand_cache,
+    hf_step_fn,
+    rollout_entropy,
+)
+from entcal.calibrators.ops import adjusted_logprobs, entropy_stats
+from entcal.calibrators.predictor import FutureEntropyPredictor, predictor_fingerprint
+
+__all__ = ["TrainConfig", "collect_alpha_rows", "collect_labels", "train_predictor"]
+
+
+def _generator(seed: int, *parts: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int(seed) * 1_000_003 + sum(p * 7919**i for i, p in enumerate(parts, 1)))
+    return g
+
+
+def _offsets(n_cont: int, k: int, gen: torch.Generator) -> list[int]:
+    k = min(k, n_cont)
+    return sorted(torch.randperm(n_cont, generator=gen)[:k].tolist(), reverse=True)
+
+
+@torch.inference_mode()
+def collect_labels(
+    model,
+    pairs,
+    cfg: TrainConfig,
+    table: torch.Tensor,
+    folder: Path | None,
+    round_index: int,
+    adjust=None,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Monte-Carlo labels at human prefixes of ``pairs``; one ``.npz`` chunk per document.
+
+    Returns arrays ``X`` (features), ``y`` (future entropy), ``group`` (prefix id), ``position``,
+    ``logp`` (candidate log-prob), ``is_human``.
+    """
+    from tqdm.auto import tqdm
+
+    device = model.get_output_embeddings().weight.device
+    step = hf_step_fn(model)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    chunks = []
+    bar = tqdm(pairs, desc=f"entcal train: labels round {round_index}", disable=not progress)
+    for i, pair in enumerate(bar):
+        path = folder / f"chunk-{i:05d}.npz" if folder is not None else None
+        if path is not None and path.exists():
+            with np.load(path) as data:
+                chunks.append({k: data[k] for k in data.files})
+            continue
+        gen = _generator(cfg.seed, round_index, i)
+        ids = torch.tensor(list(pair.prompt_ids) + list(pair.continuation_ids), device=device)
+        n_prompt = len(pair.prompt_ids)
+        offsets = _offsets(len(pair.continuation_ids), cfg.positions_per_pair, gen)
+        stop = n_prompt + max(offsets)
+        out = model(input_ids=ids[None, :stop], use_cache=True)
+        cache = out.past_key_values
+        all_lp = torch.log_softmax(out.logits[0].float(), dim=-1)
+        rows: dict[str, list] = {k: [] for k in ("X", "y", "group", "position", "logp", "is_human")}
+        for o in offsets:
+            length = n_prompt + o  # prefix ids[:length]; the next human token is ids[length]
+            lp = all_lp[length - 1]
+            if adjust is not None:
+                lp = adjust(lp[None], torch.tensor([o], device=device))[0]
+            human = int(ids[length])
+            cand = choose_candidates(lp, human, cfg.top_k, cfg.n_tail, gen)
+            state = expand_cache(cache, length, cand.shape[0])
+            y = rollout_entropy(step, state, cand, cfg.horizon, gen, adjust=adjust, position=o)
+            raw_lp = all_lp[length - 1][None]
+            feats = candidate_features(
+                raw_lp, cand[None], torch.tensor([o], device=device), table, entropy_stats(raw_lp)
+            )[0]
+            rows["X"].append(feats.cpu().numpy())
+            rows["y"].append(y.cpu().numpy())
+            rows["group"].append(np.full(cand.shape[0], i * 10_000 + o))
+            rows["position"].append(np.full(cand.shape[0], o))
+            rows["logp"].append(raw_lp[0, cand].cpu().numpy())
+            rows["is_human"].append((cand == human).cpu().numpy())
+        chunk = {k: np.concatenate(v) for k, v in rows.items()}
+        if path is not None:
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, **chunk)
+            tmp.replace(path)
+        chunks.append(chunk)
+    bar.close()
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+@torch.inference_mode()
+def collect_alpha_rows(model, pairs, positions_per_pair: int, seed: int, salt: int = 0):
+    """Raw log-probs at human positions (teacher forced): ``(logprobs (N, V), targets, position)``."""
+    device = model.get_output_embeddings().weight.device
+    lps, targets, positions = [], [], []
+    for i, pair in enumerate(pairs):
+        gen = _generator(seed, 99 + salt, i)
+        ids = torch.tensor(list(pair.prompt_ids) + list(pair.continuation_ids), device=device)
+        n_prompt = len(pair.prompt_ids)
+        offs = torch.tensor(
+            sorted(_offsets(len(pair.continuation_ids), positions_per_pair, gen)), device=device
+        )
+        logits = model(input_ids=ids[None, :-1]).logits[0]
+        rows = logits[n_prompt - 1 + offs].float()
+        lps.append(torch.log_softmax(rows, dim=-1))
+        targets.append(ids[n_prompt + offs])
+        positions.append(offs)
+    return torch.cat(lps), torch.cat(targets), torch.cat(positions)
+
+
+def _phi(pred: FutureEntropyPredictor, logprobs, position, chunk: int = 256) -> torch.Tensor:
+    return torch.cat(
+        [
+            pred.phi(logprobs[s : s + chunk], position[s : s + chunk])
+            for s in range(0, logprobs.shape[0], chunk)
+        ]
+    )
+
+
+def _alpha_summary(single: AlphaFit, buckets: AlphaFit) -> dict[str, Any]:
+    return {
+        "global": single.alpha[0],
+        "bucket_edges": buckets.bucket_edges,
+        "bucket_values": buckets.alpha,
+        "fit_global": single.to_json(),
+        "fit_buckets": buckets.to_json(),
+    }
+
+
+def _make_adjust(pred: FutureEntropyPredictor):
+    def adjust(logprobs, position):
+        alpha = pred.alpha_for(position)
+        return adjusted_logprobs(logprobs, pred.phi(logprobs, position), alpha)
+
+    return adjust
+
+
+def _heldout_logloss(pred, lp, targets, position) -> dict[str, float]:
+    from entcal.calibrators.alpha import logloss_terms
+
+    phi = _phi(pred, lp, position)
+    zero = logloss_terms(lp, phi, targets, torch.zeros(len(targets)))[0].mean()
+    alpha = pred.alpha_for(position)
+    single = torch.full_like(alpha, float(pred.meta_["alpha"]["global"]))
+    return {
+        "n_positions": len(targets),
+        "raw": float(zero),
+        "alpha_global": float(logloss_terms(lp, phi, targets, single)[0].mean()),
+        "alpha_buckets": float(logloss_terms(lp, phi, targets, alpha)[0].mean()),
+    }
+
+
+def train_predictor(
+    cfg: TrainConfig, out: str | Path, model=None, tokenizer=None, progress: bool = True
+) -> dict[str, Any]:
+    """Run the whole recipe; writes ``OUT/predictor/`` and ``OUT/report.json``; returns the report."""
+    from entcal import corpora, models
+
+    cfg.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_json = dataclasses.asdict(cfg)
+    cfg_path = out / "config.json"
+    if cfg_path.exists() and json.loads(cfg_path.read_text()) != json.loads(json.dumps(cfg_json)):
+        raise ValueError(
+            f"{out} holds a run with a different configuration ({cfg_path}); "
+            "use a new --out folder to train with other settings"
+        )
+    cfg_path.write_text(json.dumps(cfg_json, indent=2))
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    if model is None:
+        model, tokenizer = models.load(cfg.model)
+    corpus = corpora.load_corpus(cfg.corpus)
+    n_needed = cfg.label_pairs + cfg.refit_rounds * cfg.refit_pairs + cfg.alpha_pairs
+    pairs = corpora.make_pairs(
+        corpus.split("train"),
+        tokenizer,
+        prompt_tokens=cfg.prompt_tokens,
+        continuation_tokens=cfg.continuation_tokens,
+        n=n_needed,
+        seed=cfg.seed,
+    )
+    if len(pairs) < n_needed:
+        raise ValueError(
+            f"the training split yields {len(pairs)} documents of {cfg.prompt_tokens}+"
+            f"{cfg.continuation_tokens} tokens; the config needs {n_needed}"
+        )
+    alpha_pairs = pairs[: cfg.alpha_pairs]
+    label_sets = [pairs[cfg.alpha_pairs : cfg.alpha_pairs + cfg.label_pairs]]
+    start = cfg.alpha_pairs + cfg.label_pairs
+    for _ in range(cfg.refit_rounds):
+        label_sets.append(pairs[start : start + cfg.refit_pairs])
+        start += cfg.refit_pairs
+    test_pairs = []
+    if cfg.test_pairs:
+        test_pairs = corpora.make_pairs(
+            corpus.split("test"),
+            tokenizer,
+            prompt_tokens=cfg.prompt_tokens,
+            continuation_tokens=cfg.continuation_tokens,
+            n=cfg.test_pairs,
+            seed=cfg.seed,
+        )
+
+    table = token_table(model.get_output_embeddings().weight, cfg.table_dim)
+    fp = predictor_fingerprint(model, cfg.model)
+    lp_a, y_a, pos_a = collect_alpha_rows(
+        model, alpha_pairs, cfg.alpha_positions_per_pair, cfg.seed
+    )
+    test = (
+        collect_alpha_rows(model, test_pairs, cfg.alpha_positions_per_pair, cfg.seed, salt=1)
+        if test_pairs
+        else None
+    )
+    report: dict[str, Any] = {"config": cfg_json, "fingerprint": fp, "rounds": []}
+    adjust = None
+    pred = None
+    for r, label_pairs in enumerate(label_sets):
+        data = collect_labels(
+            model, label_pairs, cfg, table, out / "data" / f"round{r}", r, adjust, progress
+        )
+        pred = FutureEntropyPredictor(estimator=cfg.estimator, random_state=cfg.seed)
+        pred.fit(data["X"], data["y"], data["group"])
+        pred.table_ = table
+        phi = _phi(pred, lp_a, pos_a)
+        single = fit_alpha(lp_a, phi, y_a)
+        buckets = fit_alpha(lp_a, phi, y_a, pos_a, cfg.bucket_edges)
+        pred.meta_ = {
+            "alpha": _alpha_summary(single, buckets),
+            "horizon": cfg.horizon,
+            "round": r,
+            "train_config": cfg_json,
+        }
+        entry: dict[str, Any] = {
+            "round": r,
+            "labels_from": "raw model" if r == 0 else f"adjusted model of round {r - 1}",
+            "n_labels": len(data["y"]),
+            "label_mean": float(data["y"].mean()),
+            "label_std": float(data["y"].std()),
+            "predictor": pred.scores_,
+            "alpha_global": single.alpha[0],
+            "alpha_buckets": buckets.alpha,
+            "alpha_fit_logloss": {
+                "raw": single.total_loss(False),
+                "alpha_global": single.total_loss(True),
+                "alpha_buckets": buckets.total_loss(True),
+            },
+        }
+        if test is not None:
+            entry["test_logloss"] = _heldout_logloss(pred, *test)
+        report["rounds"].append(entry)
+        adjust = _make_adjust(pred)
+    assert pred is not None
+    report["seconds"] = round(time.time() - t0, 1)
+    pred.meta_["report"] = report["rounds"]
+    pred.save(out / "predictor", fingerprint=fp)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    return report
