@@ -1,0 +1,84 @@
+"""``entcal compare``: several decoders on the same prompts, evaluated side by side.
+
+A thin adapter over :func:`entcal.eval.compare.run_compare` (see there for the protocol and
+``results.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+_DEFAULT_DECODERS = "ancestral; temperature=0.9; top_p=0.95; min_p=0.05; typical=0.9; eta=0.0009"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "compare",
+        help="compare decoders: entropy calibration, typical set, detectability, diversity",
+        description=(
+            "Generate continuations of the same human prompts with several decoders and write "
+            "OUT/results.json, OUT/report.md and PNG plots. Generations are cached in OUT/cache, "
+            "so an interrupted run resumes."
+        ),
+    )
+    parser.add_argument("--model", default="smollm2-135m", help="model name or folder")
+    parser.add_argument(
+        "--human", default=None, help="human corpus: pydoc (default), FILE.txt, FILE.jsonl, hf:NAME"
+    )
+    parser.add_argument(
+        "--decoders",
+        default=None,
+        help=f"';'-separated decoder specs (default: {_DEFAULT_DECODERS!r})",
+    )
+    parser.add_argument("--n", type=int, default=None, help="number of prompts (default 32)")
+    parser.add_argument(
+        "--length", type=int, default=None, help="continuation tokens (default 256)"
+    )
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=None, help="prompt tokens (default 128)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--observer", default=None, help="second model with the same tokenizer (Binoculars)"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch")
+    parser.add_argument("--epsilon", type=float, default=0.1, help="typical-set epsilon (nats)")
+    parser.add_argument(
+        "--quick", action="store_true", help="8 prompts of 64 tokens, 48-token continuations"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from entcal.eval.compare import DEFAULT_DECODERS, QUICK, CompareConfig, parse_decoders
+
+    decoders = args.decoders if args.decoders is not None else DEFAULT_DECODERS
+    # Unknown decoders fail here, before the model is loaded or anything generated.
+    parse_decoders(decoders)
+    base = QUICK if args.quick else {"n": 32, "length": 256, "prompt_tokens": 128}
+    config = CompareConfig(
+        out=args.out,
+        model=args.model,
+        human=args.human,
+        decoders=decoders,
+        n=args.n if args.n is not None else base["n"],
+        length=args.length if args.length is not None else base["length"],
+        prompt_tokens=args.prompt_tokens
+        if args.prompt_tokens is not None
+        else base["prompt_tokens"],
+        seed=args.seed,
+        observer=args.observer,
+        batch_size=args.batch_size,
+        epsilon=args.epsilon,
+        progress=not args.no_progress,
+    )
+    from entcal.eval.compare import run_compare
+
+    results = run_compare(config)
+    from entcal.eval.report import summary_table
+
+    print(summary_table(results))
+    print(f"\nwrote {args.out}/results.json, {args.out}/report.md and plots")
+    return 0

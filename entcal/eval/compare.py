@@ -1,0 +1,516 @@
+"""``entcal compare``: run several decoders on the same prompts and evaluate them side by side.
+
+Protocol (paper 1, Cao, Valiant & Liang): ``n`` (prompt, human continuation) pairs from the
+corpus, prompts of ``prompt_tokens`` human tokens (BOS kept), continuations of exactly ``length``
+tokens. For every decoder:
+
+1. generate one continuation of ``length`` tokens per prompt with :func:`entcal.generate`
+   (no EOS stop), which records the entropy / varentropy / log-prob of the sampling
+   distribution at every step;
+2. score the human continuations teacher-forced under the decoder's processed distribution,
+   and score the generations under the raw model (ranks and varentropies for the detectors);
+3. compute entropy calibration (:mod:`entcal.eval.calibration`), the AEP / typical-set numbers
+   under the sampling distribution and under the raw model (:mod:`entcal.eval.typical`),
+   detectability human vs generated (:mod:`entcal.eval.detect`) and diversity
+   (:mod:`entcal.eval.diversity`).
+
+Generations and scores are cached under ``OUT/cache`` (one file per decoder and prompt batch,
+keyed by model, prompts, length, seed and the canonical decoder spec), so an interrupted run
+resumes where it stopped and re-running with one more decoder only computes that decoder.
+
+``results.json`` holds only JSON numbers, strings, lists and objects: a non-finite number is
+written as the string ``"inf"``, ``"-inf"`` or ``"nan"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from entcal.eval import calibration, detect, diversity, scoring, typical
+
+__all__ = [
+    "DEFAULT_DECODERS",
+    "QUICK",
+    "CompareConfig",
+    "parse_decoders",
+    "run_compare",
+    "to_json",
+]
+
+DEFAULT_DECODERS = "ancestral; temperature=0.9; top_p=0.95; min_p=0.05; typical=0.9; eta=0.0009"
+#: Settings of ``--quick`` (the same decoders, fewer and shorter texts).
+QUICK = {"n": 8, "length": 48, "prompt_tokens": 64}
+SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass
+class CompareConfig:
+    """Settings of one comparison (see ``entcal compare --help``)."""
+
+    out: str | Path
+    model: str = "smollm2-135m"
+    human: str | None = None
+    decoders: Sequence[str] | str = DEFAULT_DECODERS
+    n: int = 32
+    length: int = 256
+    prompt_tokens: int = 128
+    seed: int = 0
+    observer: str | None = None
+    batch_size: int = 16
+    epsilon: float = typical.DEFAULT_EPSILON
+    progress: bool = True
+    plots: bool = True
+
+    def validate(self) -> None:
+        for key, lo in (("n", 1), ("length", 1), ("prompt_tokens", 1), ("batch_size", 1)):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise ValueError(f"{key} must be an integer >= {lo}, got {value!r}")
+        if not self.epsilon > 0:
+            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+
+
+def parse_decoders(specs: Sequence[str] | str) -> dict[str, Any]:
+    """Parse decoder specs (a ``;``-separated string or a list) into ``{canonical spec: Decoder}``.
+
+    Raises ``ValueError`` naming the first spec that does not parse — before any model work.
+    """
+    from entcal.decoding import parse
+
+    items = [s.strip() for s in specs.split(";")] if isinstance(specs, str) else list(specs)
+    items = [s for s in items if s]
+    if not items:
+        raise ValueError("no decoder given (--decoders is empty)")
+    out: dict[str, Any] = {}
+    for spec in items:
+        try:
+            dec = parse(spec)
+        except Exception as exc:
+            raise ValueError(f"decoder {spec!r} is not valid: {exc}") from None
+        out.setdefault(str(dec), dec)
+    return out
+
+
+def to_json(value: Any) -> Any:
+    """Make ``value`` strict JSON: tensors/arrays to lists, non-finite floats to strings."""
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return to_json(value.tolist())
+    if isinstance(value, np.ndarray):
+        return to_json(value.tolist())
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+    return value
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _load_cached(path: Path) -> Any | None:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:  # a file cut short by an interruption: compute again
+        return None
+
+
+def _save_cached(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _log(msg: str, progress: bool) -> None:
+    if progress:
+        print(f"entcal compare: {msg}", file=sys.stderr, flush=True)
+
+
+def _model_identity(model, name: str) -> dict:
+    cfg = model.config
+    return {
+        "name": name,
+        "type": getattr(cfg, "model_type", None),
+        "vocab": getattr(cfg, "vocab_size", None),
+        "params": int(sum(p.numel() for p in model.parameters())),
+        "checksum": float(
+            sum(float(p.detach().float().flatten()[:64].sum()) for p in model.parameters())
+        ),
+    }
+
+
+def _pairs(config: CompareConfig, tokenizer, corpus):
+    from entcal import corpora
+
+    pairs = corpora.make_pairs(
+        corpus,
+        tokenizer,
+        prompt_tokens=config.prompt_tokens,
+        continuation_tokens=config.length,
+        n=config.n,
+        seed=config.seed,
+    )
+    need = config.prompt_tokens + config.length
+    if not pairs:
+        raise ValueError(
+            f"corpus {corpus.name!r}: no document has {need} tokens "
+            f"({config.prompt_tokens} prompt + {config.length} continuation); "
+            "use a smaller --length or a corpus of longer documents"
+        )
+    if len(pairs) < config.n:
+        raise ValueError(
+            f"corpus {corpus.name!r}: only {len(pairs)} documents have {need} tokens, "
+            f"--n asks for {config.n}; use --n {len(pairs)} or a smaller --length"
+        )
+    return [list(p.prompt_ids) for p in pairs], [list(p.continuation_ids) for p in pairs]
+
+
+def _context_limit(model) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def run_compare(
+    config: CompareConfig,
+    *,
+    model=None,
+    tokenizer=None,
+    pairs: tuple[list[list[int]], list[list[int]]] | None = None,
+    observer=None,
+    corpus_name: str | None = None,
+) -> dict:
+    """Run the comparison and write ``results.json``, ``report.md`` and the plots.
+
+    Args:
+        config: the settings.
+        model, tokenizer: an already loaded model (else ``config.model`` is loaded).
+        pairs: ``(prompts, human continuations)`` as token ids (else built from
+            ``config.human``); continuations must have ``config.length`` tokens.
+        observer: an already loaded second model for Binoculars (else ``config.observer``).
+        corpus_name: name recorded for ``pairs``.
+
+    Returns:
+        The results dict (as written to ``results.json``).
+    """
+    from entcal import generate, models
+
+    t_start = time.time()
+    config.validate()
+    decoders = parse_decoders(config.decoders)
+    out = Path(config.out)
+    if model is None:
+        limit_hint = config.prompt_tokens + config.length
+        _log(f"loading {config.model}", config.progress)
+        model, tokenizer = models.load(config.model)
+        limit = _context_limit(model)
+        if limit is not None and limit_hint > limit:
+            raise ValueError(
+                f"--length {config.length} + prompt {config.prompt_tokens} = {limit_hint} tokens "
+                f"exceeds the context of {config.model} ({limit} positions)"
+            )
+    elif tokenizer is None:
+        raise ValueError("a model passed in needs its tokenizer")
+    limit = _context_limit(model)
+    if limit is not None and config.prompt_tokens + config.length > limit:
+        raise ValueError(
+            f"length {config.length} + prompt {config.prompt_tokens} tokens exceeds the "
+            f"model's context of {limit} positions"
+        )
+    if observer is None and config.observer:
+        _log(f"loading observer {config.observer}", config.progress)
+        observer, _ = models.load(config.observer)
+    if observer is not None and observer.config.vocab_size != model.config.vocab_size:
+        raise ValueError(
+            f"observer vocab {observer.config.vocab_size} differs from the model's "
+            f"{model.config.vocab_size}: Binoculars needs the same tokenizer"
+        )
+    if pairs is None:
+        from entcal import corpora
+
+        corpus = corpora.load_corpus(config.human)
+        if len(corpus) == 0:
+            raise ValueError(f"corpus {config.human!r} holds no text")
+        corpus_name = corpus.name
+        prompts, human = _pairs(config, tokenizer, corpus)
+    else:
+        prompts, human = (
+            [list(map(int, p)) for p in pairs[0]],
+            [list(map(int, c)) for c in pairs[1]],
+        )
+        if len(prompts) != len(human) or not prompts:
+            raise ValueError("pairs must hold as many prompts as continuations (at least one)")
+        if any(len(c) != config.length for c in human):
+            raise ValueError(f"every human continuation must have length={config.length} tokens")
+        prompts, human = prompts[: config.n], human[: config.n]
+        corpus_name = corpus_name or "pairs"
+    for dec in decoders.values():
+        if hasattr(dec, "bind"):
+            dec.bind(model)
+    ident = _model_identity(model, config.model)
+    base_key = {
+        "model": ident,
+        "prompts": _digest(prompts),
+        "human": _digest(human),
+        "length": config.length,
+        "seed": config.seed,
+        "observer": _model_identity(observer, config.observer or "") if observer else None,
+    }
+    cache = out / "cache"
+    generations = _generate_all(
+        model, tokenizer, prompts, decoders, config, base_key, cache, generate
+    )
+    scores = _score_all(
+        model, observer, prompts, human, decoders, generations, config, base_key, cache
+    )
+    _log("computing metrics", config.progress)
+    results = _metrics(
+        config, corpus_name, ident, tokenizer, prompts, human, decoders, generations, scores
+    )
+    results["timing"] = {"seconds": round(time.time() - t_start, 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    clean = to_json(results)
+    (out / "results.json").write_text(json.dumps(clean, indent=1, allow_nan=False))
+    from entcal.eval import report
+
+    plots = report.write_plots(results, scores, out) if config.plots else []
+    (out / "report.md").write_text(report.markdown(clean, plots))
+    _log(f"wrote {out / 'results.json'} and {out / 'report.md'}", config.progress)
+    return clean
+
+
+def _generate_all(model, tokenizer, prompts, decoders, config, base_key, cache, generate):
+    """``{spec: dict of [n, length] tensors}``, from the cache where possible."""
+    from tqdm.auto import tqdm
+
+    n = len(prompts)
+    bs = config.batch_size
+    batches = [(s, min(n, s + bs)) for s in range(0, n, bs)]
+    keys = ("logprob", "raw_logprob", "entropy", "raw_entropy", "varentropy", "raw_varentropy")
+    result = {}
+    bar = tqdm(
+        total=len(decoders) * n,
+        unit="text",
+        desc="generating",
+        disable=not config.progress,
+    )
+    try:
+        for spec, dec in decoders.items():
+            parts = []
+            for b, (s, e) in enumerate(batches):
+                key = _digest({**base_key, "decoder": spec, "rows": [s, e], "what": "gen"})
+                path = cache / f"gen-{key}.pt"
+                data = _load_cached(path)
+                if data is None:
+                    bar.set_postfix_str(spec)
+                    gens = generate(
+                        model, tokenizer, prompts[s:e], decoder=dec,
+                        max_new_tokens=config.length, seed=config.seed * 1_000_003 + b,
+                    )  # fmt: skip
+                    data = {k: torch.stack([getattr(g, k) for g in gens]) for k in keys}
+                    data["tokens"] = torch.tensor([g.token_ids for g in gens], dtype=torch.long)
+                    _save_cached(path, data)
+                parts.append(data)
+                bar.update(e - s)
+            result[spec] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    finally:
+        bar.close()
+    return result
+
+
+def _score_all(model, observer, prompts, human, decoders, generations, config, base_key, cache):
+    """Scores of the human text (raw + every decoder) and of every decoder's generations (raw),
+    per prompt batch, from the cache where possible."""
+    n = len(prompts)
+    bs = config.batch_size
+    names = ["human", *decoders]
+    parts: dict[str, list[scoring.TextScores]] = {k: [] for k in names}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, unit="prompt", desc="scoring", disable=not config.progress)
+    try:
+        for b, s in enumerate(range(0, n, bs)):
+            e = min(n, s + bs)
+            key = _digest(
+                {**base_key, "decoders": list(decoders), "rows": [s, e], "what": "score",
+                 "gen": [_digest(generations[d]["tokens"][s:e].tolist()) for d in decoders]}
+            )  # fmt: skip
+            path = cache / f"score-{key}.pt"
+            data = _load_cached(path)
+            if data is None:
+                requests = [scoring.ScoreRequest(human[s:e], decoders)]
+                requests += [
+                    scoring.ScoreRequest(generations[d]["tokens"][s:e].tolist()) for d in decoders
+                ]
+                res = scoring.score_many(
+                    model, prompts[s:e], requests, observer=observer,
+                    batch_size=min(bs, 8),
+                )  # fmt: skip
+                data = {name: dataclasses.asdict(r) for name, r in zip(names, res)}
+                _save_cached(path, data)
+            for name in names:
+                parts[name].append(_from_dict(data[name]))
+            bar.update(e - s)
+            del b
+    finally:
+        bar.close()
+    return {name: _concat(parts[name]) for name in names}
+
+
+def _from_dict(d: dict) -> scoring.TextScores:
+    raw = scoring.TokenStats(**d["raw"])
+    processed = {k: scoring.TokenStats(**v) for k, v in d["processed"].items()}
+    return scoring.TextScores(
+        tokens=d["tokens"], mask=d["mask"], raw=raw, processed=processed,
+        observer_cross_entropy=d["observer_cross_entropy"], features=d["features"],
+    )  # fmt: skip
+
+
+def _cat_stats(items: list[scoring.TokenStats]) -> scoring.TokenStats:
+    def cat(name):
+        vals = [getattr(i, name) for i in items]
+        return None if any(v is None for v in vals) else torch.cat(vals)
+
+    return scoring.TokenStats(cat("logprob"), cat("entropy"), cat("varentropy"), cat("rank"))
+
+
+def _concat(parts: list[scoring.TextScores]) -> scoring.TextScores:
+    def cat(vals):
+        return None if any(v is None for v in vals) else torch.cat(vals)
+
+    return scoring.TextScores(
+        tokens=torch.cat([p.tokens for p in parts]),
+        mask=torch.cat([p.mask for p in parts]),
+        raw=_cat_stats([p.raw for p in parts]),
+        processed={k: _cat_stats([p.processed[k] for p in parts]) for k in parts[0].processed},
+        observer_cross_entropy=cat([p.observer_cross_entropy for p in parts]),
+        features=cat([p.features for p in parts]),
+    )
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    try:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    except Exception:  # a tokenizer that cannot decode: ids are still informative
+        return " ".join(map(str, ids))
+
+
+def _metrics(
+    config, corpus_name, ident, tokenizer, prompts, human, decoders, generations, scores
+) -> dict:
+    hs = scores["human"]
+    mask_h = hs.mask
+    human_ll, human_ll_se = calibration.weighted_mean(-hs.raw.logprob.double(), mask_h)
+    h_steps, _, _ = calibration.per_step_mean(-hs.raw.logprob.double(), mask_h)
+    human_raw_entropy, _ = calibration.weighted_mean(hs.raw.entropy.double(), mask_h)
+    human_det = detect.detector_scores(
+        hs.raw.logprob, hs.raw.entropy, hs.raw.varentropy, mask_h, hs.raw.rank,
+        hs.observer_cross_entropy,
+    )  # fmt: skip
+    human_aep = typical.aep(
+        hs.raw.logprob, hs.raw.entropy, hs.raw.varentropy, mask_h, epsilon=config.epsilon
+    )
+    results: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "model": config.model,
+        "model_info": {
+            "type": ident["type"],
+            "vocab_size": ident["vocab"],
+            "params": ident["params"],
+        },
+        "corpus": corpus_name,
+        "n": len(prompts),
+        "length": config.length,
+        "prompt_tokens": config.prompt_tokens,
+        "seed": config.seed,
+        "observer": config.observer,
+        "epsilon": config.epsilon,
+        "human": {
+            "log_loss": human_ll,
+            "log_loss_se": human_ll_se,
+            "log_loss_per_step": h_steps.tolist(),
+            "raw_entropy": human_raw_entropy,
+            "aep": human_aep.to_dict(per_text=False),
+            "diversity": diversity.diversity(human),
+        },
+        "decoders": {},
+    }
+    for spec in decoders:
+        gen = generations[spec]
+        gs = scores[spec]
+        g_mask = torch.ones_like(gen["tokens"], dtype=torch.bool)
+        cal = calibration.entropy_calibration(
+            gen["entropy"], g_mask, hs.processed[spec].logprob, mask_h, hs.raw.logprob
+        )
+        aep_q = typical.aep(
+            gen["logprob"], gen["entropy"], gen["varentropy"], g_mask, epsilon=config.epsilon
+        )
+        aep_raw = typical.aep(
+            gs.raw.logprob, gs.raw.entropy, gs.raw.varentropy, gs.mask, epsilon=config.epsilon
+        )
+        gen_det = detect.detector_scores(
+            gs.raw.logprob, gs.raw.entropy, gs.raw.varentropy, gs.mask, gs.raw.rank,
+            gs.observer_cross_entropy,
+        )  # fmt: skip
+        det = {
+            name: {
+                "auroc": detect.auroc(human_det[name], gen_det[name]),
+                "tpr_at_1fpr": detect.tpr_at_fpr(human_det[name], gen_det[name], 0.01),
+                "human_mean": float(np.nanmean(human_det[name])),
+                "generated_mean": float(np.nanmean(gen_det[name])),
+            }
+            for name in gen_det
+        }
+        toks = gen["tokens"].tolist()
+        div = diversity.diversity(toks)
+        if hs.features is not None and gs.features is not None:
+            div["mauve"] = diversity.mauve_score(hs.features.numpy(), gs.features.numpy())
+        raw_ent, _ = calibration.weighted_mean(gen["raw_entropy"].double(), g_mask)
+        consistency = float((gen["raw_logprob"] - gs.raw.logprob).abs().max())
+        entry = cal.to_dict()
+        entry.update(
+            {
+                "gen_raw_entropy": raw_ent,
+                "aep": aep_q.to_dict(per_text=False),
+                "aep_raw": aep_raw.to_dict(per_text=False),
+                "detect": det,
+                "diversity": div,
+                "check": {"max_abs_raw_logprob_diff_generate_vs_score": consistency},
+                "sample": _decode(tokenizer, toks[0][:80]) if toks else "",
+            }
+        )
+        results["decoders"][spec] = entry
+    return results

@@ -1,0 +1,590 @@
+"""Batched teacher-forced scoring: per-token entropy, varentropy, log-prob and rank.
+
+For each text (a prompt and a continuation, as token ids) and each continuation position ``t``,
+with ``p_t`` the next-token distribution given the prompt and ``y_<t``:
+
+* ``logprob[t] = log p_t(y_t)`` (``-inf`` when ``p_t`` excludes ``y_t``, as truncation does),
+* ``entropy[t] = H(p_t) = -Σ_v p_t(v) log p_t(v)`` (0 log 0 = 0),
+* ``varentropy[t] = Σ_v p_t(v) (log p_t(v))² - H(p_t)²``, the variance of the surprisal,
+* ``rank[t] = 1 + #{v : logit_t(v) > logit_t(y_t)}`` (raw model only; GLTR / log-rank detectors),
+
+under the raw model and under every given decoder's processed distribution
+``softmax(decoder(logits_t))`` — the distribution a decoder actually samples from, which is what
+Cao, Valiant & Liang (arXiv 2511.11966) score human text with and what the AEP of Mudumbai & Bell
+(arXiv 2405.13798) is stated for.
+
+Cost and memory: one forward pass of the model body per text (the prompt once per row batch,
+shared by every continuation set scored against it through a copied KV cache), then the output
+embedding applied to windows of positions so that no more than ``memory_budget`` bytes of
+``[rows, vocab]`` float32 temporaries exist at once (Gemma 3's vocabulary is 262144 wide:
+``[B*T, V]`` logits of a run would take gigabytes). Statistics are vectorised over the window;
+only decoders whose ``requires_history`` is True are applied step by step (their state depends
+on the tokens seen).
+
+Example::
+
+    >>> from entcal import models
+    >>> from entcal.eval.scoring import score
+    >>> model, tok = models.load("smollm2-135m")
+    >>> s = score(model, [[1, 504, 3]], [[1171, 314]], decoders={"t=0.8": lambda x, ids=None: x / 0.8})
+    >>> s.raw.logprob, s.processed["t=0.8"].entropy    # [1, 2] tensors
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "ScoreRequest",
+    "TextScores",
+    "TokenStats",
+    "distribution_stats",
+    "score",
+    "score_many",
+]
+
+# Bytes of [rows, vocab] float32 temporaries a window may use (logits, log-probs, probs and the
+# products; decoders' own temporaries come on top of that).
+DEFAULT_MEMORY_BUDGET = 1 << 30
+# How many [rows, vocab] float32 tensors the statistics of one window hold at their peak.
+_TEMPORARIES = 4
+
+
+@dataclasses.dataclass
+class TokenStats:
+    """Per-position statistics of one distribution family, each ``[B, T]`` (CPU).
+
+    ``logprob`` is ``-inf`` where the distribution gives the actual token probability 0; every
+    tensor holds 0 at padded positions (see :attr:`TextScores.mask`).
+    """
+
+    logprob: Tensor
+    entropy: Tensor
+    varentropy: Tensor
+    rank: Tensor | None = None
+
+    def excluded(self, mask: Tensor) -> Tensor:
+        """``[B, T]`` bool: valid positions whose token has probability 0."""
+        return mask & torch.isneginf(self.logprob)
+
+
+@dataclasses.dataclass
+class TextScores:
+    """Scores of a set of continuations: ``tokens`` / ``mask`` ``[B, T]`` (right padded),
+    ``raw`` statistics, ``processed[name]`` per decoder, and optionally
+
+    * ``observer_cross_entropy`` ``[B, T]``: ``-Σ_v softmax(observer)_v · log_softmax(model)_v``,
+      the per-token cross-perplexity term of Binoculars (Hans et al., arXiv 2401.12070);
+    * ``features`` ``[B, H]``: the model's final hidden state at each text's last token (the
+      embedding MAUVE clusters).
+    """
+
+    tokens: Tensor
+    mask: Tensor
+    raw: TokenStats
+    processed: dict[str, TokenStats]
+    observer_cross_entropy: Tensor | None = None
+    features: Tensor | None = None
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.mask.sum(-1)
+
+
+@dataclasses.dataclass
+class ScoreRequest:
+    """One set of continuations (one per prompt, as token ids) and the decoders to score it under.
+
+    ``decoders`` maps a name to a decoder: a callable ``(logits [N, V], input_ids=None) ->
+    processed logits [N, V]`` (an ``entcal.decoding.Decoder`` or any function). Decoders with
+    ``requires_history = True`` get ``reset(batch)``, ``observe(tokens)`` and the history.
+    """
+
+    continuations: Sequence[Sequence[int]]
+    decoders: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
+    rank: bool = True
+
+
+# --------------------------------------------------------------------------- the statistics
+
+
+def distribution_stats(
+    logits: Tensor, targets: Tensor, *, rank: bool = False, what: str = "logits"
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Statistics of ``softmax(logits)`` rows at ``targets``.
+
+    Args:
+        logits: ``[N, V]`` (any float dtype; computed in float32). ``-inf`` entries are
+            excluded tokens.
+        targets: ``[N]`` token ids.
+        rank: also return the 1-based rank of each target.
+        what: name used in error messages.
+
+    Returns:
+        ``(logprob, entropy, varentropy, rank_or_None)``, each ``[N]``.
+
+    Raises:
+        ValueError: a row holds NaN, or no finite logit.
+    """
+    logits = logits.float()
+    lse = torch.logsumexp(logits, -1, keepdim=True)
+    if not torch.isfinite(lse).all():
+        bad = int((~torch.isfinite(lse)).squeeze(-1).nonzero()[0, 0])
+        raise ValueError(
+            f"{what}: row {bad} holds NaN or no finite value (cannot form a distribution)"
+        )
+    lp = logits - lse
+    target_lp = lp.gather(-1, targets[:, None]).squeeze(-1)
+    ranks = None
+    if rank:
+        chosen = logits.gather(-1, targets[:, None])
+        ranks = (logits > chosen).sum(-1) + 1
+    p = lp.exp()
+    # 0 * log 0 = 0: clear log p where p underflows to 0 (and at -inf), in place.
+    lp.masked_fill_(p == 0, 0.0)
+    plp = p.mul_(lp)
+    entropy = -plp.sum(-1)
+    second = plp.mul_(lp).sum(-1)
+    varentropy = (second - entropy * entropy).clamp_min_(0.0)
+    return target_lp, entropy, varentropy, ranks
+
+
+# --------------------------------------------------------------------------- model access
+
+
+class _Runner:
+    """Runs a causal LM on (prompt, continuation) batches, yielding logits window by window.
+
+    Fast path: the body (``get_decoder()``) gives final hidden states, the output embedding is
+    applied per window. It is checked once against the model's own logits (a model that
+    transforms its logits in a way not reproduced here falls back). Fallback: the full model is
+    run window by window on the KV cache.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.config = model.config
+        self.vocab_size = None
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        self.head = (
+            model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        )
+        try:
+            self.body = model.get_decoder()
+        except Exception:  # a model with no decoder lookup: use the full forward
+            self.body = None
+        if self.body is model:
+            self.body = None
+        self.fast = self.head is not None and self.body is not None
+        self.checked = False
+        pad = getattr(self.config, "pad_token_id", None)
+        self.pad_id = int(pad) if isinstance(pad, int) else 0
+
+    def max_positions(self) -> int | None:
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(self.config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def head_logits(self, hidden: Tensor) -> Tensor:
+        logits = self.head(hidden).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def prompt(self, ids: Tensor, mask: Tensor, pos: Tensor):
+        """Run the prompts; return ``(cache, last_output)`` (hidden state or logits of the last
+        prompt position)."""
+        if self.fast:
+            out = self.body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+            last = out.last_hidden_state[:, -1]
+            if not self.checked:
+                self._check(ids, mask, pos, last)
+            if self.fast:
+                return out.past_key_values, last
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
+        )
+        return out.past_key_values, out.logits[:, -1].float()
+
+    def _check(self, ids: Tensor, mask: Tensor, pos: Tensor, last: Tensor) -> None:
+        self.checked = True
+        ref = (
+            self.model(
+                input_ids=ids[:1], attention_mask=mask[:1], position_ids=pos[:1], use_cache=False
+            )
+            .logits[:, -1]
+            .float()
+        )
+        ours = self.head_logits(last[:1])
+        scale = ref.abs().max().clamp_min(1.0)
+        if ours.shape != ref.shape or not ((ours - ref).abs().max() / scale < 1e-3):
+            self.fast = False
+
+    def continuation(self, cache, ids: Tensor, mask: Tensor, pos: Tensor, window: int):
+        """Yield ``(start, outputs)`` for position windows of the continuation; outputs are hidden
+        states (fast path, ``[b, w, H]``) or logits (``[b, w, V]``)."""
+        if self.fast:
+            out = self.body(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            hidden = out.last_hidden_state
+            for s in range(0, ids.shape[1], window):
+                yield s, hidden[:, s : s + window]
+            return
+        prompt_len = mask.shape[1] - ids.shape[1]
+        for s in range(0, ids.shape[1], window):
+            e = min(ids.shape[1], s + window)
+            out = self.model(
+                input_ids=ids[:, s:e],
+                attention_mask=mask[:, : prompt_len + e],
+                position_ids=pos[:, s:e],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            yield s, out.logits.float()
+
+    def to_logits(self, outputs: Tensor) -> Tensor:
+        return self.head_logits(outputs) if self.fast else outputs
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _as_rows(seqs: Sequence[Sequence[int]], what: str) -> list[list[int]]:
+    rows = []
+    for i, s in enumerate(seqs):
+        row = s.tolist() if isinstance(s, Tensor) else list(s)
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in row):
+            row = [int(x) for x in row]
+        rows.append(row)
+        if what == "prompt" and not row:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (BOS)")
+    return rows
+
+
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _right_pad(rows: list[list[int]], pad: int, width: int) -> tuple[Tensor, Tensor]:
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = True
+    return ids, mask
+
+
+def score(
+    model,
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    decoders: Mapping[str, Callable] | None = None,
+    **kwargs,
+) -> TextScores:
+    """Score ``continuations[i]`` after ``prompts[i]`` under the raw model and each decoder.
+
+    See :func:`score_many` for the keyword arguments.
+    """
+    return score_many(model, prompts, [ScoreRequest(continuations, decoders or {})], **kwargs)[0]
+
+
+def score_many(
+    model,
+    prompts: Sequence[Sequence[int]],
+    requests: Sequence[ScoreRequest],
+    *,
+    observer=None,
+    batch_size: int = 8,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool | str = False,
+) -> list[TextScores]:
+    """Score several continuation sets against the same prompts, running each prompt once.
+
+    Args:
+        model: a Hugging Face causal LM (or :class:`entcal.synthetic.MarkovChainLM`).
+        prompts: ``B`` prompts as token ids (each non-empty; BOS included as the tokenizer adds
+            it).
+        requests: continuation sets, each with ``B`` continuations and its decoders.
+        observer: optional second causal LM with the same tokenizer: adds Binoculars'
+            cross-entropy term ``observer_cross_entropy``.
+        batch_size: texts per forward pass (>= 1).
+        memory_budget: bytes of ``[rows, vocab]`` float32 temporaries per window (>= 1 MiB).
+        progress: show a progress bar (a string is used as its description).
+
+    Returns:
+        One :class:`TextScores` per request, tensors on the CPU.
+
+    Raises:
+        ValueError: mismatched lengths, empty prompts, texts longer than the model's context,
+            a parameter out of range, or NaN logits.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if memory_budget < (1 << 20):
+        raise ValueError(f"memory_budget must be >= 1 MiB (1048576 bytes), got {memory_budget}")
+    prompt_rows = _as_rows(prompts, "prompt")
+    n = len(prompt_rows)
+    if n == 0:
+        raise ValueError("no prompts to score")
+    if not requests:
+        return []
+    runner = _Runner(model)
+    obs_runner = _Runner(observer) if observer is not None else None
+    sets = []
+    for k, req in enumerate(requests):
+        rows = _as_rows(req.continuations, "continuation")
+        if len(rows) != n:
+            raise ValueError(
+                f"request {k}: {len(rows)} continuations for {n} prompts (need one per prompt)"
+            )
+        width = max(len(r) for r in rows)
+        if width == 0:
+            raise ValueError(f"request {k}: every continuation is empty")
+        sets.append(rows)
+    longest = max(len(p) for p in prompt_rows) + max(max(len(r) for r in s) for s in sets)
+    for r in (runner, obs_runner):
+        limit = r.max_positions() if r is not None else None
+        if limit is not None and longest > limit:
+            raise ValueError(
+                f"prompt + continuation of {longest} tokens exceeds the model's context of "
+                f"{limit} positions"
+            )
+    with torch.inference_mode():
+        return _score(
+            runner, obs_runner, prompt_rows, sets, requests, batch_size, memory_budget, progress
+        )
+
+
+def _score(runner, obs_runner, prompt_rows, sets, requests, batch_size, memory_budget, progress):
+    n = len(prompt_rows)
+    device = runner.device
+    results: list[TextScores] = []
+    for rows, req in zip(sets, requests):
+        width = max(len(r) for r in rows)
+        tokens, mask = _right_pad(rows, 0, width)
+
+        def stats(with_rank: bool, w=width) -> TokenStats:
+            z = torch.zeros(n, w)
+            return TokenStats(
+                z.clone(),
+                z.clone(),
+                z.clone(),
+                torch.zeros(n, w, dtype=torch.long) if with_rank else None,
+            )
+
+        results.append(
+            TextScores(
+                tokens=tokens,
+                mask=mask,
+                raw=stats(req.rank),
+                processed={name: stats(False) for name in req.decoders},
+                observer_cross_entropy=torch.zeros(n, width) if obs_runner is not None else None,
+                features=None,
+            )
+        )
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=n * len(sets),
+            unit="text",
+            desc=progress if isinstance(progress, str) else "scoring",
+            leave=False,
+        )
+    try:
+        for start in range(0, n, batch_size):
+            idx = slice(start, min(n, start + batch_size))
+            p_ids, p_mask = _left_pad(prompt_rows[idx], runner.pad_id)
+            p_pos = (p_mask.cumsum(-1) - 1).clamp_min(0)
+            p_len = p_mask.sum(-1)
+            p_ids, p_mask, p_pos = p_ids.to(device), p_mask.to(device), p_pos.to(device)
+            cache, last = runner.prompt(p_ids, p_mask, p_pos)
+            obs = None
+            if obs_runner is not None:
+                od = obs_runner.device
+                obs = obs_runner.prompt(p_ids.to(od), p_mask.to(od), p_pos.to(od))
+            for res, req in zip(results, requests):
+                _score_rows(
+                    runner,
+                    obs_runner,
+                    res,
+                    req,
+                    idx,
+                    p_ids,
+                    p_mask,
+                    p_len,
+                    cache,
+                    last,
+                    obs,
+                    memory_budget,
+                )
+                if bar is not None:
+                    bar.update(idx.stop - idx.start)
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def _logit_windows(runner: _Runner, cache, last, inputs, mask, pos, window: int, width: int):
+    """Yield ``(t0, outputs)`` over continuation steps: step 0 (from the prompt pass), then
+    windows ``[1 + k·window, ...)``. Outputs are hidden states on the fast path, else logits;
+    both runners of a Binoculars pair yield the same boundaries."""
+    yield 0, last[:, None]
+    if width == 1:
+        return
+    if runner.fast:
+        for _, hidden in runner.continuation(cache, inputs, mask, pos, inputs.shape[1]):
+            for s in range(0, hidden.shape[1], window):
+                yield 1 + s, hidden[:, s : s + window]
+        return
+    for s, logits in runner.continuation(cache, inputs, mask, pos, window):
+        yield 1 + s, logits
+
+
+def _score_rows(
+    runner, obs_runner, res, req, idx, p_ids, p_mask, p_len, cache, last, obs, memory_budget
+):
+    device = runner.device
+    tokens = res.tokens[idx].to(device)
+    c_mask = res.mask[idx]
+    b, width = tokens.shape
+    mask = torch.cat([p_mask, c_mask.to(device=device, dtype=p_mask.dtype)], dim=1)
+    pos = p_len.to(device)[:, None] + torch.arange(width, device=device)[None]
+    # The input that predicts continuation token t is token t-1 (the prompt's last for t = 0):
+    # the continuation pass runs the continuation minus its last token.
+    inputs, in_mask, in_pos = tokens[:, :-1], mask[:, :-1], pos[:, :-1]
+    vocab = _vocab_size(runner, last)
+    window = max(1, max(1, memory_budget // (vocab * 4 * _TEMPORARIES)) // b)
+    stateful = {k: d for k, d in req.decoders.items() if getattr(d, "requires_history", False)}
+    stateless = {k: d for k, d in req.decoders.items() if k not in stateful}
+    for d in stateful.values():
+        d.reset(b)
+    history = torch.cat([p_ids, tokens], dim=1)
+    prompt_width = p_ids.shape[1]
+    # The prompt cache is shared by every request: each continuation runs on a copy.
+    main = _logit_windows(
+        runner, copy.deepcopy(cache), last, inputs, in_mask, in_pos, window, width
+    )
+    other = None
+    if obs_runner is not None:
+        o_cache, o_last = obs
+        od = obs_runner.device
+        other = _logit_windows(
+            obs_runner,
+            copy.deepcopy(o_cache),
+            o_last,
+            inputs.to(od),
+            in_mask.to(od),
+            in_pos.to(od),
+            window,
+            width,
+        )
+    last_index = (c_mask.sum(-1) - 1).clamp_min(0).to(device)
+    feats = None
+    for t0, out in main:
+        t1 = t0 + out.shape[1]
+        if runner.fast:
+            feats = _take_features(feats, out, t0, last_index)
+        logits = runner.to_logits(out)
+        flat = logits.reshape(-1, logits.shape[-1])
+        tgt = tokens[:, t0:t1].reshape(-1)
+        lp, ent, var, rk = distribution_stats(flat, tgt, rank=req.rank, what="model logits")
+        _put(res.raw, idx, t0, t1, b, lp, ent, var, rk)
+        for name, dec in stateless.items():
+            proc = dec(flat, None)
+            lp, ent, var, _ = distribution_stats(proc, tgt, what=f"decoder {name!r}")
+            _put(res.processed[name], idx, t0, t1, b, lp, ent, var, None)
+        for name, dec in stateful.items():
+            # State depends on the tokens seen: one step at a time, observing the real token.
+            for j in range(t1 - t0):
+                t = t0 + j
+                proc = dec(logits[:, j], history[:, : prompt_width + t])
+                lp, ent, var, _ = distribution_stats(proc, tokens[:, t], what=f"decoder {name!r}")
+                _put(res.processed[name], idx, t, t + 1, b, lp, ent, var, None)
+                dec.observe(tokens[:, t])
+        if other is not None:
+            o0, o_out = next(other)
+            if o0 != t0 or o_out.shape[1] != t1 - t0:  # same windows by construction
+                raise RuntimeError("observer windows out of step with the model's")
+            ce = _cross_entropy(obs_runner.to_logits(o_out).to(device), logits)
+            res.observer_cross_entropy[idx, t0:t1] = ce.cpu()
+    if feats is not None:
+        if res.features is None:
+            res.features = torch.zeros(res.tokens.shape[0], feats.shape[-1])
+        res.features[idx] = feats.cpu()
+    # Padded positions hold 0 everywhere (they were scored with pad tokens as targets).
+    pad = ~c_mask
+    for st in [res.raw, *res.processed.values()]:
+        for t in (st.logprob, st.entropy, st.varentropy, st.rank):
+            if t is not None:
+                t[idx][pad] = 0
+    if res.observer_cross_entropy is not None:
+        res.observer_cross_entropy[idx][pad] = 0
+
+
+def _vocab_size(runner: _Runner, last: Tensor) -> int:
+    if runner.fast:
+        return (
+            int(runner.head.weight.shape[0])
+            if hasattr(runner.head, "weight")
+            else int(runner.config.vocab_size)
+        )
+    return int(last.shape[-1])
+
+
+def _put(st: TokenStats, idx: slice, t0: int, t1: int, b: int, lp, ent, var, rk) -> None:
+    st.logprob[idx, t0:t1] = lp.reshape(b, -1).cpu()
+    st.entropy[idx, t0:t1] = ent.reshape(b, -1).cpu()
+    st.varentropy[idx, t0:t1] = var.reshape(b, -1).cpu()
+    if rk is not None and st.rank is not None:
+        st.rank[idx, t0:t1] = rk.reshape(b, -1).cpu()
+
+
+def _take_features(feats, hidden: Tensor, t0: int, last_index: Tensor):
+    """Keep, per text, the final hidden state that predicts its last token (window position
+    ``last_index - t0``): the text embedding MAUVE clusters, at no extra forward pass."""
+    b, w, _ = hidden.shape
+    rel = last_index - t0
+    hit = (rel >= 0) & (rel < w)
+    if not bool(hit.any()):
+        return feats
+    if feats is None:
+        feats = torch.zeros(b, hidden.shape[-1], device=hidden.device)
+    rows = hit.nonzero().squeeze(-1)
+    feats[rows] = hidden[rows, rel[rows]].float()
+    return feats
+
+
+def _cross_entropy(o_logits: Tensor, logits: Tensor) -> Tensor:
+    """``[b, w]``: ``-Σ_v softmax(observer)_v log_softmax(model)_v``; both vocabularies are cut
+    to the smaller one (as Fast-DetectGPT does for models whose vocabularies differ)."""
+    v = min(o_logits.shape[-1], logits.shape[-1])
+    o = torch.softmax(o_logits[..., :v].float(), -1)
+    m = torch.log_softmax(logits[..., :v].float(), -1)
+    m = torch.where(o > 0, m, 0.0)
+    return -(o * m).sum(-1)
