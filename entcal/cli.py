@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = [
     "entcal.commands.models_cmd",
     "entcal.commands.train_cmd",
+    "entcal.commands.compare_cmd",
 ]
 
 
