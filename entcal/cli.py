@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "entcal.commands.models_cmd",
     "entcal.commands.train_cmd",
     "entcal.commands.compare_cmd",
+    "entcal.commands.serve_cmd",
 ]
 
 
