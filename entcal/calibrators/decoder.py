@@ -7,6 +7,7 @@ and ``lookahead`` (:class:`entcal.calibrators.lookahead.LookaheadDecoder`).
 
 from __future__ import annotations
 
+from entcal.calibrators.lookahead import LookaheadDecoder
 from entcal.decoding.calibrated import CalibratedDecoder
 
-__all__ = ["CalibratedDecoder"]
+__all__ = ["CalibratedDecoder", "LookaheadDecoder"]

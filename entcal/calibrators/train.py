@@ -140,6 +140,24 @@ def collect_alpha_rows(model, pairs, positions_per_pair: int, seed: int, salt: i
     return torch.cat(lps), torch.cat(targets), torch.cat(positions)
 
 
+def _cached_rows(path: Path, compute):
+    """Human-position rows, computed once and kept in ``path`` (so a resumed run skips them)."""
+    from safetensors.torch import load_file, save_file
+
+    if path.exists():
+        data = load_file(str(path))
+        return data["logprobs"], data["targets"], data["position"]
+    lp, targets, position = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(
+        {"logprobs": lp.contiguous(), "targets": targets.contiguous(), "position": position},
+        str(tmp),
+    )
+    tmp.replace(path)
+    return lp, targets, position
+
+
 def _phi(pred: FutureEntropyPredictor, logprobs, position, chunk: int = 256) -> torch.Tensor:
     return torch.cat(
         [
@@ -237,14 +255,18 @@ def train_predictor(
 
     table = token_table(model.get_output_embeddings().weight, cfg.table_dim)
     fp = predictor_fingerprint(model, cfg.model)
-    lp_a, y_a, pos_a = collect_alpha_rows(
-        model, alpha_pairs, cfg.alpha_positions_per_pair, cfg.seed
+    lp_a, y_a, pos_a = _cached_rows(
+        out / "data" / "alpha_rows.safetensors",
+        lambda: collect_alpha_rows(model, alpha_pairs, cfg.alpha_positions_per_pair, cfg.seed),
     )
-    test = (
-        collect_alpha_rows(model, test_pairs, cfg.alpha_positions_per_pair, cfg.seed, salt=1)
-        if test_pairs
-        else None
-    )
+    test = None
+    if test_pairs:
+        test = _cached_rows(
+            out / "data" / "test_rows.safetensors",
+            lambda: collect_alpha_rows(
+                model, test_pairs, cfg.alpha_positions_per_pair, cfg.seed, salt=1
+            ),
+        )
     report: dict[str, Any] = {"config": cfg_json, "fingerprint": fp, "rounds": []}
     adjust = None
     pred = None
