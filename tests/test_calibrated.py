@@ -325,3 +325,14 @@ def test_mixed_batch_matches_per_instance(tmp_path):
     mixed = apply_rows(logits, [a, b])
     assert torch.allclose(mixed[0], a(logits[:1])[0], atol=1e-6)
     assert torch.allclose(mixed[1], b(logits[1:])[0], atol=1e-6)
+
+
+def test_ridge_full_vocabulary_path_equals_features_path():
+    model = tiny_llama()
+    pred, _, _ = fitted_predictor(model, "ridge")
+    logits = random_logits(10)
+    lp = torch.log_softmax(logits, -1)
+    pos = torch.arange(10) * 7
+    ids, _valid, h = pred.candidate_entropy(lp, pos)
+    feats = candidate_features(lp, ids, pos, pred.table_)
+    assert torch.allclose(h, pred.predict_features(feats), atol=1e-3)

@@ -279,8 +279,38 @@ class FutureEntropyPredictor:
             )
         ids, valid = cover_candidates(logprobs, mass)
         stats = entropy_stats(logprobs)
+        if self.kind_ == "ridge":
+            h = self._ridge_full(logprobs, position, stats, t).gather(-1, ids)
+            return ids, valid, h
         feats = candidate_features(logprobs, ids, position, t["table"], stats)
         return ids, valid, self.predict_features(feats)
+
+    def _ridge_full(
+        self, logprobs: Tensor, position: Tensor, stats: tuple[Tensor, Tensor], t: dict
+    ) -> Tensor:
+        """Ĥ of every token of every row for the ridge model, without building features.
+
+        The linear model over :func:`~entcal.calibrators.features.candidate_features` regroups as
+        ``Ĥ(v) = R + A·lp + b·lp² + u[v] + lp·u2[v]`` with row terms ``R``, ``A`` and per-token
+        vectors ``u = table·w_e``, ``u2 = table·w_{lp·e}``: a few elementwise passes over
+        ``(N, V)``, whatever the number of candidates (flat rows need tens of thousands).
+        """
+        if "ridge_w" not in t:
+            w = t["coef"] / t["x_scale"] * self.y_scale_
+            t["ridge_w"] = w
+            t["ridge_c0"] = (t["intercept"][0] - (t["coef"] * t["x_mean"] / t["x_scale"]).sum()) * (
+                self.y_scale_
+            ) + self.y_mean_
+            d = t["table"].shape[1]
+            t["ridge_u"] = t["table"] @ w[9 : 9 + d]
+            t["ridge_u2"] = t["table"] @ w[9 + d : 9 + 2 * d]
+        w = t["ridge_w"]
+        ent, var = stats
+        lpos = torch.log1p(position.to(logprobs.dtype))
+        lp = logprobs.clamp_min(-80.0)  # as in the features
+        row = t["ridge_c0"] + w[2] * ent + w[3] * var + w[4] * lpos + w[8] * ent * lpos
+        slope = w[0] + w[5] * ent + w[6] * var + w[7] * lpos
+        return row[:, None] + lp * (slope[:, None] + t["ridge_u2"] + w[1] * lp) + t["ridge_u"]
 
     def phi(self, logprobs: Tensor, position: Tensor, mass: float = COVER_MASS) -> Tensor:
         """φ(v) = log p(v) − Ĥ(v) over the whole vocabulary (non-candidates: mean Ĥ)."""

@@ -301,8 +301,14 @@ def train_predictor(
                 "alpha_buckets": buckets.total_loss(True),
             },
         }
+        # The decoder's default α: per bucket only where that wins on held-out human text
+        # (buckets always win in-sample; with few rows per bucket they may overfit).
+        pred.meta_["alpha"]["default"] = "global"
         if test is not None:
             entry["test_logloss"] = _heldout_logloss(pred, *test)
+            if entry["test_logloss"]["alpha_buckets"] < entry["test_logloss"]["alpha_global"]:
+                pred.meta_["alpha"]["default"] = "buckets"
+        entry["alpha_default"] = pred.meta_["alpha"]["default"]
         report["rounds"].append(entry)
         adjust = _make_adjust(pred)
     assert pred is not None
