@@ -7,14 +7,16 @@ transformers' warpers; apply it with ``logits.masked_fill(mask, -inf)``. A row w
 the neutral value (``top_p=1``, ``top_k=0``, ``min_p=0``, ``typical=1``, ``epsilon=0``,
 ``eta=0``, ``n_sigma=inf``) is left untouched, so one call serves a batch that mixes settings.
 
-Exactness. For temperature, top-k, top-p, min-p, typical, epsilon and eta the kept set equals
+Exactness. For temperature, top-k, top-p, min-p, epsilon and eta the kept set equals
 transformers' warper on the same tensor (differentially tested on thousands of random batches).
-top-p and typical avoid transformers' full-vocabulary sort: they sort only a prefix found with
-``topk`` and compute its mass in float64; a row is decided on the prefix only when the prefix
-provably reaches the mass and the decision at the boundary is at least ``EXACT_TOL`` away from the
-threshold (transformers' own float32 cumulative sums are far more accurate than that). Every other
-row is recomputed with transformers' arithmetic (full sort, float32 softmax, cumulative sum), so
-the result is the same in all cases, not only in the common one.
+top-p avoids transformers' full-vocabulary sort: it sorts a ``topk`` prefix, or, for rows whose
+nucleus is longer, only the tokens of one bucket of a per-row mass histogram, with masses in
+float64. A row is decided that way only when the cumulative mass at the boundary clears the
+threshold by ``EXACT_TOL`` (transformers' own float32 cumulative mass there is within 6e-7 of the
+exact one, measured at vocab 49152 and 262144); every other row is recomputed with transformers'
+arithmetic (full sort, float32 softmax, cumulative sum), so the sets are the same in all cases,
+not only in the common one. typical uses the same machinery with exact float64 masses; see
+:func:`typical_mask` for how (rarely) and why it can differ from transformers' float32 rounding.
 
 Ties. When several tokens share the logit (or, for typical, the |surprise - entropy| score) of the
 last kept token, all of them are kept: the kept set is ``{v : score(v) >= score of the boundary
@@ -37,7 +39,7 @@ from torch import Tensor
 
 __all__ = [
     "EXACT_TOL",
-    "PREFIX_SIZES",
+    "PREFIX",
     "check_logits",
     "edt_temperature",
     "entropy_stats",
@@ -53,14 +55,16 @@ __all__ = [
     "typical_mask",
 ]
 
-#: Margin (in probability mass) by which a prefix decision must clear the top-p / typical
-#: threshold; closer rows are recomputed with transformers' exact arithmetic. transformers'
-#: float32 cumulative sums are accurate to ~1e-7 at vocab 262144 (measured), so 2e-6 leaves
-#: a 20x margin while sending well under 1% of real-model rows to the slow path.
-EXACT_TOL = 2e-6
+#: Relative margin by which a top-p decision on the prefix / histogram must clear the threshold:
+#: a row is decided there only if ``|mass above the token - top_p| > EXACT_TOL * c`` at the
+#: boundary, with ``c`` the ascending cumulative mass transformers computes for that token;
+#: closer rows are recomputed with transformers' arithmetic. transformers' float32 ``c`` is
+#: within ``6.7e-7 * c`` (+ one float32 rounding of c) of the exact value (measured on flat,
+#: peaked and Zipf rows at vocab 49152 and 262144), so 5e-6 is a >5x margin.
+EXACT_TOL = 5e-6
 
-#: Prefix lengths tried, in order, by top-p and typical before the full sort.
-PREFIX_SIZES = (256, 4096)
+#: Length of the ``topk`` prefix tried first by top-p and typical.
+PREFIX = 256
 
 _NEG_INF = float("-inf")
 
@@ -214,92 +218,186 @@ def top_n_sigma_mask(logits: Tensor, n_sigma: float | Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# top-p and typical: prefix + exact fallback
+# top-p and typical: prefix, then histogram, then the exact full sort
 # --------------------------------------------------------------------------------------------
+#
+# Both rules rank the tokens by a key (top-p: logit, descending; typical: |-log p - H|,
+# ascending) and keep the ranked prefix up to and including the first token at which the
+# cumulative probability reaches the target (top-p: transformers keeps token i iff the mass
+# strictly before it is < top_p, i.e. up to the first inclusive cumulative mass >= top_p;
+# typical: ``last_ind`` = number of cumulative masses < mass). So one routine finds, per row,
+# that boundary token; the kept set is everything ranked no worse than it (tie-closed).
+#
+# Stage 1 sorts only a ``topk`` prefix. Stage 2 (rows whose boundary lies beyond the prefix)
+# builds a per-row histogram of probability mass over buckets of the key and sorts only the
+# tokens of the bucket where the cumulative mass crosses the target. Stage 3 (rows where the
+# crossing is within EXACT_TOL of the target, or whose crossing bucket is too crowded) redoes the
+# row with transformers' own arithmetic. Masses are accumulated in float64.
 
 
-def _top_p_exact(x: Tensor, top_p: Tensor, min_keep: Tensor) -> Tensor:
-    """transformers' TopP arithmetic on rows ``x``; returns the kept count per row ``[n]``."""
-    v = x.shape[-1]
+def _crossing(
+    cum: Tensor, target: Tensor, before0: Tensor, tol: float = EXACT_TOL
+) -> tuple[Tensor, Tensor, Tensor]:
+    """First position ``i`` with ``cum[i] >= target`` in each row of an inclusive cumsum.
+
+    ``before0`` is the mass before position 0. Returns ``(i, inside, safe)``: ``inside`` if such a
+    position exists; ``safe`` if ``cum[i]`` and the mass before ``i`` clear the target by more
+    than ``tol * (1 - mass)`` (transformers' error on the complementary, ascending cumulative
+    mass ``1 - mass`` is proportional to it) plus 1e-12 (entcal's own float64 rounding).
+    """
+    k = cum.shape[-1]
+    t = target.view(-1, 1)
+    i = (cum < t).sum(-1)
+    inside = i < k
+    ii = i.clamp(max=k - 1).view(-1, 1)
+    at = cum.gather(-1, ii).flatten()
+    prev = torch.where(
+        ii.flatten() > 0, cum.gather(-1, (ii - 1).clamp(min=0)).flatten(), before0.flatten()
+    )
+    safe = (at - target > tol * (1.0 - at).clamp(min=0.0) + 1e-12) & (
+        target - prev > tol * (1.0 - prev).clamp(min=0.0) + 1e-12
+    )
+    return i, inside, safe
+
+
+def _hist_stage(
+    key: Tensor,
+    largest: bool,
+    bucket: Tensor,
+    p: Tensor,
+    target: Tensor,
+    n_buckets: int,
+    tol: float = EXACT_TOL,
+    max_bucket: int = 4096,
+    norm: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Stage 2 on rows ``key [r, V]``: returns (boundary token index [r], ok [r]).
+
+    ``bucket`` [r, V] (int64, in ``[0, n_buckets)``) must be monotone in the ranking by ``key``
+    (better rank -> smaller bucket); bucket ``n_buckets - 1`` is an overflow bucket that never
+    decides a row. ``p`` are the token probabilities, or unnormalized weights when ``norm``
+    ``[r, 1]`` (their float64 sum) is given.
+    """
+    r = key.shape[0]
+    mass = torch.zeros(r, n_buckets, dtype=torch.float64, device=key.device)
+    mass.scatter_add_(1, bucket, p.double())
+    if norm is not None:
+        mass /= norm
+    cum = mass.cumsum(-1)
+    bstar = (cum < target.view(-1, 1)).sum(-1).clamp(max=n_buckets - 1)
+    before = torch.where(
+        bstar > 0,
+        cum.gather(-1, (bstar - 1).clamp(min=0).view(-1, 1)).flatten(),
+        torch.zeros((), dtype=torch.float64, device=key.device),
+    )
+    in_bucket = bucket == bstar.view(-1, 1)
+    count = in_bucket.sum(-1)
+    ok = (bstar < n_buckets - 1) & (count > 0) & (count <= max_bucket)
+    kc = int(count[ok].max()) if bool(ok.any()) else 1
+    fill = float("-inf") if largest else float("inf")
+    cand = torch.where(in_bucket, key, fill)
+    vals, idx = cand.topk(kc, dim=-1, largest=largest, sorted=True)
+    pk = torch.where(vals != fill, p.gather(-1, idx).double(), 0.0)
+    if norm is not None:
+        pk = pk / norm
+    cum_in = before.view(-1, 1) + pk.cumsum(-1)
+    i, inside, safe = _crossing(cum_in, target, before, tol)
+    ok &= inside & safe & (i < count)
+    tok = idx.gather(-1, i.clamp(max=kc - 1).view(-1, 1)).flatten()
+    return tok, ok
+
+
+def _top_p_exact(x: Tensor, top_p: Tensor) -> Tensor:
+    """transformers' TopP arithmetic on rows ``x``: number of tokens it keeps (no min_keep)."""
     sorted_logits = torch.sort(x, dim=-1, descending=False).values
     cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    thr = (1.0 - top_p).to(torch.float32).view(-1, 1)
-    remove = cum <= thr
-    pos = torch.arange(v, device=x.device).view(1, -1)
-    remove &= pos < (v - min_keep).view(-1, 1)
-    return v - remove.sum(-1)
+    remove = cum <= (1.0 - top_p).to(torch.float32).view(-1, 1)
+    return x.shape[-1] - remove.sum(-1)
 
 
 def top_p_mask(
     logits: Tensor,
     top_p: float | Tensor,
     min_keep: int | Tensor = 1,
-    prefix_sizes: tuple[int, ...] = PREFIX_SIZES,
+    prefix: int = PREFIX,
 ) -> Tensor:
     """Top-p / nucleus sampling (Holtzman et al. 2020, arXiv 1904.09751).
 
     Keeps the smallest set of most probable tokens whose mass reaches ``top_p`` (at least
-    ``min_keep``); transformers' rule "remove tokens whose ascending cumulative mass is
-    ``<= 1 - top_p``" is equivalent to keeping token ``i`` (in descending order) iff the mass
-    strictly above it is ``< top_p``. ``top_p = 1`` rows are untouched.
+    ``min_keep``). transformers' rule, "remove the tokens whose ascending cumulative mass is
+    ``<= 1 - top_p``", is the same as keeping token ``i`` (in descending order) iff the mass
+    strictly above it is ``< top_p``. ``top_p = 1`` rows are untouched (transformers' warper is
+    not used at 1; if called, it would also drop tokens whose float32 probability is 0).
 
-    Cost: a ``topk`` prefix (256, then 4096) instead of a full sort; see the module docstring for
-    why the result equals the full-sort rule in every case.
+    No full-vocabulary sort: a ``topk`` prefix, then a mass histogram (see above); the exact
+    full-sort arithmetic only for rows within ``EXACT_TOL`` of the threshold.
     """
     n, v = logits.shape
     tp = rows(top_p, n, logits.device, torch.float64)
     mk = rows(min_keep, n, logits.device, torch.long).clamp(1, v)
-    active = tp < 1.0
-    remove = torch.zeros_like(logits, dtype=torch.bool)
+    # all -inf rows: nothing to keep or remove
+    active = (tp < 1.0) & (logits.amax(-1) > _NEG_INF)
     if not bool(active.any()):
-        return remove
+        return torch.zeros_like(logits, dtype=torch.bool)
     todo = active.nonzero().flatten()
-    # Threshold logit per row: tokens strictly below it are removed.
-    thr_all = torch.full((n,), _NEG_INF, dtype=logits.dtype, device=logits.device)
-    for k in prefix_sizes:
-        if todo.numel() == 0:
-            break
-        if k >= v:
-            break
-        x = logits.index_select(0, todo)
-        p_row = tp.index_select(0, todo).view(-1, 1)
-        vals = x.topk(k, dim=-1, sorted=True).values
-        m = vals[:, :1]
-        # float64 normalizer: exact enough that only transformers' own rounding matters.
-        s = torch.exp(x - m).sum(-1, keepdim=True, dtype=torch.float64)
-        p = torch.exp((vals - m).double()) / s
-        cum = p.cumsum(-1)
-        excl = cum - p
-        kept = (excl < p_row).sum(-1)  # excl is non-decreasing: a prefix of length kept
-        # The decision is safe when the boundary clears the threshold by EXACT_TOL on both sides
-        # and the first removed token lies inside the prefix.
-        inside = kept < k
-        ki = kept.clamp(max=k - 1).view(-1, 1)
-        # first removed token (position `kept`) and last kept one (position `kept - 1`)
-        first_ok = excl.gather(-1, ki) >= p_row + EXACT_TOL
-        last_ok = (excl.gather(-1, (ki - 1).clamp(min=0)) < p_row - EXACT_TOL) | (ki == 0)
-        ok = inside & last_ok.flatten() & first_ok.flatten()
-        kk = torch.maximum(kept, mk.index_select(0, todo)).clamp(max=k)
-        thr = vals.gather(-1, (kk - 1).view(-1, 1)).flatten()
-        # rows needing more than k tokens because of min_keep are decided by the exact pass
-        ok &= mk.index_select(0, todo) <= k
-        thr_all.index_copy_(0, todo[ok], thr[ok])
-        todo = todo[~ok]
-    if todo.numel():
-        x = logits.index_select(0, todo)
-        kept = _top_p_exact(x, tp.index_select(0, todo), mk.index_select(0, todo))
-        thr = _kth_largest(x, kept).flatten()
-        thr_all.index_copy_(0, todo, thr)
-    remove = logits < thr_all.view(-1, 1)
-    return remove & active.view(-1, 1)
+    x = logits.index_select(0, todo) if todo.numel() < n else logits
+    target = tp.index_select(0, todo)
+    thr = torch.full((todo.numel(),), _NEG_INF, dtype=logits.dtype, device=logits.device)
+    m = x.amax(-1, keepdim=True)
+    finite_m = torch.where(torch.isfinite(m), m, 0.0)
+    e = (x - finite_m).exp_()
+    s = e.sum(-1, keepdim=True, dtype=torch.float64)  # float32 sums are off by up to 5e-7
+    pending = torch.ones(todo.numel(), dtype=torch.bool, device=logits.device)
+    if prefix < v:
+        # stage 1: topk prefix
+        vals = x.topk(prefix, dim=-1, sorted=True).values
+        pk = torch.exp((vals - finite_m).double()) / s
+        i, inside, safe = _crossing(pk.cumsum(-1), target, torch.zeros_like(target))
+        ok = inside & safe
+        thr = torch.where(ok, vals.gather(-1, i.clamp(max=prefix - 1).view(-1, 1)).flatten(), thr)
+        pending &= ~ok
+        # stage 2: histogram of mass over 1/64-nat buckets of (max - logit) in [0, 32)
+        if bool(pending.any()):
+            sub = pending.nonzero().flatten()
+            xs = x.index_select(0, sub)
+            d = finite_m.index_select(0, sub) - xs
+            nb = 2049
+            bucket = (d * 64.0).clamp_(max=nb - 1).long()
+            tok, ok2 = _hist_stage(
+                xs, True, bucket, e.index_select(0, sub), target.index_select(0, sub), nb,
+                norm=s.index_select(0, sub),
+            )  # fmt: skip
+            val2 = xs.gather(-1, tok.view(-1, 1)).flatten()
+            thr.index_copy_(0, sub[ok2], val2[ok2])
+            pending.index_fill_(0, sub[ok2], False)
+    # stage 3: transformers' arithmetic
+    if bool(pending.any()):
+        sub = pending.nonzero().flatten()
+        xs = x.index_select(0, sub)
+        kept = _top_p_exact(xs, target.index_select(0, sub))
+        thr.index_copy_(0, sub, _kth_largest(xs, kept).flatten())
+    # min_tokens_to_keep: the threshold is at most the min_keep-th largest logit
+    mkt = mk.index_select(0, todo)
+    if bool((mkt > 1).any()):
+        thr = torch.minimum(thr, _kth_largest(x, mkt).flatten())
+    remove = x < thr.view(-1, 1)
+    if todo.numel() == n:
+        return remove
+    out = torch.zeros_like(logits, dtype=torch.bool)
+    out.index_copy_(0, todo, remove)
+    return out
 
 
 def _typical_scores(logits: Tensor) -> tuple[Tensor, Tensor]:
-    """transformers' Typical arithmetic: probabilities and ``|-log p - H|`` (float32)."""
+    """transformers' Typical arithmetic: probabilities and ``|-log p - H|`` (float32).
+
+    ``|(-a) - H|`` is computed as ``|a + H|``: IEEE rounding is symmetric, so the two are bitwise
+    equal, and the rewrite saves a pass.
+    """
     normalized = torch.nn.functional.log_softmax(logits, dim=-1)
     p = torch.exp(normalized)
     ent = -(normalized * p).nansum(-1, keepdim=True)
-    shifted = torch.abs((-normalized) - ent)
+    shifted = normalized.add_(ent).abs_()
     return p, shifted
 
 
@@ -307,57 +405,79 @@ def typical_mask(
     logits: Tensor,
     mass: float | Tensor,
     min_keep: int | Tensor = 1,
-    prefix_sizes: tuple[int, ...] = PREFIX_SIZES,
+    prefix: int = PREFIX,
+    reference: bool = False,
 ) -> Tensor:
     """Locally typical sampling (Meister et al. 2023, arXiv 2202.00666).
 
     With ``H = -Σ p log p``, tokens are ranked by ``|-log p_i - H|`` (most typical first) and the
-    shortest ranked prefix whose mass reaches ``mass`` is kept (transformers: index of the first
-    cumulative mass ``>= mass``), at least ``min_keep`` tokens. ``mass = 1`` rows are untouched.
-    Only a ``topk`` prefix of the ranking is sorted (see the module docstring).
+    ranked prefix up to the first position whose cumulative mass reaches ``mass`` is kept
+    (transformers' ``last_ind``), at least ``min_keep`` tokens. ``mass = 1`` rows are untouched.
+
+    The scores ``p`` and ``|-log p - H|`` are transformers' own float32 values (computed on the
+    whole batch with its arithmetic); the cumulative mass is summed in float64 over a ``topk``
+    prefix or a mass histogram, never a full sort. transformers instead re-normalizes the sorted
+    logits with a float32 softmax whose sum is off by up to ~1e-5 (vocab 49152) to ~1e-4
+    (262144), so in the rare row whose boundary lies that close to ``mass`` the two sets differ
+    by the boundary token(s), and entcal's is the exact one. ``reference=True`` reproduces
+    transformers' arithmetic bit for bit (a full sort; for differential tests).
     """
     n, v = logits.shape
     ms = rows(mass, n, logits.device, torch.float64)
     mk = rows(min_keep, n, logits.device, torch.long).clamp(1, v)
-    active = ms < 1.0
+    active = (ms < 1.0) & (logits.amax(-1) > _NEG_INF)
     if not bool(active.any()):
         return torch.zeros_like(logits, dtype=torch.bool)
-    # The scores must be computed on the whole batch exactly as transformers does: its entropy
-    # reduction is not bitwise row-independent (a lone row is reduced in parallel chunks).
     p32, shifted = _typical_scores(logits)
     todo = active.nonzero().flatten()
-    thr_all = torch.full((n,), float("inf"), dtype=shifted.dtype, device=logits.device)
-    for k in prefix_sizes:
-        if todo.numel() == 0 or k >= v:
-            break
-        sh = shifted.index_select(0, todo)
-        m_row = ms.index_select(0, todo).view(-1, 1)
-        neg, idx = (-sh).topk(k, dim=-1, sorted=True)
-        pk = p32.index_select(0, todo).gather(-1, idx).double()
-        cum = pk.cumsum(-1)
-        last = (cum < m_row).sum(-1)  # first position whose cumulative mass reaches `mass`
-        inside = last < k
-        li = last.clamp(max=k - 1).view(-1, 1)
-        at_ok = cum.gather(-1, li) >= m_row + EXACT_TOL
-        before_ok = (cum.gather(-1, (li - 1).clamp(min=0)) < m_row - EXACT_TOL) | (li == 0)
-        ok = inside & at_ok.flatten() & before_ok.flatten()
-        mkr = mk.index_select(0, todo)
-        ok &= mkr <= k
-        pos = torch.maximum(last, mkr - 1).clamp(max=k - 1)
-        thr = (-neg).gather(-1, pos.view(-1, 1)).flatten()
-        thr_all.index_copy_(0, todo[ok], thr[ok])
-        todo = todo[~ok]
-    if todo.numel():
-        sh = shifted.index_select(0, todo)
-        sorted_scores, sorted_idx = torch.sort(sh, dim=-1, descending=False)
-        sorted_logits = logits.index_select(0, todo).gather(-1, sorted_idx)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        m32 = ms.index_select(0, todo).to(torch.float32).view(-1, 1)
-        last = (cum < m32).sum(-1).clamp(max=v - 1)
-        pos = torch.maximum(last, mk.index_select(0, todo) - 1)
-        thr_all.index_copy_(0, todo, sorted_scores.gather(-1, pos.view(-1, 1)).flatten())
-    remove = shifted > thr_all.view(-1, 1)
-    return remove & active.view(-1, 1)
+    if todo.numel() < n:
+        p32, shifted = p32.index_select(0, todo), shifted.index_select(0, todo)
+    target = ms.index_select(0, todo)
+    r = todo.numel()
+    thr = torch.full((r,), float("inf"), dtype=shifted.dtype, device=logits.device)
+    pending = torch.ones(r, dtype=torch.bool, device=logits.device)
+    if prefix < v and not reference:
+        vals, idx = shifted.topk(prefix, dim=-1, largest=False, sorted=True)
+        pk = p32.gather(-1, idx).double()
+        i, inside, _ = _crossing(pk.cumsum(-1), target, torch.zeros_like(target), tol=0.0)
+        thr = torch.where(
+            inside, vals.gather(-1, i.clamp(max=prefix - 1).view(-1, 1)).flatten(), thr
+        )
+        pending &= ~inside
+        if bool(pending.any()):
+            sub = pending.nonzero().flatten()
+            ss = shifted.index_select(0, sub)
+            nb = 2049
+            bucket = (ss * 64.0).clamp_(max=nb - 1).long()
+            tok, ok2 = _hist_stage(
+                ss, False, bucket, p32.index_select(0, sub), target.index_select(0, sub), nb, 0.0
+            )
+            val2 = ss.gather(-1, tok.view(-1, 1)).flatten()
+            thr.index_copy_(0, sub[ok2], val2[ok2])
+            pending.index_fill_(0, sub[ok2], False)
+    if bool(pending.any()):
+        sub = pending.nonzero().flatten()
+        ss = shifted.index_select(0, sub)
+        sorted_scores, sorted_idx = torch.sort(ss, dim=-1, descending=False)
+        if reference:
+            lg = logits.index_select(0, todo.index_select(0, sub)).gather(-1, sorted_idx)
+            cum = lg.softmax(dim=-1).cumsum(dim=-1)
+            tgt = target.index_select(0, sub).to(torch.float32).view(-1, 1)
+        else:
+            cum = p32.index_select(0, sub).gather(-1, sorted_idx).double().cumsum(-1)
+            tgt = target.index_select(0, sub).view(-1, 1)
+        last = (cum < tgt).sum(-1).clamp(max=v - 1)
+        thr.index_copy_(0, sub, sorted_scores.gather(-1, last.view(-1, 1)).flatten())
+    mkt = mk.index_select(0, todo)
+    if bool((mkt > 1).any()):
+        kth = shifted.topk(int(mkt.max()), dim=-1, largest=False, sorted=True).values
+        thr = torch.maximum(thr, kth.gather(-1, (mkt - 1).view(-1, 1)).flatten())
+    remove = shifted > thr.view(-1, 1)
+    if r == n:
+        return remove
+    out = torch.zeros_like(logits, dtype=torch.bool)
+    out.index_copy_(0, todo, remove)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,255 @@
+"""Differential tests: entcal's batched ops against transformers' own warpers, same tensors.
+
+1050 random batches at vocab 49152 (flat, peaked, Zipf-like and heavy-tailed rows, batch sizes
+1..8, random ``min_tokens_to_keep``) plus a smaller set at vocab 262144: the kept sets must be
+identical. The two documented exceptions are tested as rules, not skipped: ties (entcal keeps a
+tied boundary group whole) and typical's float32 rounding (transformers' re-normalized float32
+cumulative mass can land on the other side of ``mass`` than the exact one).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+
+from entcal.decoding import ops, parse
+
+NEG = float("-inf")
+KINDS = ("flat", "peaked", "zipf", "heavy")
+
+
+def make_batch(g: torch.Generator, n: int, v: int, kind: str) -> torch.Tensor:
+    """Random logits rows of a given shape family."""
+    if kind == "flat":
+        x = torch.randn(n, v, generator=g) * 0.5
+    elif kind == "peaked":
+        x = torch.randn(n, v, generator=g) * 2.0
+        k = int(torch.randint(1, 6, (1,), generator=g))
+        idx = torch.randint(0, v, (n, k), generator=g)
+        x.scatter_(1, idx, 12.0 + 6.0 * torch.rand(n, k, generator=g))
+    elif kind == "zipf":  # language-model-like: log p ≈ -s log rank + noise
+        # -s log(V u) with u uniform has the order statistics of -s log rank, with no sort
+        s = 0.6 + 1.2 * torch.rand(n, 1, generator=g)
+        u = torch.rand(n, v, generator=g).clamp_(min=1e-9)
+        x = -s * torch.log(u * v) + 0.3 * torch.randn(n, v, generator=g)
+    else:  # heavy-tailed: 1.5 * Student-t with 3 degrees of freedom
+        z = torch.randn(n, v, generator=g)
+        chi2 = sum(torch.randn(n, v, generator=g) ** 2 for _ in range(3))
+        x = 1.5 * z / torch.sqrt(chi2 / 3)
+    return x.float().contiguous()
+
+
+def removed(warper, x: torch.Tensor) -> torch.Tensor:
+    return warper(None, x) == NEG
+
+
+def assert_same_or_tied(ref: torch.Tensor, ours: torch.Tensor, score: torch.Tensor) -> None:
+    """Equal masks, or masks that differ only inside the group of tokens tied (in ``score``)
+    with transformers' weakest kept token: the documented tie rule (transformers keeps an
+    arbitrary part of such a group, entcal the whole group or, for min-p's
+    ``min_tokens_to_keep`` where float32 probabilities tie, the highest logits)."""
+    if torch.equal(ref, ours):
+        return
+    weakest = torch.where(ref, torch.inf, score).amin(-1, keepdim=True).expand_as(score)
+    diff = ref != ours
+    assert torch.equal(score[diff], weakest[diff]), "masks differ outside a tied group"
+
+
+# (warper factory, our mask, parameter sampler); every sampler draws from the reference's range
+def _p(g, lo, hi):
+    return lo + (hi - lo) * float(torch.rand(1, generator=g))
+
+
+METHODS = {
+    "top_k": (
+        lambda v, mk: TopKLogitsWarper(v, min_tokens_to_keep=mk),
+        lambda x, v, mk: ops.top_k_mask(x, v, mk),
+        lambda g: int(torch.randint(1, 400, (1,), generator=g)),
+    ),
+    "top_p": (
+        lambda v, mk: TopPLogitsWarper(v, min_tokens_to_keep=mk),
+        lambda x, v, mk: ops.top_p_mask(x, v, mk),
+        lambda g: _p(g, 0.02, 0.995),
+    ),
+    "min_p": (
+        lambda v, mk: MinPLogitsWarper(v, min_tokens_to_keep=mk),
+        lambda x, v, mk: ops.min_p_mask(x, v, mk),
+        lambda g: _p(g, 0.0, 0.4),
+    ),
+    "typical": (
+        lambda v, mk: TypicalLogitsWarper(v, min_tokens_to_keep=mk),
+        lambda x, v, mk: ops.typical_mask(x, v, mk, reference=True),
+        lambda g: _p(g, 0.05, 0.99),
+    ),
+    "epsilon": (
+        lambda v, mk: EpsilonLogitsWarper(v, min_tokens_to_keep=mk),
+        lambda x, v, mk: ops.epsilon_mask(x, v, mk),
+        lambda g: 10 ** _p(g, -6, -2),
+    ),
+    "eta": (
+        lambda v, mk: EtaLogitsWarper(v, min_tokens_to_keep=mk),
+        lambda x, v, mk: ops.eta_mask(x, v, mk),
+        lambda g: 10 ** _p(g, -6, -2),
+    ),
+}
+
+
+def _cases(seed: int, count: int, v: int, sizes: tuple[int, ...]):
+    g = torch.Generator().manual_seed(seed)
+    for i in range(count):
+        kind = KINDS[i % len(KINDS)]
+        n = sizes[i % len(sizes)]
+        mk = (1, 1, 1, 2, 5, 40)[i % 6]
+        yield make_batch(g, n, v, kind), g, mk, kind
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_identical_kept_sets_vocab_49152(method):
+    make_warper, ours_fn, sample = METHODS[method]
+    batches = 0
+    for x, g, mk, _ in _cases(sorted(METHODS).index(method), 150, 49152, (1, 2, 4)):
+        value = sample(g)
+        ref = removed(make_warper(value, mk), x)
+        ours = ours_fn(x, value, mk)
+        score = torch.softmax(x, -1) if method == "min_p" else x
+        if method == "typical":
+            assert torch.equal(ref, ours)
+        else:
+            assert_same_or_tied(ref, ours, score)
+        batches += 1
+    assert batches == 150  # 6 methods x 150 + temperature 150 = 1050 batches
+
+
+def test_temperature_bitwise_vocab_49152():
+    for x, g, _, _ in _cases(7, 150, 49152, (1, 3, 8)):
+        t = _p(g, 0.05, 3.0)
+        assert torch.equal(TemperatureLogitsWarper(t)(None, x), ops.temperature(x, t))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_identical_kept_sets_vocab_262144(method):
+    make_warper, ours_fn, sample = METHODS[method]
+    for x, g, mk, _ in _cases(11, 4, 262144, (1, 2)):
+        value = sample(g)
+        ref = removed(make_warper(value, mk), x)
+        ours = ours_fn(x, value, mk)
+        if method == "typical":
+            assert torch.equal(ref, ours)
+        else:
+            assert_same_or_tied(ref, ours, torch.softmax(x, -1) if method == "min_p" else x)
+
+
+def test_top_p_decided_on_prefix_histogram_and_exact_paths():
+    """The three top-p paths (prefix, histogram, exact) all agree with transformers."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([make_batch(g, 4, 49152, k) for k in KINDS])
+    for top_p in (0.3, 0.9, 0.99):
+        ref = removed(TopPLogitsWarper(top_p), x)
+        assert torch.equal(ops.top_p_mask(x, top_p), ref)
+        assert torch.equal(ops.top_p_mask(x, top_p, prefix=16), ref)  # mostly histogram
+        assert torch.equal(ops.top_p_mask(x, top_p, prefix=49152), ref)  # exact path only
+
+
+def test_typical_default_matches_or_differs_only_by_reference_rounding():
+    """Default typical uses exact float64 mass; where it differs from transformers, the
+    reference's float32 cumulative mass and the exact one lie on opposite sides of ``mass``."""
+    g = torch.Generator().manual_seed(5)
+    differing = total = 0
+    for i in range(24):
+        x = make_batch(g, 8, 49152, KINDS[i % 4])
+        mass = (0.5, 0.9, 0.95, 0.99)[i % 4]
+        ref = removed(TypicalLogitsWarper(mass), x)
+        ours = ops.typical_mask(x, mass)
+        p32, shifted = ops._typical_scores(x)
+        for r in (ref != ours).any(-1).nonzero().flatten().tolist():
+            order = torch.sort(shifted[r]).indices
+            c_ref = x[r][order].softmax(-1).cumsum(-1)
+            c_exact = p32[r][order].double().cumsum(-1)
+            li_ref = int((c_ref < mass).sum())
+            li_exact = int((c_exact < mass).sum())
+            assert li_ref != li_exact
+            lo, hi = min(li_ref, li_exact), max(li_ref, li_exact)
+            # every position in between is classified differently by the two sums
+            assert torch.equal((c_ref[lo:hi] < mass), ~(c_exact[lo:hi] < mass))
+            # and entcal keeps exactly the exact rule's set
+            kept = shifted[r] <= shifted[r][order[min(li_exact, 49151)]]
+            assert torch.equal(~ours[r], kept)
+            differing += 1
+        total += x.shape[0]
+    assert differing <= 0.1 * total
+
+
+def test_chain_equals_transformers_processor_list():
+    """temperature -> top_k -> top_p -> min_p -> typical -> epsilon -> eta, as generate does."""
+    g = torch.Generator().manual_seed(9)
+    specs = [
+        ("temperature=0.7,top_k=200,top_p=0.9", [TemperatureLogitsWarper(0.7),
+         TopKLogitsWarper(200), TopPLogitsWarper(0.9)]),
+        ("temperature=1.3,top_p=0.95,min_p=0.02", [TemperatureLogitsWarper(1.3),
+         TopPLogitsWarper(0.95), MinPLogitsWarper(0.02)]),
+        ("top_k=500,eta=0.0009", [TopKLogitsWarper(500), EtaLogitsWarper(0.0009)]),
+        ("temperature=0.9,epsilon=0.0003,min_tokens_to_keep=3",
+         [TemperatureLogitsWarper(0.9), EpsilonLogitsWarper(3e-4, min_tokens_to_keep=3)]),
+    ]  # fmt: skip
+    for spec, warpers in specs:
+        for kind in KINDS:
+            x = make_batch(g, 4, 49152, kind)
+            ref = LogitsProcessorList(warpers)(None, x)
+            ours = parse(spec)(x)
+            assert torch.equal(ref == NEG, ours == NEG), spec
+            assert torch.equal(ref[ref > NEG], ours[ours > NEG]), spec
+
+
+# ---- ties: the documented rule ----------------------------------------------------------------
+
+
+def test_ties_top_k_same_rule_as_transformers():
+    x = torch.tensor([[5.0, 3.0, 3.0, 3.0, 1.0, 0.0]])
+    assert torch.equal(ops.top_k_mask(x, 2), removed(TopKLogitsWarper(2), x))
+    assert ops.top_k_mask(x, 2).tolist() == [[False, False, False, False, True, True]]
+
+
+def test_ties_top_p_keep_the_whole_boundary_group():
+    # p ∝ e^5, e^3 x3, ...: mass of the top token ≈ 0.70; top_p = 0.8 crosses inside the tie
+    x = torch.tensor([[5.0, 3.0, 3.0, 3.0, 1.0, 0.0]])
+    ours = ops.top_p_mask(x, 0.8)
+    assert ours.tolist() == [[False, False, False, False, True, True]]
+    ref = removed(TopPLogitsWarper(0.8), x)
+    assert not (ours & ~ref).any()  # transformers keeps a subset of entcal's set
+    assert (ref & ~ours).sum() <= 2  # ... differing only inside the tied group
+    assert torch.equal(ops.top_p_mask(x, 0.8, prefix=2), ours)  # same on every path
+
+
+def test_ties_typical_and_min_p_keep_the_whole_group():
+    x = torch.tensor([[4.0, 2.0, 2.0, 2.0, 0.0, -1.0]])
+    # min_tokens_to_keep=2 with a tie at the 2nd place: all tied tokens kept
+    assert ops.min_p_mask(x, 0.9, min_keep=2).tolist() == [[False, False, False, False, True, True]]
+    assert ops.epsilon_mask(x, 0.5, min_keep=2).tolist() == [
+        [False, False, False, False, True, True]
+    ]
+    # typical: tokens with equal |-log p - H| are kept or removed together
+    kept = ~ops.typical_mask(x, 0.5)
+    assert kept[0, 1] == kept[0, 2] == kept[0, 3]
+
+
+def test_min_tokens_to_keep_beyond_the_rule():
+    g = torch.Generator().manual_seed(1)
+    x = make_batch(g, 3, 49152, "peaked")
+    for mk in (1, 10, 300):
+        for ours, warper in (
+            (ops.top_p_mask(x, 0.01, mk), TopPLogitsWarper(0.01, min_tokens_to_keep=mk)),
+            (ops.typical_mask(x, 0.01, mk, reference=True), TypicalLogitsWarper(0.01, min_tokens_to_keep=mk)),
+            (ops.min_p_mask(x, 1.0, mk), MinPLogitsWarper(1.0, min_tokens_to_keep=mk)),
+        ):  # fmt: skip
+            assert torch.equal(ours, removed(warper, x))
+            assert bool(((~ours).sum(-1) >= mk).all())
