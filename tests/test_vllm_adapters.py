@@ -366,6 +366,13 @@ def test_validate_accepts_and_rejects():
     assert err.value.parameter == "vllm_xargs.entcal" and "top_p" in str(err.value)
     with pytest.raises(EntcalRequestError, match="unknown decoder"):
         validate_request(_params("nonsense"))
+    import entcal.calibrators.decoder  # noqa: F401  (registers ``lookahead``)
+
+    with pytest.raises(EntcalRequestError, match="needs the token history"):
+        validate_request(_params("lookahead:alpha=0.3"))  # needs input_ids: not in vLLM
+    with pytest.raises(EntcalRequestError, match="does not exist") as err:
+        validate_request(_params("calibrated:predictor=/nonexistent/folder"))
+    assert err.value.parameter == "vllm_xargs.entcal"
     with pytest.raises(EntcalRequestError, match="must be a decoder spec string"):
         validate_request(SamplingParams(extra_args={"entcal": 3}))
     for field, value in [

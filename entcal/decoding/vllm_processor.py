@@ -102,16 +102,16 @@ NEUTRAL_FIELDS: dict[str, tuple[float, ...]] = {
 }
 
 
-def _error_base() -> type[Exception]:
-    try:
-        from vllm.exceptions import VLLMValidationError
+try:
+    from vllm.exceptions import VLLMValidationError as _ErrorBase
 
-        return VLLMValidationError
-    except Exception:  # vLLM absent: a plain ValueError still names the parameter
-        return ValueError
+    _VLLM_ERRORS = True
+except Exception:  # vLLM absent or too old: a plain ValueError still names the parameter
+    _ErrorBase = ValueError  # type: ignore[assignment,misc]
+    _VLLM_ERRORS = False
 
 
-class EntcalRequestError(_error_base()):  # type: ignore[misc]
+class EntcalRequestError(_ErrorBase):  # type: ignore[misc,valid-type]
     """A request's entcal spec is invalid or conflicts with vLLM's own sampling fields.
 
     It is vLLM's ``VLLMValidationError`` carrying ``parameter``, so the OpenAI server answers
@@ -120,12 +120,12 @@ class EntcalRequestError(_error_base()):  # type: ignore[misc]
     """
 
     def __init__(self, message: str, parameter: str, value: Any = None) -> None:
-        if issubclass(EntcalRequestError.__mro__[1], ValueError):  # no vLLM
+        if _VLLM_ERRORS:
+            super().__init__(message, parameter=parameter, value=value)
+        else:
             super().__init__(f"{message} (parameter={parameter})")
             self.parameter = parameter
             self.value = value
-        else:
-            super().__init__(message, parameter=parameter, value=value)
 
 
 def request_spec(sampling_params: Any) -> str | None:
@@ -162,12 +162,19 @@ def validate_request(sampling_params: Any) -> Decoder | None:
         return None
     try:
         decoder = _prototype(spec)
-    except ValueError as exc:
+    except Exception as exc:  # ValueError, or e.g. an unreadable predictor file named by the spec
         raise EntcalRequestError(
             f"parameter {_PARAM}: invalid entcal decoder spec {spec!r}: {exc}",
             parameter=_PARAM,
             value=spec,
         ) from None
+    problem = _unsupported_in_vllm(spec)
+    if problem:
+        raise EntcalRequestError(
+            f"parameter {_PARAM}: decoder {spec!r} cannot run inside vLLM: {problem}",
+            parameter=_PARAM,
+            value=spec,
+        )
     for field, neutral in NEUTRAL_FIELDS.items():
         value = getattr(sampling_params, field, neutral[0])
         if value is None or any(_same(value, n) for n in neutral):
@@ -182,6 +189,28 @@ def validate_request(sampling_params: Any) -> Decoder | None:
             value=value,
         )
     return decoder
+
+
+@functools.lru_cache(maxsize=512)
+def _unsupported_in_vllm(spec: str) -> str | None:
+    """Why a decoder cannot work as a vLLM logits processor, or ``None``.
+
+    vLLM hands a processor the logits only, never the token history as a tensor; a decoder that
+    needs ``input_ids`` (e.g. ``lookahead``, which runs its own model over the history) says so
+    when called without them. Probed once per spec on a tiny row; other errors are not this
+    check's business.
+    """
+    import torch
+
+    probe = copy.copy(_prototype(spec))
+    try:
+        if getattr(probe, "requires_history", False):
+            probe.reset(1)
+        probe(torch.zeros(1, 16))
+    except Exception as exc:
+        if "input_ids" in str(exc):
+            return f"it needs the token history (input_ids), which vLLM does not pass ({exc})"
+    return None
 
 
 def _same(a: float, b: float) -> bool:
