@@ -229,23 +229,25 @@ def run_compare(
     config.validate()
     decoders = parse_decoders(config.decoders)
     out = Path(config.out)
+    corpus = None
+    if pairs is None:
+        from entcal import corpora
+
+        # The corpus is read before the model is loaded: a bad corpus fails at once.
+        corpus = corpora.load_corpus(config.human)
+        if len(corpus) == 0:
+            raise ValueError(f"corpus {config.human!r} holds no text")
     if model is None:
-        limit_hint = config.prompt_tokens + config.length
         _log(f"loading {config.model}", config.progress)
         model, tokenizer = models.load(config.model)
-        limit = _context_limit(model)
-        if limit is not None and limit_hint > limit:
-            raise ValueError(
-                f"--length {config.length} + prompt {config.prompt_tokens} = {limit_hint} tokens "
-                f"exceeds the context of {config.model} ({limit} positions)"
-            )
     elif tokenizer is None:
         raise ValueError("a model passed in needs its tokenizer")
     limit = _context_limit(model)
     if limit is not None and config.prompt_tokens + config.length > limit:
         raise ValueError(
-            f"length {config.length} + prompt {config.prompt_tokens} tokens exceeds the "
-            f"model's context of {limit} positions"
+            f"--length {config.length} + {config.prompt_tokens} prompt tokens = "
+            f"{config.prompt_tokens + config.length} tokens exceeds the context of "
+            f"{config.model} ({limit} positions)"
         )
     if observer is None and config.observer:
         _log(f"loading observer {config.observer}", config.progress)
@@ -255,12 +257,7 @@ def run_compare(
             f"observer vocab {observer.config.vocab_size} differs from the model's "
             f"{model.config.vocab_size}: Binoculars needs the same tokenizer"
         )
-    if pairs is None:
-        from entcal import corpora
-
-        corpus = corpora.load_corpus(config.human)
-        if len(corpus) == 0:
-            raise ValueError(f"corpus {config.human!r} holds no text")
+    if corpus is not None:
         corpus_name = corpus.name
         prompts, human = _pairs(config, tokenizer, corpus)
     else:
