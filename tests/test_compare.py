@@ -1,0 +1,133 @@
+"""``entcal compare``: bad input, the generation cache / resume, and a real --quick run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from entcal.cli import main
+from entcal.eval.compare import CompareConfig, parse_decoders, run_compare
+from entcal.synthetic import MarkovChain
+
+
+def test_unknown_decoder_fails_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["compare", "--decoders", "ancestral; top_p=0.9; frobnicate=2", "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "frobnicate" in err
+    assert not out.exists()  # nothing generated, not even the folder
+    with pytest.raises(ValueError, match="top_p"):
+        parse_decoders("top_p=7")
+    with pytest.raises(ValueError, match="no decoder"):
+        parse_decoders(" ; ")
+
+
+def test_bad_sizes_and_corpus(tmp_path, capsys):
+    rc = main(["compare", "--n", "0", "--out", str(tmp_path / "a")])
+    assert rc == 2 and "n must be an integer >= 1" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    rc = main(["compare", "--human", str(empty), "--out", str(tmp_path / "b")])
+    assert rc == 2 and "holds no text" in capsys.readouterr().err
+    rc = main(["compare", "--length", "9000", "--out", str(tmp_path / "c"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "exceeds the context" in err and "8192" in err
+    short = tmp_path / "short.txt"
+    short.write_text("A few words only.\n\nAnd a second short paragraph.\n")
+    rc = main(["compare", "--human", str(short), "--out", str(tmp_path / "d"), "--no-progress"])
+    assert rc == 2 and "no document has" in capsys.readouterr().err
+
+
+def test_cache_makes_a_rerun_resume(tmp_path):
+    chain = MarkovChain.random(8, seed=1)
+    model, tok = chain.as_model()
+    prompts = chain.sample(40, 4, seed=0)
+    human = chain.sample(40, 16, start=prompts[:, -1], seed=1)
+    pairs = (prompts.tolist(), human.tolist())
+
+    def run(decoders):
+        cfg = CompareConfig(
+            out=tmp_path, model="markov-8", decoders=decoders, n=40, length=16, prompt_tokens=4,
+            batch_size=16, progress=False, plots=False,
+        )  # fmt: skip
+        return run_compare(cfg, model=model, tokenizer=tok, pairs=pairs)
+
+    first = run("ancestral; top_p=0.9")
+    gen_files = sorted((tmp_path / "cache").glob("gen-*.pt"))
+    assert len(gen_files) == 2 * 3  # two decoders x three prompt batches
+    stamps = {p: p.stat().st_mtime_ns for p in gen_files}
+    # An interrupted run: one batch of one decoder is missing; the rest is reused as it is.
+    gen_files[0].unlink()
+    gen_files[1].write_bytes(b"cut short")
+    second = run("ancestral; top_p=0.9")
+    for p in gen_files[2:]:
+        assert p.stat().st_mtime_ns == stamps[p]
+    assert gen_files[0].exists()
+    first.pop("timing"), second.pop("timing")
+    assert first == second  # same seeds: the recomputed batches are identical
+    # One more decoder: only its generations are new.
+    third = run("ancestral; top_p=0.9; temperature=0.5")
+    assert len(list((tmp_path / "cache").glob("gen-*.pt"))) == 3 * 3
+    assert (
+        third["decoders"]["ancestral"]["gen_entropy"]
+        == first["decoders"]["ancestral"]["gen_entropy"]
+    )
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@pytest.mark.slow
+def test_compare_quick_on_smollm2(tmp_path, capsys):
+    out = tmp_path / "quick"
+    assert main(["compare", "--quick", "--out", str(out), "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "| `ancestral` |" in table
+    res = json.loads((out / "results.json").read_text())
+    for key in ("model", "corpus", "n", "length"):
+        assert key in res
+    assert res["model"] == "smollm2-135m" and res["corpus"] == "pydoc"
+    assert res["n"] == 8 and res["length"] == 48
+    assert _finite(res["human"]["log_loss"])
+    specs = [
+        "ancestral",
+        "temperature=0.9",
+        "top_p=0.95",
+        "min_p=0.05",
+        "typical=0.9",
+        "eta=0.0009",
+    ]
+    assert list(res["decoders"]) == specs
+    for spec, d in res["decoders"].items():
+        for key in ("gen_entropy", "entropy_slope", "human_tokens_excluded"):
+            assert _finite(d[key]), (spec, key)
+        assert len(d["gen_entropy_per_step"]) == 48
+        assert d["human_log_loss"] == "inf" or _finite(d["human_log_loss"])
+        assert d["entce"] == "-inf" or _finite(d["entce"])
+        for key in ("mean_abs_gap", "z_ks_pvalue", "typical_fraction"):
+            assert _finite(d["aep"][key]), (spec, key)
+        for det in ("log_likelihood", "log_rank", "entropy", "typicality"):
+            assert 0.0 <= d["detect"][det]["auroc"] <= 1.0
+            assert 0.0 <= d["detect"][det]["tpr_at_1fpr"] <= 1.0
+        for key in ("distinct_2", "self_bleu", "zipf", "repetition"):
+            assert _finite(d["diversity"][key]), (spec, key)
+        # generate's raw log-probs and the batched scorer's agree.
+        assert d["check"]["max_abs_raw_logprob_diff_generate_vs_score"] < 1e-2
+    anc = res["decoders"]["ancestral"]
+    assert anc["human_log_loss"] == pytest.approx(res["human"]["log_loss"], abs=1e-5)
+    assert anc["human_tokens_excluded"] == 0.0
+    # temperature < 1 never excludes a token and raises the human log loss.
+    assert res["decoders"]["temperature=0.9"]["human_tokens_excluded"] == 0.0
+    assert res["decoders"]["temperature=0.9"]["human_log_loss"] > anc["human_log_loss"]
+    for spec in ("top_p=0.95", "min_p=0.05", "typical=0.9", "eta=0.0009"):
+        d = res["decoders"][spec]
+        assert d["human_tokens_excluded"] > 0, spec
+        assert d["human_log_loss"] == "inf" and d["entce"] == "-inf"
+        assert _finite(d["human_log_loss_included"]) and _finite(d["log_loss_gap"])
+    for name in ("report.md", "entropy_per_step.png", "aep.png", "roc.png",
+                 "calibration_vs_logloss.png"):  # fmt: skip
+        assert (out / name).stat().st_size > 0
