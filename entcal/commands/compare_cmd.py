@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--observer", default=None, help="second model with the same tokenizer (Binoculars)"
     )
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch")
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch")
     parser.add_argument("--epsilon", type=float, default=0.1, help="typical-set epsilon (nats)")
     parser.add_argument(
         "--quick", action="store_true", help="8 prompts of 64 tokens, 48-token continuations"

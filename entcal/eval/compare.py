@@ -68,7 +68,7 @@ class CompareConfig:
     prompt_tokens: int = 128
     seed: int = 0
     observer: str | None = None
-    batch_size: int = 16
+    batch_size: int = 32
     epsilon: float = typical.DEFAULT_EPSILON
     progress: bool = True
     plots: bool = True
