@@ -131,3 +131,25 @@ def test_compare_quick_on_smollm2(tmp_path, capsys):
     for name in ("report.md", "entropy_per_step.png", "aep.png", "roc.png",
                  "calibration_vs_logloss.png"):  # fmt: skip
         assert (out / name).stat().st_size > 0
+
+
+def test_observer_adds_binoculars(tmp_path):
+    chain, observer_chain = MarkovChain.random(8, seed=1), MarkovChain.random(8, seed=2)
+    model, tok = chain.as_model()
+    observer, _ = observer_chain.as_model()
+    prompts = chain.sample(24, 4, seed=0)
+    human = observer_chain.sample(24, 16, start=prompts[:, -1], seed=1)
+    cfg = CompareConfig(
+        out=tmp_path, model="markov-8", decoders="ancestral", n=24, length=16, prompt_tokens=4,
+        progress=False, plots=False,
+    )  # fmt: skip
+    res = run_compare(
+        cfg, model=model, tokenizer=tok, pairs=(prompts.tolist(), human.tolist()), observer=observer
+    )
+    det = res["decoders"]["ancestral"]["detect"]["binoculars"]
+    assert 0.0 <= det["auroc"] <= 1.0 and det["generated_mean"] < 0
+    bad, _ = MarkovChain.random(5, seed=0).as_model()
+    with pytest.raises(ValueError, match="same tokenizer"):
+        run_compare(
+            cfg, model=model, tokenizer=tok, pairs=(prompts.tolist(), human.tolist()), observer=bad
+        )
