@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -96,7 +96,6 @@ class RowEntry:
     stateful: bool
     # len(output_ids) when the decoder last produced a distribution for this request (-1: never)
     seen: int = -1
-    extra: dict = field(default_factory=dict)
 
 
 class _Table(RowTable[RowEntry]):
@@ -230,11 +229,3 @@ class EntcalV1LogitsProcessor(_Base, LogitsProcessor):
             return apply_rows(logits, self._decoders)
         sub = apply_rows(logits.index_select(0, self._rows), self._decoders)
         return logits.index_copy_(0, self._rows, sub.to(logits.dtype))
-
-
-def decoders_by_row(processor: EntcalV1LogitsProcessor, batch_size: int) -> Sequence[Any]:
-    """The decoder each row currently gets (``None``: untouched); for tests and debugging."""
-    return [
-        processor.table.entries[i].decoder if i in processor.table.entries else None
-        for i in range(batch_size)
-    ]
