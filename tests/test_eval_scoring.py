@@ -186,3 +186,30 @@ def test_bad_input(tiny):
         broken.lm_head.weight[3, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         score(broken, prompts, conts)
+
+
+def test_gemma3_softcap_and_sliding_window_fast_path():
+    """A tiny random Gemma 3 (sliding-window layers, final logit soft-capping, vocabulary 262144
+    as the real one): the fast path reproduces the model's own logits, windows stay bounded."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=262144, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, sliding_window=4,
+        final_logit_softcapping=5.0, max_position_embeddings=64, pad_token_id=0,
+    )  # fmt: skip
+    model = Gemma3ForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 262144, (n,), generator=g).tolist() for n in (6, 3)]
+    conts = [torch.randint(1, 262144, (n,), generator=g).tolist() for n in (7, 9)]
+    res = score(model, prompts, conts, {"t": parse("temperature=0.7")}, memory_budget=1 << 24)
+    for i, (p, c) in enumerate(zip(prompts, conts)):
+        ids = torch.tensor([p + c])
+        with torch.inference_mode():
+            logits = model(ids).logits[0, len(p) - 1 : -1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+        assert torch.allclose(res.raw.logprob[i, : len(c)], lp, atol=1e-4)
+        lpt = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+        assert torch.allclose(res.processed["t"].logprob[i, : len(c)], lpt, atol=1e-4)
+    assert res.features is not None  # the fast path was taken (soft-capping reproduced)
