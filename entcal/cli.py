@@ -14,6 +14,7 @@ import sys
 # Modules that contribute sub-commands, in the order ``entcal --help`` lists them.
 COMMAND_MODULES = [
     "entcal.commands.models_cmd",
+    "entcal.commands.generate_cmd",
     "entcal.commands.train_cmd",
     "entcal.commands.compare_cmd",
     "entcal.commands.serve_cmd",

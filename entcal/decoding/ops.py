@@ -201,20 +201,22 @@ def top_n_sigma_mask(logits: Tensor, n_sigma: float | Tensor) -> Tensor:
 
     ``σ`` is the population standard deviation of the row's *finite* logits (as in llama.cpp).
     The kept set is invariant to temperature (scaling the logits scales max and σ alike).
-    ``n = inf`` rows are untouched.
+    ``n = inf`` rows are untouched. Statistics in float32 (Welford when no token is masked).
     """
     n = logits.shape[0]
-    ns = rows(n_sigma, n, logits.device, torch.float64).view(-1, 1)
-    finite = torch.isfinite(logits)
-    cnt = finite.sum(-1, keepdim=True).clamp(min=1).to(torch.float64)
-    x = torch.where(finite, logits, 0.0)
-    mean = x.sum(-1, keepdim=True, dtype=torch.float64) / cnt
-    dev = torch.where(finite, logits.double() - mean, 0.0)
-    sigma = (dev.square().sum(-1, keepdim=True) / cnt).sqrt()
-    mx = logits.amax(-1, keepdim=True).double()
-    thr = mx - ns * sigma  # -inf or nan for n=inf / all -inf rows: nothing removed
-    thr = torch.nan_to_num(thr, nan=_NEG_INF)
-    return logits.double() < thr
+    ns = rows(n_sigma, n, logits.device, logits.dtype).view(-1, 1)
+    mx = logits.amax(-1, keepdim=True)
+    if bool((logits.amin(-1) > _NEG_INF).all()):
+        var, _ = torch.var_mean(logits, dim=-1, correction=0, keepdim=True)
+    else:
+        finite = logits > _NEG_INF
+        cnt = finite.sum(-1, keepdim=True).clamp(min=1)
+        x = torch.where(finite, logits, 0.0)
+        mean = x.sum(-1, keepdim=True) / cnt
+        var = torch.where(finite, x - mean, 0.0).square_().sum(-1, keepdim=True) / cnt
+    thr = mx - ns * var.sqrt()  # -inf or nan for n=inf / all -inf rows: nothing removed
+    thr = torch.nan_to_num(thr, nan=_NEG_INF, posinf=_NEG_INF)
+    return logits < thr
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,8 +509,8 @@ def edt_temperature(logits: Tensor, t0: Tensor, base: Tensor, theta: Tensor) -> 
     confident steps (``H -> 0``) get ``T -> 0`` (greedy), uncertain ones approach ``T0``.
     Returns ``T`` ``[N]``, floored at 1e-6 so that dividing by it stays finite.
     """
-    _, h, _ = entropy_stats(logits)
-    h = h.double()
+    logp = torch.log_softmax(logits, dim=-1)
+    h = -(logp.exp() * logp).nansum(-1).double()  # masked tokens: 0 * -inf = nan, skipped
     expo = theta.double() / h.clamp(min=1e-12)
     t = t0.double() * torch.exp(expo * torch.log(base.double()))
     t = torch.nan_to_num(t, nan=1.0)  # all -inf rows: any temperature leaves them unchanged
