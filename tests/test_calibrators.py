@@ -107,7 +107,9 @@ def test_train_pipeline_end_to_end_and_resume(tmp_path, smollm2_tokenizer):
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [0, 1]
-    assert report["rounds"][1]["labels_from"] == "adjusted model of round 0"
+    r0, r1 = report["rounds"]
+    assert r1["labels_from"] == "adjusted model of round 0"
+    assert r1["n_labels_fitted"] == r0["n_labels"] + r1["n_labels"]
     for r in report["rounds"]:
         fit = r["alpha_fit_logloss"]
         assert fit["alpha_global"] <= fit["raw"] + 1e-9

@@ -270,12 +270,17 @@ def train_predictor(
     report: dict[str, Any] = {"config": cfg_json, "fingerprint": fp, "rounds": []}
     adjust = None
     pred = None
+    rounds_data: list[dict[str, np.ndarray]] = []
     for r, label_pairs in enumerate(label_sets):
         data = collect_labels(
             model, label_pairs, cfg, table, out / "data" / f"round{r}", r, adjust, progress
         )
+        # Refit rounds fit on every label so far (round r's labels come from the adjusted model
+        # of round r-1; earlier rounds' keep the data set from shrinking to one round's).
+        rounds_data.append({**data, "group": data["group"] + r * 100_000_000})
+        fit_data = {k: np.concatenate([d[k] for d in rounds_data]) for k in ("X", "y", "group")}
         pred = FutureEntropyPredictor(estimator=cfg.estimator, random_state=cfg.seed)
-        pred.fit(data["X"], data["y"], data["group"])
+        pred.fit(fit_data["X"], fit_data["y"], fit_data["group"])
         pred.table_ = table
         phi = _phi(pred, lp_a, pos_a)
         single = fit_alpha(lp_a, phi, y_a)
@@ -290,6 +295,7 @@ def train_predictor(
             "round": r,
             "labels_from": "raw model" if r == 0 else f"adjusted model of round {r - 1}",
             "n_labels": len(data["y"]),
+            "n_labels_fitted": len(fit_data["y"]),
             "label_mean": float(data["y"].mean()),
             "label_std": float(data["y"].std()),
             "predictor": pred.scores_,
