@@ -193,7 +193,11 @@ def eta_mask(logits: Tensor, eta: float | Tensor, min_keep: int | Tensor = 1) ->
     norm = norm.clamp(min=torch.finfo(norm.dtype).min)
     ent = -(norm * cprobs).sum(-1, keepdim=True)
     thr = torch.minimum(e, torch.sqrt(e) * torch.exp(-ent))
-    return (probs < thr) & _min_keep_guard(logits, min_keep)
+    remove = probs < thr
+    if isinstance(min_keep, int) and min_keep == 1:
+        # max p >= exp(-H) > sqrt(eta) exp(-H) >= threshold: the top token always survives
+        return remove
+    return remove & _min_keep_guard(logits, min_keep)
 
 
 def top_n_sigma_mask(logits: Tensor, n_sigma: float | Tensor) -> Tensor:
@@ -337,15 +341,18 @@ def top_p_mask(
     n, v = logits.shape
     tp = rows(top_p, n, logits.device, torch.float64)
     mk = rows(min_keep, n, logits.device, torch.long).clamp(1, v)
+    row_max = logits.amax(-1, keepdim=True)
     # all -inf rows: nothing to keep or remove
-    active = (tp < 1.0) & (logits.amax(-1) > _NEG_INF)
+    active = (tp < 1.0) & (row_max.flatten() > _NEG_INF)
     if not bool(active.any()):
         return torch.zeros_like(logits, dtype=torch.bool)
     todo = active.nonzero().flatten()
-    x = logits.index_select(0, todo) if todo.numel() < n else logits
+    if todo.numel() < n:
+        x, m = logits.index_select(0, todo), row_max.index_select(0, todo)
+    else:
+        x, m = logits, row_max
     target = tp.index_select(0, todo)
     thr = torch.full((todo.numel(),), _NEG_INF, dtype=logits.dtype, device=logits.device)
-    m = x.amax(-1, keepdim=True)
     finite_m = torch.where(torch.isfinite(m), m, 0.0)
     e = (x - finite_m).exp_()
     s = e.sum(-1, keepdim=True, dtype=torch.float64)  # float32 sums are off by up to 5e-7
