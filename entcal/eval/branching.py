@@ -1,0 +1,585 @@
+"""Branching analysis of threshold list decoding: β, R and the phase transition at R = 1.
+
+Chang ("A Simple Explanation for the Phase Transition in Large Language Models with List
+Decoding", arXiv 2303.13112) models the erroneous candidates of a list decoder as a branching
+process. Against a reference continuation (human text), a candidate is *erroneous* once it leaves
+the reference. Per step, the correct prefix spawns β erroneous children on average (kept tokens
+other than the reference token) and every erroneous candidate keeps R children on average (all
+erroneous). With E₀ = 0 the expected number of erroneous candidates after t steps is
+
+    E[E_t] = β (1 − Rᵗ) / (1 − R)        (β t when R = 1),
+
+bounded by β/(1 − R) when R < 1 and growing like Rᵗ when R > 1: R plays the role of the basic
+reproduction number R₀.
+
+Measurement (one batched engine shared with :class:`entcal.decoding.list_decoder.ListDecoder`):
+
+* the correct prefix is always extended by the reference token (teacher forcing), so β is
+  measured at every step; ``ref_kept_rate`` says how often the reference token itself passed θ;
+* erroneous candidates are extended by every token with p ≥ θ; their count per group is capped at
+  ``max_list`` by a *uniform* random subset whose survivors carry Horvitz–Thompson weights
+  (count before the cap / count kept), so the weighted count estimates the uncapped E_t;
+* R̂ = Σ wᵢ cᵢ / Σ wᵢ over all erroneous parents i with cᵢ kept children: Harris' maximum-likelihood
+  estimator of a Galton–Watson offspring mean (all weights 1 while the cap does not bind);
+* β̂ = mean number of erroneous children of the correct prefix per step;
+* intervals: a cluster bootstrap over prompts (percentile 95%), and a cluster-robust (delta
+  method) standard error, since the candidates of one prompt are not independent.
+
+Known answer: :class:`BranchingSourceLM` is a synthetic "language model" whose erroneous prefixes
+keep exactly Binomial(n, R/n) tokens above θ, so R is set exactly; it runs through the same code.
+
+Example::
+
+    >>> from entcal import corpora, models
+    >>> from entcal.eval.branching import branching_sweep, critical_theta
+    >>> model, tok = models.load("smollm2-135m")
+    >>> pairs = corpora.make_pairs(corpora.load_corpus(), tok, prompt_tokens=64,
+    ...                            continuation_tokens=16, n=8)
+    >>> results = branching_sweep(model, pairs, thetas=[0.05, 0.1, 0.2, 0.4], steps=16)
+    >>> [(r.theta, r.R, r.R_low, r.R_high) for r in results], critical_theta(results)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import types
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from entcal.decoding.list_decoder import (
+    _Rows,
+    cap_per_group,
+    check_list_params,
+    model_device,
+    select_children,
+)
+
+__all__ = [
+    "BranchingResult",
+    "BranchingSourceLM",
+    "branching_analysis",
+    "branching_sweep",
+    "critical_theta",
+    "predicted_erroneous",
+    "synthetic_pairs",
+    "write_report",
+]
+
+
+def predicted_erroneous(beta: float, R: float, steps: int) -> list[float]:
+    """β(1 − Rᵗ)/(1 − R) for t = 1..steps (β t at R = 1): Chang's expected erroneous count."""
+    t = np.arange(1, steps + 1, dtype=float)
+    if not (math.isfinite(beta) and math.isfinite(R)):
+        return [float("nan")] * steps
+    if abs(R - 1.0) < 1e-9:
+        return (beta * t).tolist()
+    return (beta * (1.0 - R**t) / (1.0 - R)).tolist()
+
+
+@dataclasses.dataclass
+class BranchingResult:
+    """Branching statistics of one threshold (all counts per prompt, averaged over prompts).
+
+    Attributes:
+        theta: per-step threshold; ``min_total_logprob`` the total bound (or None).
+        R, R_se, R_low, R_high: Harris estimate of the offspring mean of erroneous candidates,
+            its cluster-robust standard error and a 95% cluster-bootstrap interval.
+        beta, beta_se: erroneous children of the correct prefix per step, and standard error.
+        erroneous_mean: measured mean (weighted) erroneous count after t = 1..steps steps.
+        erroneous_predicted: β̂(1 − R̂ᵗ)/(1 − R̂) at the same t.
+        list_size_mean: mean number of erroneous candidates actually kept (after the cap).
+        ref_kept_rate: fraction of steps where the reference token itself had p ≥ θ.
+        n_parents: erroneous candidates whose children were counted (unweighted).
+        cap_hit_rate: fraction of (prompt, step) where the cap bound.
+    """
+
+    theta: float | None
+    min_total_logprob: float | None
+    steps: int
+    n_prompts: int
+    max_list: int
+    R: float
+    R_se: float
+    R_low: float
+    R_high: float
+    beta: float
+    beta_se: float
+    erroneous_mean: list[float]
+    erroneous_predicted: list[float]
+    list_size_mean: list[float]
+    ref_kept_rate: float
+    n_parents: int
+    cap_hit_rate: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _ratio_stats(A: np.ndarray, B: np.ndarray, n_boot: int, rng: np.random.Generator):
+    """Ratio ΣA/ΣB over clusters: estimate, cluster-robust SE, percentile bootstrap interval."""
+    G = len(A)
+    total_b = B.sum()
+    if total_b <= 0:
+        nan = float("nan")
+        return nan, nan, nan, nan
+    est = float(A.sum() / total_b)
+    resid = A - est * B
+    se = float(math.sqrt((resid**2).sum() * G / max(G - 1, 1)) / total_b)
+    idx = rng.integers(0, G, size=(n_boot, G))
+    bb = B[idx].sum(1)
+    ok = bb > 0
+    boots = A[idx].sum(1)[ok] / bb[ok]
+    if boots.size < 10:
+        return est, se, float("nan"), float("nan")
+    low, high = np.percentile(boots, [2.5, 97.5])
+    return est, se, float(low), float(high)
+
+
+def _pairs_ids(pairs) -> tuple[list[list[int]], list[list[int]]]:
+    prompts, refs = [], []
+    for p in pairs:
+        if hasattr(p, "prompt_ids"):
+            prompt, ref = p.prompt_ids, p.continuation_ids
+        else:
+            prompt, ref = p
+        prompts.append([int(t) for t in prompt])
+        refs.append([int(t) for t in ref])
+    if not prompts:
+        raise ValueError("pairs is empty: give at least one (prompt, reference) pair")
+    return prompts, refs
+
+
+def _check_common(steps, refs, max_list, n_boot):
+    shortest = min(len(r) for r in refs)
+    if steps is None:
+        steps = shortest
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if steps > shortest:
+        raise ValueError(
+            f"steps={steps} exceeds the shortest reference continuation ({shortest} tokens)"
+        )
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
+        raise ValueError(f"n_boot must be an integer >= 0, got {n_boot!r}")
+    return steps
+
+
+def _run_one(
+    rows: _Rows,
+    ref: torch.Tensor,
+    *,
+    theta: float,
+    min_total_logprob: float | None,
+    steps: int,
+    max_list: int,
+    n_boot: int,
+    seed: int,
+    progress=None,
+) -> BranchingResult:
+    device = ref.device
+    G = ref.shape[0]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    k = math.floor(1.0 / theta + 1e-9)
+    group = torch.arange(G, device=device)
+    is_ref = torch.ones(G, dtype=torch.bool, device=device)
+    weight = torch.ones(G, device=device)
+    total = torch.zeros(G, device=device)
+    logprobs = rows.first_logprobs
+    A = torch.zeros(G, dtype=torch.float64, device=device)  # Σ w c over erroneous parents
+    B = torch.zeros(G, dtype=torch.float64, device=device)  # Σ w over erroneous parents
+    beta_sum = torch.zeros(G, dtype=torch.float64, device=device)
+    ref_kept = torch.zeros(G, dtype=torch.float64, device=device)
+    err_count = torch.zeros((steps, G), dtype=torch.float64, device=device)
+    kept_size = torch.zeros((steps, G), dtype=torch.float64, device=device)
+    cap_hits = 0
+    n_parents = 0
+    for t in range(steps):
+        counts, parent, token, tok_lp = select_children(
+            logprobs, total, theta=theta, min_total_logprob=min_total_logprob, k=k
+        )
+        ref_tok = ref[:, t]
+        # Correct prefix: kept tokens other than the reference token are its erroneous children.
+        ref_rows = is_ref.nonzero().flatten()
+        lp_ref = logprobs[ref_rows, ref_tok[group[ref_rows]]]
+        ref_pass = lp_ref >= math.log(theta)
+        if min_total_logprob is not None:
+            ref_pass &= total[ref_rows] + lp_ref >= min_total_logprob
+        ref_kept.index_add_(0, group[ref_rows], ref_pass.double())
+        beta_sum.index_add_(0, group[ref_rows], (counts[ref_rows] - ref_pass.long()).double())
+        err_rows = (~is_ref).nonzero().flatten()
+        n_parents += int(err_rows.numel())
+        A.index_add_(0, group[err_rows], (weight[err_rows] * counts[err_rows]).double())
+        B.index_add_(0, group[err_rows], weight[err_rows].double())
+        # Erroneous children: everything kept except the reference row's reference token.
+        wrong = ~(is_ref[parent] & (token == ref_tok[group[parent]]))
+        parent, token, tok_lp = parent[wrong], token[wrong], tok_lp[wrong]
+        c_group = group[parent]
+        c_weight = weight[parent]
+        err_count[t].index_add_(0, c_group, c_weight.double())
+        # Cap: a uniform random subset per prompt, reweighted by (count before / count kept).
+        n_before = torch.bincount(c_group, minlength=G)
+        key = torch.rand(parent.shape[0], generator=gen).to(device)
+        keep = cap_per_group(c_group, key, max_list)
+        parent, token, tok_lp = parent[keep], token[keep], tok_lp[keep]
+        c_group, c_weight = c_group[keep], c_weight[keep]
+        n_after = torch.bincount(c_group, minlength=G)
+        cap_hits += int((n_before > n_after).sum())
+        scale = n_before.double() / n_after.clamp_min(1).double()
+        c_weight = (c_weight.double() * scale[c_group]).float()
+        kept_size[t] = n_after.double()
+        if progress is not None:
+            progress.update(1)
+        if t == steps - 1:
+            break
+        # Next rows: each correct prefix followed by its reference token, then the children.
+        ref_parent = ref_rows
+        ref_next = ref_tok[group[ref_rows]]
+        index = torch.cat([ref_parent, parent])
+        rows.gather(index)
+        next_tokens = torch.cat([ref_next, token])
+        total = torch.cat(
+            [total[ref_parent] + logprobs[ref_parent, ref_next], total[parent] + tok_lp]
+        )
+        group = torch.cat([group[ref_parent], c_group])
+        is_ref = torch.cat(
+            [
+                torch.ones_like(ref_parent, dtype=torch.bool),
+                torch.zeros_like(parent, dtype=torch.bool),
+            ]
+        )
+        weight = torch.cat([torch.ones_like(ref_parent, dtype=torch.float), c_weight])
+        logprobs = rows.step(next_tokens)
+    rng = np.random.default_rng(seed)
+    A_np, B_np = A.cpu().numpy(), B.cpu().numpy()
+    R, R_se, R_low, R_high = _ratio_stats(A_np, B_np, n_boot, rng)
+    per_prompt_beta = beta_sum.cpu().numpy() / steps
+    beta = float(per_prompt_beta.mean())
+    beta_se = float(per_prompt_beta.std(ddof=1) / math.sqrt(G)) if G > 1 else float("nan")
+    return BranchingResult(
+        theta=theta,
+        min_total_logprob=min_total_logprob,
+        steps=steps,
+        n_prompts=G,
+        max_list=max_list,
+        R=R,
+        R_se=R_se,
+        R_low=R_low,
+        R_high=R_high,
+        beta=beta,
+        beta_se=beta_se,
+        erroneous_mean=err_count.mean(1).cpu().tolist(),
+        erroneous_predicted=predicted_erroneous(beta, R, steps),
+        list_size_mean=kept_size.mean(1).cpu().tolist(),
+        ref_kept_rate=float(ref_kept.sum().item() / (G * steps)),
+        n_parents=n_parents,
+        cap_hit_rate=cap_hits / (G * steps),
+    )
+
+
+@torch.inference_mode()
+def branching_sweep(
+    model,
+    pairs,
+    thetas: Sequence[float],
+    *,
+    steps: int | None = None,
+    max_list: int = 32,
+    min_total_logprob: float | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    pad_token_id: int = 0,
+    progress: bool = False,
+) -> list[BranchingResult]:
+    """:func:`branching_analysis` for several thresholds, sharing one prefill of the prompts.
+
+    Args:
+        model: a causal LM (:func:`entcal.models.load`) or :class:`BranchingSourceLM`.
+        pairs: :class:`entcal.corpora.TextPair` objects or ``(prompt_ids, reference_ids)``.
+        thetas: per-step thresholds, each in (0, 1).
+        steps: decoding steps (default: the shortest reference).
+        max_list: cap on the erroneous candidates kept per prompt (≥ 1).
+        min_total_logprob: optional extra bound on a candidate's total log-probability.
+        n_boot: bootstrap resamples for the interval.
+        seed: seeds the random cap and the bootstrap.
+        progress: show a tqdm bar (one tick per step and threshold).
+    """
+    thetas = list(thetas)
+    if not thetas:
+        raise ValueError("thetas is empty: give at least one threshold in (0, 1)")
+    for th in thetas:
+        if th is None:
+            raise ValueError("branching analysis needs a per-step theta in (0, 1), got None")
+        check_list_params(th, min_total_logprob, max_list)
+    prompts, refs = _pairs_ids(pairs)
+    steps = _check_common(steps, refs, max_list, n_boot)
+    device = model_device(model)
+    ref = torch.tensor([r[:steps] for r in refs], dtype=torch.long, device=device)
+    base = _Rows(model, prompts, pad_token_id)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps * len(thetas), desc="entcal listdecode", unit="step")
+    try:
+        results = []
+        for i, th in enumerate(thetas):
+            rows = base.clone() if i < len(thetas) - 1 else base
+            if bar is not None:
+                bar.set_postfix_str(f"theta={th:g}")
+            results.append(
+                _run_one(
+                    rows,
+                    ref,
+                    theta=float(th),
+                    min_total_logprob=min_total_logprob,
+                    steps=steps,
+                    max_list=max_list,
+                    n_boot=n_boot,
+                    seed=seed,
+                    progress=bar,
+                )
+            )
+            del rows
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def branching_analysis(
+    model,
+    pairs,
+    theta: float,
+    *,
+    steps: int | None = None,
+    max_list: int = 32,
+    min_total_logprob: float | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    pad_token_id: int = 0,
+    progress: bool = False,
+) -> BranchingResult:
+    """β̂, R̂ (with intervals) and the erroneous-list size per step for one threshold θ.
+
+    See the module docstring for the estimators; the arguments are those of
+    :func:`branching_sweep`.
+    """
+    return branching_sweep(
+        model,
+        pairs,
+        [theta],
+        steps=steps,
+        max_list=max_list,
+        min_total_logprob=min_total_logprob,
+        n_boot=n_boot,
+        seed=seed,
+        pad_token_id=pad_token_id,
+        progress=progress,
+    )[0]
+
+
+def critical_theta(results: Sequence[BranchingResult]) -> float | None:
+    """The θ where R̂ crosses 1, by linear interpolation of R̂ in log θ (None if it does not)."""
+    pts = sorted((r.theta, r.R) for r in results if r.theta is not None and math.isfinite(r.R))
+    for (t0, r0), (t1, r1) in itertools.pairwise(pts):
+        if (r0 - 1.0) * (r1 - 1.0) <= 0 and r0 != r1:
+            frac = (1.0 - r0) / (r1 - r0)
+            return float(math.exp(math.log(t0) + frac * (math.log(t1) - math.log(t0))))
+    return None
+
+
+# --------------------------------------------------------------------------- known answer
+
+
+class BranchingSourceLM(torch.nn.Module):
+    """A synthetic causal "LM" that is a Galton–Watson process with offspring mean R set exactly.
+
+    Chang models an LLM as a random function; this one is sampled lazily. Token 0 is the
+    reference token and token ``vocab_size − 1`` the start token: a prompt is ``[start]`` and the
+    reference continuation is all zeros (:func:`synthetic_pairs`). A prefix is *correct* while every
+    token after the first is 0. At each forward pass, for each row:
+
+    * a correct prefix gives probability q = 1.05 θ to token 0 and to K ~ Binomial(n − 1,
+      β/(n − 1)) other random tokens;
+    * an erroneous prefix gives q to K ~ Binomial(n, R/n) random tokens;
+
+    the rest of the mass is spread evenly (below θ) over the other tokens, with n = ⌊0.95/q⌋. So
+    under the threshold θ an erroneous candidate keeps exactly K children, E[K] = R, and the
+    correct prefix spawns β erroneous children per step on average.
+
+    It reads its history from the ``DynamicCache`` it is given (the token ids are its "keys"), so
+    a decoder that reorders the cache wrongly mislabels rows and gets R and β wrong.
+    """
+
+    def __init__(
+        self,
+        R: float,
+        beta: float = 1.0,
+        theta: float = 0.1,
+        vocab_size: int = 64,
+        seed: int = 0,
+    ):
+        super().__init__()
+        check_list_params(theta, None, 1)
+        q = 1.05 * theta
+        n = math.floor(0.95 / q)
+        if n < 2:
+            raise ValueError(f"theta={theta} is too large for a branching source (need θ < 0.45)")
+        if not 0.0 <= R <= n:
+            raise ValueError(f"R must lie in [0, {n}] for theta={theta}, got {R}")
+        if not 0.0 <= beta <= n - 1:
+            raise ValueError(f"beta must lie in [0, {n - 1}] for theta={theta}, got {beta}")
+        if vocab_size < n + math.ceil(1.0 / theta) + 2:
+            raise ValueError(
+                f"vocab_size must be >= {n + math.ceil(1.0 / theta) + 2} for theta={theta}"
+            )
+        self.R, self.beta, self.theta, self.q, self.n = float(R), float(beta), theta, q, n
+        self.vocab_size = vocab_size
+        self.start_token = vocab_size - 1
+        self._anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.config = types.SimpleNamespace(
+            vocab_size=vocab_size, eos_token_id=None, num_hidden_layers=1, pad_token_id=0
+        )
+
+    def forward(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+        from transformers import DynamicCache
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        cache = past_key_values if past_key_values is not None else DynamicCache()
+        ids = input_ids.float()[:, None, :, None]
+        hist, _ = cache.update(ids, ids, 0)
+        hist = hist[:, 0, :, 0].long()
+        if attention_mask is not None:
+            # Left padding: count only real tokens after each row's first real token.
+            real = attention_mask[:, -hist.shape[1] :].bool()
+            first = real.float().argmax(-1, keepdim=True)
+            after = torch.arange(hist.shape[1], device=hist.device)[None, :] > first
+            on_ref = ((hist == 0) | ~(real & after)).all(-1)
+        else:
+            on_ref = (hist[:, 1:] == 0).all(-1)
+        rows = hist.shape[0]
+        V = self.vocab_size
+        on_ref_cpu = on_ref.cpu()
+        k_err = torch.binomial(
+            torch.full((rows,), float(self.n)),
+            torch.full((rows,), self.R / self.n),
+            generator=self.generator,
+        )
+        p_ref = self.beta / (self.n - 1)
+        k_ref = torch.binomial(
+            torch.full((rows,), float(self.n - 1)),
+            torch.full((rows,), p_ref),
+            generator=self.generator,
+        )
+        k = torch.where(on_ref_cpu, k_ref, k_err).long()
+        noise = torch.rand(rows, V, generator=self.generator)
+        noise[on_ref_cpu, 0] = 2.0  # token 0 is kept separately for the correct prefix
+        rank = noise.argsort(-1).argsort(-1)
+        kept = rank < k[:, None]
+        kept[on_ref_cpu, 0] = True
+        n_kept = kept.sum(-1, keepdim=True)
+        rest = (1.0 - n_kept * self.q) / (V - n_kept)
+        probs = torch.where(kept, torch.full_like(noise, self.q), rest.expand(-1, V))
+        logits = probs.log().to(input_ids.device)[:, None, :]
+        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+
+
+def synthetic_pairs(n: int, steps: int, vocab_size: int = 64):
+    """``n`` (prompt, reference) pairs for :class:`BranchingSourceLM`: [start] and ``steps`` zeros."""
+    from entcal.corpora import TextPair
+
+    return [TextPair((vocab_size - 1,), (0,) * steps, i) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def write_report(results: Sequence[BranchingResult], meta: dict, out) -> list:
+    """Write ``results.json``, ``report.md`` and two PNG plots into ``out``; return the paths."""
+    import json
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "thetas": [r.to_dict() for r in results]}
+    (out / "results.json").write_text(json.dumps(payload, indent=2, allow_nan=True))
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, max(len(results), 1)))
+    for r, c in zip(results, colors):
+        t = np.arange(1, r.steps + 1)
+        ax.plot(t, r.erroneous_mean, "o-", color=c, ms=3, label=f"θ={r.theta:g} (R̂={r.R:.2f})")
+        ax.plot(t, r.erroneous_predicted, "--", color=c, lw=1)
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_xlabel("step t")
+    ax.set_ylabel("erroneous candidates per prompt")
+    ax.set_title(f"{meta.get('model', '')}: measured (dots), β̂(1−R̂ᵗ)/(1−R̂) (dashed)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p1 = out / "erroneous_vs_step.png"
+    fig.savefig(p1, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    th = np.array([r.theta for r in results])
+    R = np.array([r.R for r in results])
+    lo = np.array([r.R_low for r in results])
+    hi = np.array([r.R_high for r in results])
+    ax.errorbar(th, R, yerr=[np.maximum(R - lo, 0), np.maximum(hi - R, 0)], fmt="o-", capsize=3)
+    ax.axhline(1.0, color="gray", ls=":")
+    if meta.get("critical_theta"):
+        ax.axvline(meta["critical_theta"], color="red", ls="--", lw=1, label="R = 1")
+        ax.legend()
+    ax.set_xscale("log")
+    ax.set_xlabel("threshold θ")
+    ax.set_ylabel("R̂ (kept children per erroneous candidate)")
+    ax.set_title(f"{meta.get('model', '')}: branching factor, 95% bootstrap interval")
+    fig.tight_layout()
+    p2 = out / "R_vs_theta.png"
+    fig.savefig(p2, dpi=120)
+    plt.close(fig)
+
+    lines = [
+        f"# List decoding branching analysis: {meta.get('model', '')}",
+        "",
+        "Chang (arXiv 2303.13112): erroneous candidates of a threshold list decoder form a "
+        "branching process; E[E_t] = β(1 − Rᵗ)/(1 − R), bounded iff R < 1.",
+        "",
+        f"{meta.get('n_prompts')} prompts of {meta.get('prompt_tokens')} tokens from "
+        f"`{meta.get('human')}`, {meta.get('steps')} steps, cap {meta.get('max_list')} "
+        f"erroneous candidates per prompt (uniform subset, Horvitz–Thompson weights), seed "
+        f"{meta.get('seed')}, {meta.get('seconds')} s.",
+        "",
+        "| θ | R̂ | 95% interval | SE | β̂ | ref. token kept | erroneous at last step "
+        "(measured / predicted) | cap hit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.theta:g} | {r.R:.3f} | [{r.R_low:.3f}, {r.R_high:.3f}] | {r.R_se:.3f} | "
+            f"{r.beta:.3f} | {r.ref_kept_rate:.2f} | {r.erroneous_mean[-1]:.2f} / "
+            f"{r.erroneous_predicted[-1]:.2f} | {r.cap_hit_rate:.2f} |"
+        )
+    crit = meta.get("critical_theta")
+    lines += [
+        "",
+        "R̂ crosses 1 at θ ≈ " + (f"{crit:.3g}" if crit else "— (not within the sweep)") + ".",
+        "",
+        f"![erroneous vs step]({p1.name})",
+        "",
+        f"![R vs theta]({p2.name})",
+        "",
+    ]
+    p3 = out / "report.md"
+    p3.write_text("\n".join(lines))
+    return [out / "results.json", p3, p1, p2]
