@@ -15,6 +15,7 @@ from entcal.decoding import ops
 from entcal.decoding.adaptive import EDTDecoder, MirostatDecoder
 from entcal.decoding.base import Decoder
 from entcal.decoding.chain import CHAIN_KEYS, ChainDecoder
+from entcal.decoding.list_decoder import ListDecoder, ListDecodeResult
 from entcal.decoding.rows import apply_rows
 from entcal.decoding.spec import methods, parse, parse_options, register_method
 
@@ -23,6 +24,8 @@ __all__ = [
     "ChainDecoder",
     "Decoder",
     "EDTDecoder",
+    "ListDecodeResult",
+    "ListDecoder",
     "MirostatDecoder",
     "apply_rows",
     "methods",
