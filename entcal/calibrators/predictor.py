@@ -337,6 +337,7 @@ class FutureEntropyPredictor:
         tensors["x_mean"] = torch.as_tensor(self.x_mean_, dtype=torch.float32)
         tensors["x_scale"] = torch.as_tensor(self.x_scale_, dtype=torch.float32)
         save_file(tensors, str(folder / _TENSORS), metadata={"format": "entcal-predictor"})
+        (folder / _TENSORS).chmod(0o644)  # safetensors writes 0600; package data must be readable
         meta = dict(self.meta_)
         if fingerprint is not None:
             meta["fingerprint"] = fingerprint
