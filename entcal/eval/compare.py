@@ -371,7 +371,7 @@ def _score_all(model, observer, prompts, human, decoders, generations, config, b
                 ]
                 res = scoring.score_many(
                     model, prompts[s:e], requests, observer=observer,
-                    batch_size=min(bs, 8),
+                    batch_size=min(bs, 8), progress="scoring texts" if config.progress else False,
                 )  # fmt: skip
                 data = {name: dataclasses.asdict(r) for name, r in zip(names, res)}
                 _save_cached(path, data)
