@@ -12,11 +12,13 @@ transformers' warper on the same tensor (differentially tested on thousands of r
 top-p avoids transformers' full-vocabulary sort: it sorts a ``topk`` prefix, or, for rows whose
 nucleus is longer, only the tokens of one bucket of a per-row mass histogram, with masses in
 float64. A row is decided that way only when the cumulative mass at the boundary clears the
-threshold by ``EXACT_TOL`` (transformers' own float32 cumulative mass there is within 6e-7 of the
-exact one, measured at vocab 49152 and 262144); every other row is recomputed with transformers'
-arithmetic (full sort, float32 softmax, cumulative sum), so the sets are the same in all cases,
-not only in the common one. typical uses the same machinery with exact float64 masses; see
-:func:`typical_mask` for how (rarely) and why it can differ from transformers' float32 rounding.
+threshold by a margin (``EXACT_TOL``, ``NORM_ERR``) larger than transformers' own float32 error
+there and entcal's (both measured, at vocab 49152 and 262144, with a >4x safety factor); every
+other row, about 1% of real-model rows at top_p 0.95, is recomputed with transformers' arithmetic
+(full sort, float32 softmax, cumulative sum). So the sets agree not only in the common case but
+also where the boundary is numerically close. typical uses the same machinery with float64
+masses; see :func:`typical_mask` for how (rarely) and why it can differ from transformers'
+float32 rounding.
 
 Ties. When several tokens share the logit (or, for typical, the |surprise - entropy| score) of the
 last kept token, all of them are kept: the kept set is ``{v : score(v) >= score of the boundary
@@ -287,7 +289,7 @@ def _hist_stage(
     n_buckets: int,
     tol: float = EXACT_TOL,
     max_bucket: int = 4096,
-    norm: Tensor | None = None,
+    norm: Tensor | str | None = None,
     rel_err: float | Tensor = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Stage 2 on rows ``key [r, V]``: returns (boundary token index [r], ok [r]).
@@ -295,11 +297,15 @@ def _hist_stage(
     ``bucket`` [r, V] (int64, in ``[0, n_buckets)``) must be monotone in the ranking by ``key``
     (better rank -> smaller bucket); bucket ``n_buckets - 1`` is an overflow bucket that never
     decides a row. ``p`` are the token probabilities, or unnormalized weights when ``norm``
-    ``[r, 1]`` (their float64 sum) is given.
+    ``[r, 1]`` (their float64 sum) is given, or ``norm="self"`` (the histogram's float64 total).
+    Only the tokens of the crossing bucket are sorted.
     """
     r = key.shape[0]
+    pd = p.double()
     mass = torch.zeros(r, n_buckets, dtype=torch.float64, device=key.device)
-    mass.scatter_add_(1, bucket, p.double())
+    mass.scatter_add_(1, bucket, pd)
+    if isinstance(norm, str):  # "self": normalize by the float64 total of the histogram
+        norm = mass.sum(-1, keepdim=True)
     if norm is not None:
         mass /= norm
     cum = mass.cumsum(-1)
@@ -312,11 +318,20 @@ def _hist_stage(
     in_bucket = bucket == bstar.view(-1, 1)
     count = in_bucket.sum(-1)
     ok = (bstar < n_buckets - 1) & (count > 0) & (count <= max_bucket)
-    kc = int(count[ok].max()) if bool(ok.any()) else 1
+    kc = max(1, int(count[ok].max())) if bool(ok.any()) else 1
     fill = float("-inf") if largest else float("inf")
-    cand = torch.where(in_bucket, key, fill)
-    vals, idx = cand.topk(kc, dim=-1, largest=largest, sorted=True)
-    pk = torch.where(vals != fill, p.gather(-1, idx).double(), 0.0)
+    # compact the crossing bucket's tokens into [r, kc] and sort only those
+    rr, cc = in_bucket.nonzero(as_tuple=True)  # row-major: rows ascending
+    pos = torch.arange(rr.numel(), device=key.device) - (count.cumsum(0) - count)[rr]
+    sel = pos < kc
+    rr, cc, pos = rr[sel], cc[sel], pos[sel]
+    pad_key = torch.full((r, kc), fill, dtype=key.dtype, device=key.device)
+    pad_key[rr, pos] = key[rr, cc]
+    pad_idx = torch.zeros((r, kc), dtype=torch.long, device=key.device)
+    pad_idx[rr, pos] = cc
+    vals, order = pad_key.sort(dim=-1, descending=largest)
+    idx = pad_idx.gather(-1, order)
+    pk = torch.where(vals != fill, pd.gather(-1, idx), 0.0)
     if norm is not None:
         pk = pk / norm
     cum_in = before.view(-1, 1) + pk.cumsum(-1)
@@ -370,7 +385,14 @@ def top_p_mask(
     finite_m = torch.where(torch.isfinite(m), m, 0.0)
     e = (x - finite_m).exp_()
     pending = torch.ones(todo.numel(), dtype=torch.bool, device=logits.device)
-    if prefix < v:
+    if prefix == 0:
+        # histogram only: mass over 1/64-nat buckets of (max - logit), float64 accumulation
+        nb = 2049
+        bucket = torch.sub(finite_m, x).mul_(64.0).clamp_(max=nb - 1).long()
+        tok, ok = _hist_stage(x, True, bucket, e, target, nb, norm="self")
+        thr = torch.where(ok, x.gather(-1, tok.view(-1, 1)).flatten(), thr)
+        pending &= ~ok
+    elif prefix < v:
         # stage 1: topk prefix. The normalizer is the prefix's mass in float64 plus a float32 sum
         # of the rest (25x cheaper than a float64 sum); the latter's relative error (<= 5e-7
         # measured on real and random rows; NORM_ERR = 2e-6 assumed) enters the margin.
@@ -469,7 +491,13 @@ def typical_mask(
     r = todo.numel()
     thr = torch.full((r,), float("inf"), dtype=shifted.dtype, device=logits.device)
     pending = torch.ones(r, dtype=torch.bool, device=logits.device)
-    if prefix < v and not reference:
+    if prefix == 0 and not reference:
+        nb = 2049
+        bucket = (shifted * 64.0).clamp_(max=nb - 1).long()  # inf (masked) -> overflow bucket
+        tok, ok = _hist_stage(shifted, False, bucket, p32, target, nb, 0.0)
+        thr = torch.where(ok, shifted.gather(-1, tok.view(-1, 1)).flatten(), thr)
+        pending &= ~ok
+    elif prefix < v and not reference:
         vals, idx = shifted.topk(prefix, dim=-1, largest=False, sorted=True)
         pk = p32.gather(-1, idx).double()
         i, inside, _ = _crossing(pk.cumsum(-1), target, torch.zeros_like(target), tol=0.0)
