@@ -18,6 +18,8 @@ COMMAND_MODULES = [
     "entcal.commands.train_cmd",
     "entcal.commands.compare_cmd",
     "entcal.commands.serve_cmd",
+    "entcal.commands.listdecode_cmd",
+    "entcal.commands.emergence_cmd",
 ]
 
 
