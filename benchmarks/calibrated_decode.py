@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -87,6 +88,8 @@ def main() -> None:
         "target_ratio": 0.85,
         "application_step_ms_per_call": step_ms,
         "torch_threads": torch.get_num_threads(),
+        # A shared machine's load swamps these timings: record it with them.
+        "load_average_1_5_15": list(os.getloadavg()),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
