@@ -373,3 +373,13 @@ def test_per_row_parameters_in_ops():
     k = torch.tensor([0, 1, 5, 4000, 10])
     kept = (~ops.top_k_mask(x, k)).sum(-1).tolist()
     assert kept == [4000, 1, 5, 4000, 10]
+
+
+def test_lookahead_parses_in_a_fresh_interpreter():
+    # The lazy registry must know every method entcal.calibrators registers, not only the first.
+    import subprocess
+    import sys
+
+    code = "from entcal.decoding import parse; print(parse('lookahead:alpha=0.1,k=4'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().startswith("lookahead:")

@@ -14,6 +14,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import LogitsProcessor
 
@@ -53,6 +55,15 @@ class EntcalLogitsProcessor(LogitsProcessor):
         return f"EntcalLogitsProcessor({self.decoder.spec!r})"
 
 
-def logits_processor(spec_or_decoder: str | Decoder) -> EntcalLogitsProcessor:
-    """A ``transformers.LogitsProcessor`` applying the decoder (a spec string or a Decoder)."""
-    return EntcalLogitsProcessor(parse(spec_or_decoder))
+def logits_processor(
+    spec_or_decoder: str | Decoder, model: Any | None = None
+) -> EntcalLogitsProcessor:
+    """A ``transformers.LogitsProcessor`` applying the decoder (a spec string or a Decoder).
+
+    Pass ``model`` for model-aware decoders (``calibrated``, ``lookahead``): the predictor's
+    fingerprint is checked against it before any generation.
+    """
+    decoder = parse(spec_or_decoder)
+    if model is not None and hasattr(decoder, "bind"):
+        decoder.bind(model)
+    return EntcalLogitsProcessor(decoder)

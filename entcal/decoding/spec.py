@@ -33,7 +33,10 @@ Factory = Callable[[dict[str, str]], Decoder]
 
 _REGISTRY: dict[str, Factory] = {}
 # Methods defined in other entcal packages, imported on first lookup (the module registers them).
-_LAZY: dict[str, str] = {"calibrated": "entcal.calibrators.decoder"}
+_LAZY: dict[str, str] = {
+    "calibrated": "entcal.calibrators.decoder",
+    "lookahead": "entcal.calibrators.decoder",
+}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
