@@ -136,6 +136,13 @@ def write_plots(results: dict, scores: dict, out: Path) -> list[str]:
     out = Path(out)
     names = []
     decs = results["decoders"]
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
     # 1. entropy per step, with the human log-loss line (smoothed like the paper, α = 0.2 / 0.1).
@@ -153,10 +160,7 @@ def write_plots(results: dict, scores: dict, out: Path) -> list[str]:
     ax.set_ylabel("nats / token")
     ax.set_title("Generation entropy per step vs human log loss (dotted: under each decoder)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "entropy_per_step.png", dpi=110)
-    plt.close(fig)
-    names.append("entropy_per_step.png")
+    save(fig, "entropy_per_step.png")
 
     # 2. AEP convergence: mean |l - h| against N, with the sqrt(V/N) envelope.
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -175,10 +179,7 @@ def write_plots(results: dict, scores: dict, out: Path) -> list[str]:
     ax.set_ylabel("mean |l − h|")
     ax.set_title("AEP: solid sampled dist., dashed raw model, dotted √(V̄/N)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "aep.png", dpi=110)
-    plt.close(fig)
-    names.append("aep.png")
+    save(fig, "aep.png")
 
     # 3. ROC curves per detector.
     hs = scores["human"]
@@ -204,10 +205,7 @@ def write_plots(results: dict, scores: dict, out: Path) -> list[str]:
         if j == 0:
             ax.set_ylabel("TPR")
     axes[0, -1].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "roc.png", dpi=110)
-    plt.close(fig)
-    names.append("roc.png")
+    save(fig, "roc.png")
 
     # 4. Calibration vs log loss: EntCE against human log loss (kept tokens when truncating).
     fig, ax = plt.subplots(figsize=(6, 5))
@@ -224,8 +222,5 @@ def write_plots(results: dict, scores: dict, out: Path) -> list[str]:
     ax.set_xlabel("human log loss (x: on the kept tokens only)")
     ax.set_ylabel("EntCE = entropy − log loss")
     ax.set_title("Calibration vs log loss")
-    fig.tight_layout()
-    fig.savefig(out / "calibration_vs_logloss.png", dpi=110)
-    plt.close(fig)
-    names.append("calibration_vs_logloss.png")
+    save(fig, "calibration_vs_logloss.png")
     return names
