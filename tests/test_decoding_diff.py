@@ -9,6 +9,8 @@ cumulative mass can land on the other side of ``mass`` than the exact one).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -149,15 +151,16 @@ def test_identical_kept_sets_vocab_262144(method):
             assert_same_or_tied(ref, ours, torch.softmax(x, -1) if method == "min_p" else x)
 
 
-def test_top_p_decided_on_prefix_histogram_and_exact_paths():
-    """The three top-p paths (prefix, histogram, exact) all agree with transformers."""
+def test_top_p_decided_on_shallow_blocks_all_blocks_and_exact_paths():
+    """The three top-p paths (shallow blocks, every block, exact sort) agree with transformers."""
     g = torch.Generator().manual_seed(3)
     x = torch.cat([make_batch(g, 4, 49152, k) for k in KINDS])
     for top_p in (0.3, 0.9, 0.99):
         ref = removed(TopPLogitsWarper(top_p), x)
         assert torch.equal(ops.top_p_mask(x, top_p), ref)
-        assert torch.equal(ops.top_p_mask(x, top_p, prefix=16), ref)  # mostly histogram
-        assert torch.equal(ops.top_p_mask(x, top_p, prefix=49152), ref)  # exact path only
+        assert torch.equal(ops.top_p_mask(x, top_p, depth=0.5), ref)  # mostly every block
+        assert torch.equal(ops.top_p_mask(x, top_p, depth=math.inf), ref)  # every block
+        assert torch.equal(ops.top_p_mask(x, top_p, depth=0), ref)  # exact path only
 
 
 def test_typical_default_matches_or_differs_only_by_reference_rounding():
@@ -170,6 +173,8 @@ def test_typical_default_matches_or_differs_only_by_reference_rounding():
         mass = (0.5, 0.9, 0.95, 0.99)[i % 4]
         ref = removed(TypicalLogitsWarper(mass), x)
         ours = ops.typical_mask(x, mass)
+        for depth in (0, 0.5, math.inf):  # full sort, mostly every block, every block
+            assert torch.equal(ops.typical_mask(x, mass, depth=depth), ours)
         p32, shifted = ops._typical_scores(x)
         for r in (ref != ours).any(-1).nonzero().flatten().tolist():
             order = torch.sort(shifted[r]).indices
@@ -227,7 +232,8 @@ def test_ties_top_p_keep_the_whole_boundary_group():
     ref = removed(TopPLogitsWarper(0.8), x)
     assert not (ours & ~ref).any()  # transformers keeps a subset of entcal's set
     assert (ref & ~ours).sum() <= 2  # ... differing only inside the tied group
-    assert torch.equal(ops.top_p_mask(x, 0.8, prefix=2), ours)  # same on every path
+    for depth in (0, 0.5, math.inf):  # same on every path
+        assert torch.equal(ops.top_p_mask(x, 0.8, depth=depth), ours)
 
 
 def test_ties_typical_and_min_p_keep_the_whole_group():

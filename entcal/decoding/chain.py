@@ -174,29 +174,35 @@ def chain_apply(logits: Tensor, params: Mapping[str, Any]) -> Tensor:
     neutral for every row is skipped entirely.
     """
     x = logits
+    owned = False  # whether x is our own tensor (then masks are applied in place)
     mk = params.get("min_tokens_to_keep", 1)
     t = params.get("temperature", 1.0)
     if not _neutral(t, 1.0):
         x = ops.temperature(x, t)
+        owned = True
     stages = (
         ("top_n_sigma", lambda z, v: ops.top_n_sigma_mask(z, v)),
         ("top_k", lambda z, v: ops.top_k_mask(z, v, mk)),
         ("top_p", lambda z, v: ops.top_p_mask(z, v, mk)),
         ("min_p", lambda z, v: ops.min_p_mask(z, v, mk)),
         ("typical", lambda z, v: ops.typical_mask(z, v, mk)),
-        ("epsilon", lambda z, v: ops.epsilon_mask(z, v, mk) & _active(v, 0.0, z)),
-        ("eta", lambda z, v: ops.eta_mask(z, v, mk) & _active(v, 0.0, z)),
+        ("epsilon", lambda z, v: _only_active(ops.epsilon_mask(z, v, mk), v, 0.0)),
+        ("eta", lambda z, v: _only_active(ops.eta_mask(z, v, mk), v, 0.0)),
     )
     for name, fn in stages:
         v = params.get(name, CHAIN_KEYS[name][0])
         if _neutral(v, CHAIN_KEYS[name][0]):
             continue
-        x = x.masked_fill(fn(x, v), float("-inf"))
-    return x if x is not logits else logits.clone()
+        if owned:
+            x.masked_fill_(fn(x, v), float("-inf"))
+        else:  # one pass that writes the output, instead of a copy and a fill
+            x = torch.where(fn(x, v), float("-inf"), x)
+            owned = True
+    return x if owned else logits.clone()
 
 
-def _active(value: Any, neutral: Any, like: Tensor) -> Tensor | bool:
-    """Row mask ``[N, 1]`` of rows whose parameter differs from ``neutral``."""
-    if isinstance(value, Tensor):
-        return (value != neutral).view(-1, 1)
-    return value != neutral
+def _only_active(remove: Tensor, value: Any, neutral: Any) -> Tensor:
+    """``remove`` restricted to the rows whose parameter differs from ``neutral``."""
+    if isinstance(value, Tensor) and bool((value == neutral).any()):
+        return remove & (value != neutral).view(-1, 1)
+    return remove

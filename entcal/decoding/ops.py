@@ -9,13 +9,14 @@ the neutral value (``top_p=1``, ``top_k=0``, ``min_p=0``, ``typical=1``, ``epsil
 
 Exactness. For temperature, top-k, top-p, min-p, epsilon and eta the kept set equals
 transformers' warper on the same tensor (differentially tested on thousands of random batches).
-top-p avoids transformers' full-vocabulary sort: it sorts a ``topk`` prefix, or, for rows whose
-nucleus is longer, only the tokens of one bucket of a per-row mass histogram, with masses in
-float64. A row is decided that way only when the cumulative mass at the boundary clears the
-threshold by a margin (``EXACT_TOL``, ``NORM_ERR``) larger than transformers' own float32 error
-there and entcal's (both measured, at vocab 49152 and 262144, with a >4x safety factor); every
-other row, about 1% of real-model rows at top_p 0.95, is recomputed with transformers' arithmetic
-(full sort, float32 softmax, cumulative sum). So the sets agree not only in the common case but
+top-p avoids transformers' full-vocabulary sort: it gathers the blocks of tokens near the top of
+the row, builds a float64 histogram of their mass over 1/64-nat buckets and sorts only the few
+tokens of the bucket where the cumulative mass crosses ``top_p``. A row is decided that way only
+when the cumulative mass at the boundary clears the threshold by a margin (``EXACT_TOL``,
+``NORM_ERR``) larger than transformers' own float32 error there and entcal's (both measured, at
+vocab 49152 and 262144, with a >4x safety factor); every other row, about 1% of real-model rows
+at top_p 0.95, is recomputed with transformers' arithmetic (full sort, float32 softmax,
+cumulative sum). So the sets agree not only in the common case but
 also where the boundary is numerically close. typical uses the same machinery with float64
 masses; see :func:`typical_mask` for how (rarely) and why it can differ from transformers'
 float32 rounding.
@@ -42,7 +43,6 @@ from torch import Tensor
 __all__ = [
     "EXACT_TOL",
     "NORM_ERR",
-    "PREFIX",
     "check_logits",
     "edt_temperature",
     "entropy_stats",
@@ -58,7 +58,7 @@ __all__ = [
     "typical_mask",
 ]
 
-#: Relative margin by which a top-p decision on the prefix / histogram must clear the threshold:
+#: Relative margin by which a top-p decision on the histogram must clear the threshold:
 #: a row is decided there only if ``|mass above the token - top_p| > EXACT_TOL * c`` at the
 #: boundary, with ``c`` the ascending cumulative mass transformers computes for that token;
 #: closer rows are recomputed with transformers' arithmetic. transformers' float32 ``c`` is
@@ -66,16 +66,19 @@ __all__ = [
 #: peaked and Zipf rows at vocab 49152 and 262144), so 5e-6 is a >5x margin.
 EXACT_TOL = 5e-6
 
-#: Bound on the relative error of a float32 sum of ``exp(l - max)`` (at most 5e-7 measured on
-#: real SmolLM2 and random rows; a float64 sum would cost 25x more). top-p sums its prefix in
-#: float64 and only the rest in float32, so its margin is ``NORM_ERR * rest / total``.
-NORM_ERR = 2e-6
-
-#: Shortest ``topk`` prefix tried first by top-p and typical; the default prefix is
-#: ``max(PREFIX, vocab // 256)`` (256 at vocab 49152, 1024 at 262144: measured fastest).
-PREFIX = 256
+#: Bound on the relative error of entcal's own normalized top-p masses ``p_i / Σp`` that
+#: transformers does not share: the float32 rounding of the softmax division (<= 1 ulp on a
+#: ratio; ``exp(l - max)`` is the same float32 value in both) and ``Σp``, summed in float64 over
+#: float32 sums of 32-token blocks (<= 2.4 ulp measured on real SmolLM2 rows and on flat,
+#: peaked, Zipf and heavy-tailed rows at vocab 49152 and 262144, temperatures 0.5-2). 8e-7 is
+#: about 4x the measured 3.4 ulp; wider margins send more rows to the exact sort.
+NORM_ERR = 8e-7
 
 _NEG_INF = float("-inf")
+
+#: Tokens per block of the block prefilters (top-k, top-p, typical): a reduction over blocks
+#: is cheap, and only the few blocks that can matter are gathered.
+BLOCK = 32
 
 
 def rows(value: float | int | Tensor, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -118,14 +121,35 @@ def check_logits(logits: Tensor) -> Tensor:
     return mx
 
 
+def _blocks(t: Tensor, fill: float) -> Tensor:
+    """``t [r, V]`` as ``[r, ceil(V / BLOCK), BLOCK]`` (a view unless ``V % BLOCK``: then padded)."""
+    r, v = t.shape
+    pad = (-v) % BLOCK
+    if pad:
+        t = torch.nn.functional.pad(t, (0, pad), value=fill)
+    return t.reshape(r, -1, BLOCK)
+
+
 def _kth_largest(logits: Tensor, k: Tensor) -> Tensor:
-    """Value of the k-th largest logit per row ``[N, 1]`` (k >= 1, clipped to V)."""
+    """Value of the k-th largest logit per row ``[N, 1]`` (k >= 1, clipped to V).
+
+    For small k, ``topk`` runs on the k blocks (of ``BLOCK`` tokens) with the largest maxima
+    only: any token among the row's k largest lies in such a block, and those blocks hold k
+    values at least as large as the k-th, so the k largest *values* are unchanged.
+    """
     v = logits.shape[-1]
     k = k.clamp(1, v)
     kmax = int(k.max())
     if kmax == 1:
         return logits.amax(dim=-1, keepdim=True)
-    vals = logits.topk(kmax, dim=-1, sorted=True).values
+    x = logits
+    if 4 * kmax * BLOCK <= v:
+        kb = _blocks(logits, _NEG_INF)
+        ids = kb.amax(-1).topk(kmax, dim=-1, sorted=False).indices
+        x = kb.gather(1, ids.unsqueeze(-1).expand(-1, -1, BLOCK)).flatten(1)
+    if bool((k == kmax).all()):
+        return x.topk(kmax, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    vals = x.topk(kmax, dim=-1, sorted=True).values
     return vals.gather(-1, (k - 1).view(-1, 1))
 
 
@@ -160,7 +184,8 @@ def top_k_mask(logits: Tensor, k: int | Tensor, min_keep: int | Tensor = 1) -> T
     if not bool(active.any()):
         return torch.zeros_like(logits, dtype=torch.bool)
     kk = torch.where(active, torch.maximum(kk, mk), torch.full_like(kk, logits.shape[-1]))
-    return (logits < _kth_largest(logits, kk)) & active.view(-1, 1)
+    remove = logits < _kth_largest(logits, kk)
+    return remove if bool(active.all()) else remove & active.view(-1, 1)
 
 
 def min_p_mask(logits: Tensor, min_p: float | Tensor, min_keep: int | Tensor = 1) -> Tensor:
@@ -233,7 +258,7 @@ def top_n_sigma_mask(logits: Tensor, n_sigma: float | Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# top-p and typical: prefix, then histogram, then the exact full sort
+# top-p and typical: block prefilter, mass histogram of the candidates, exact full sort
 # --------------------------------------------------------------------------------------------
 #
 # Both rules rank the tokens by a key (top-p: logit, descending; typical: |-log p - H|,
@@ -243,11 +268,35 @@ def top_n_sigma_mask(logits: Tensor, n_sigma: float | Tensor) -> Tensor:
 # typical: ``last_ind`` = number of cumulative masses < mass). So one routine finds, per row,
 # that boundary token; the kept set is everything ranked no worse than it (tie-closed).
 #
-# Stage 1 sorts only a ``topk`` prefix. Stage 2 (rows whose boundary lies beyond the prefix)
-# builds a per-row histogram of probability mass over buckets of the key and sorts only the
-# tokens of the bucket where the cumulative mass crosses the target. Stage 3 (rows where the
-# crossing is within EXACT_TOL of the target, or whose crossing bucket is too crowded) redoes the
-# row with transformers' own arithmetic. Masses are accumulated in float64.
+# Sorting is what makes transformers' warpers slow (a full-vocabulary sort per row), and on a CPU
+# so are fresh full-size temporaries (page faults) and int64/float64 copies of whole rows. So:
+# 1. the row is cut into blocks of BLOCK tokens; a reduction gives each block's best key, and
+#    only the blocks within ``depth`` nats of the row's best key are gathered (the boundary of a
+#    real model's row lies a few nats deep: a few hundred blocks out of 1536);
+# 2. a float64 histogram of the gathered tokens' mass over 1/64-nat buckets of the key finds the
+#    bucket where the cumulative mass crosses the target; only that bucket's tokens (a handful)
+#    are sorted;
+# 3. rows whose crossing lies deeper than ``depth`` are redone with every block; rows within
+#    the numerical margin of the target (top-p: EXACT_TOL, NORM_ERR), or whose crossing bucket
+#    is crowded (> MAX_BUCKET tokens), get the exact full sort.
+
+#: Histogram buckets per nat of key distance from the row's best token.
+BUCKETS_PER_NAT = 64
+
+#: Keys deeper than this many nats below the best go to an overflow bucket that decides nothing
+#: (their total mass is below ``V * e^-48``).
+MAX_DEPTH = 48.0
+
+#: First candidate depth (nats) for top-p and typical: covers the boundary of >95% of real-model
+#: rows at top_p 0.95 / typical 0.9 (SmolLM2-135M on the embedded corpus); deeper rows use every
+#: block.
+TOP_P_DEPTH = 9.0
+TYPICAL_DEPTH = 5.0
+
+#: A crossing bucket with more tokens than this (near-uniform rows) is left to the exact sort.
+MAX_BUCKET = 4096
+
+_U32 = 2.0**-24  # float32 unit roundoff
 
 
 def _crossing(
@@ -263,7 +312,7 @@ def _crossing(
     position exists; ``safe`` if ``cum[i]`` and the mass before ``i`` clear the target by more
     than ``tol * (1 - mass)`` (transformers' error on the complementary, ascending cumulative
     mass ``1 - mass`` is proportional to it) plus ``rel_err * mass`` (the relative error of
-    entcal's own normalizer) plus 1e-12.
+    entcal's own masses) plus 1e-12.
     """
     k = cum.shape[-1]
     t = target.view(-1, 1)
@@ -280,65 +329,116 @@ def _crossing(
     return i, inside, safe
 
 
-def _hist_stage(
+def _block_boundary(
     key: Tensor,
-    largest: bool,
-    bucket: Tensor,
-    p: Tensor,
+    weight: Tensor,
+    best: Tensor,
     target: Tensor,
-    n_buckets: int,
-    tol: float = EXACT_TOL,
-    max_bucket: int = 4096,
-    norm: Tensor | str | None = None,
-    rel_err: float | Tensor = 0.0,
-) -> tuple[Tensor, Tensor]:
-    """Stage 2 on rows ``key [r, V]``: returns (boundary token index [r], ok [r]).
+    largest: bool,
+    depth: float,
+    total: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Boundary key per row of the rule "rank by ``key``, keep up to cumulative ``target``".
 
-    ``bucket`` [r, V] (int64, in ``[0, n_buckets)``) must be monotone in the ranking by ``key``
-    (better rank -> smaller bucket); bucket ``n_buckets - 1`` is an overflow bucket that never
-    decides a row. ``p`` are the token probabilities, or unnormalized weights when ``norm``
-    ``[r, 1]`` (their float64 sum) is given, or ``norm="self"`` (the histogram's float64 total).
-    Only the tokens of the crossing bucket are sorted.
+    ``key``, ``weight`` ``[r, V]`` float32 (weights: probabilities, masked tokens 0); ``best``
+    ``[r]`` the reference the key distance is measured from (top-p: the row max; typical: 0).
+    Candidates are the tokens within ``depth`` of ``best`` (found block-wise). With ``total``
+    (top-p: ``Σp`` in float64), masses are divided by it, which cancels the float32 error of
+    the softmax normalizer, and a row is decided only if it clears the target by transformers'
+    and entcal's error margins. Returns ``(threshold, ok, deeper)``: rows with ``ok`` False are
+    undecided, those with ``deeper`` because the crossing lies deeper than ``depth``, the others
+    because their crossing bucket is crowded or the row is too close to call.
     """
-    r = key.shape[0]
-    pd = p.double()
-    mass = torch.zeros(r, n_buckets, dtype=torch.float64, device=key.device)
-    mass.scatter_add_(1, bucket, pd)
-    if isinstance(norm, str):  # "self": normalize by the float64 total of the histogram
-        norm = mass.sum(-1, keepdim=True)
-    if norm is not None:
-        mass /= norm
-    cum = mass.cumsum(-1)
-    bstar = (cum < target.view(-1, 1)).sum(-1).clamp(max=n_buckets - 1)
+    r, v = key.shape
+    dev = key.device
+    worst = _NEG_INF if largest else float("inf")
+    kb = _blocks(key, worst)
+    ref = best.view(-1, 1)
+    cap = min(depth, MAX_DEPTH)
+    block_dist = (ref - kb.amax(-1)) if largest else (kb.amin(-1) - ref)
+    rb, bi = (block_dist <= cap).nonzero(as_tuple=True)  # rows ascending
+    kg = kb[rb, bi]  # [n_blocks, BLOCK]
+    # the candidate tokens (rows ascending); the same test as the blocks', on the gathered keys
+    if largest:
+        gi, gj = (ref.index_select(0, rb) - kg <= cap).nonzero(as_tuple=True)
+    else:
+        gi, gj = (kg - ref.index_select(0, rb) <= cap).nonzero(as_tuple=True)
+    rows_t = rb.index_select(0, gi)
+    cols_t = bi.index_select(0, gi) * BLOCK + gj
+    flat_t = rows_t * v + cols_t
+    k_t = kg[gi, gj]
+    ref_t = best.index_select(0, rows_t)
+    d_t = (ref_t - k_t) if largest else (k_t - ref_t)
+    w_t = weight.reshape(-1).index_select(0, flat_t).double()
+    if total is not None:
+        w_t /= total.index_select(0, rows_t)
+    # float64 histogram over 1/64-nat buckets of the distance; sort only the crossing bucket
+    nbk = int(cap * BUCKETS_PER_NAT) + 1
+    bucket = (d_t * BUCKETS_PER_NAT).long()
+    mass = torch.zeros(r * nbk, dtype=torch.float64, device=dev)
+    mass.scatter_add_(0, rows_t * nbk + bucket, w_t)
+    cum = mass.view(r, nbk).cumsum(-1)
+    bstar = (cum < target.view(-1, 1)).sum(-1)
+    reached = bstar < nbk
+    bstar = bstar.clamp(max=nbk - 1)
     before = torch.where(
         bstar > 0,
         cum.gather(-1, (bstar - 1).clamp(min=0).view(-1, 1)).flatten(),
-        torch.zeros((), dtype=torch.float64, device=key.device),
+        torch.zeros((), dtype=torch.float64, device=dev),
     )
-    in_bucket = bucket == bstar.view(-1, 1)
-    count = in_bucket.sum(-1)
-    ok = (bstar < n_buckets - 1) & (count > 0) & (count <= max_bucket)
+    (sel,) = (bucket == bstar.index_select(0, rows_t)).nonzero(as_tuple=True)
+    rows_c = rows_t.index_select(0, sel)
+    count = torch.bincount(rows_c, minlength=r)
+    ok = reached & (count > 0) & (count <= MAX_BUCKET)
     kc = max(1, int(count[ok].max())) if bool(ok.any()) else 1
-    fill = float("-inf") if largest else float("inf")
-    # compact the crossing bucket's tokens into [r, kc] and sort only those
-    rr, cc = in_bucket.nonzero(as_tuple=True)  # row-major: rows ascending
-    pos = torch.arange(rr.numel(), device=key.device) - (count.cumsum(0) - count)[rr]
-    sel = pos < kc
-    rr, cc, pos = rr[sel], cc[sel], pos[sel]
-    pad_key = torch.full((r, kc), fill, dtype=key.dtype, device=key.device)
-    pad_key[rr, pos] = key[rr, cc]
-    pad_idx = torch.zeros((r, kc), dtype=torch.long, device=key.device)
-    pad_idx[rr, pos] = cc
+    pos = torch.arange(rows_c.numel(), device=dev) - (count.cumsum(0) - count).index_select(
+        0, rows_c
+    )
+    keep = ok.index_select(0, rows_c)
+    sel, rows_c, pos = sel[keep], rows_c[keep], pos[keep]
+    pad_key = torch.full((r, kc), worst, dtype=key.dtype, device=dev)
+    pad_key[rows_c, pos] = k_t.index_select(0, sel)
+    pad_w = torch.zeros((r, kc), dtype=torch.float64, device=dev)
+    pad_w[rows_c, pos] = w_t.index_select(0, sel)
     vals, order = pad_key.sort(dim=-1, descending=largest)
-    idx = pad_idx.gather(-1, order)
-    pk = torch.where(vals != fill, pd.gather(-1, idx), 0.0)
-    if norm is not None:
-        pk = pk / norm
-    cum_in = before.view(-1, 1) + pk.cumsum(-1)
-    i, inside, safe = _crossing(cum_in, target, before, tol, rel_err)
-    ok &= inside & safe & (i < count)
-    tok = idx.gather(-1, i.clamp(max=kc - 1).view(-1, 1)).flatten()
-    return tok, ok
+    cum_in = before.view(-1, 1) + pad_w.gather(-1, order).cumsum(-1)
+    if total is None:
+        i, inside, _ = _crossing(cum_in, target, before, 0.0)
+        ok &= inside & (i < count)
+    else:
+        i, inside, safe = _crossing(cum_in, target, before, EXACT_TOL, NORM_ERR)
+        ok &= inside & (i < count) & safe
+    return vals.gather(-1, i.clamp(max=kc - 1).view(-1, 1)).flatten(), ok, ~reached
+
+
+def _decide(
+    key: Tensor,
+    weight: Tensor,
+    best: Tensor,
+    target: Tensor,
+    largest: bool,
+    depth: float,
+    total: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`_block_boundary` at ``depth``, then deeper for the rows whose crossing lies
+    beyond it (every block at the last step)."""
+    thr, ok, deeper = _block_boundary(key, weight, best, target, largest, depth, total)
+    while depth < MAX_DEPTH and bool(deeper.any()):
+        depth = min(2 * depth, MAX_DEPTH)
+        sub = deeper.nonzero().flatten()
+        thr2, ok2, deeper2 = _block_boundary(
+            key.index_select(0, sub),
+            weight.index_select(0, sub),
+            best.index_select(0, sub),
+            target.index_select(0, sub),
+            largest,
+            depth,
+            None if total is None else total.index_select(0, sub),
+        )
+        thr.index_copy_(0, sub, torch.where(ok2, thr2, thr.index_select(0, sub)))
+        ok.index_copy_(0, sub, ok2)
+        deeper = torch.zeros_like(deeper).index_copy_(0, sub, deeper2)
+    return thr, ok
 
 
 def _top_p_exact(x: Tensor, top_p: Tensor) -> Tensor:
@@ -353,7 +453,7 @@ def top_p_mask(
     logits: Tensor,
     top_p: float | Tensor,
     min_keep: int | Tensor = 1,
-    prefix: int | None = None,
+    depth: float | None = None,
 ) -> Tensor:
     """Top-p / nucleus sampling (Holtzman et al. 2020, arXiv 1904.09751).
 
@@ -363,16 +463,24 @@ def top_p_mask(
     strictly above it is ``< top_p``. ``top_p = 1`` rows are untouched (transformers' warper is
     not used at 1; if called, it would also drop tokens whose float32 probability is 0).
 
-    No full-vocabulary sort: a ``topk`` prefix, then a mass histogram (see above); the exact
-    full-sort arithmetic only for rows within ``EXACT_TOL`` of the threshold.
+    No full-vocabulary sort: blocks within ``depth`` nats of the row max (default
+    ``TOP_P_DEPTH``; ``math.inf``: every block), a mass histogram of their tokens, a sort of one
+    bucket (see above); the exact full-sort arithmetic only for rows within ``EXACT_TOL`` of the
+    threshold. ``depth=0`` sends every row to that exact path.
+
+    Example::
+
+        >>> x = torch.tensor([[2.0, 1.0, 0.0, -1.0]])   # p = 0.64, 0.24, 0.09, 0.03
+        >>> top_p_mask(x, 0.8)
+        tensor([[False, False,  True,  True]])
     """
     n, v = logits.shape
-    prefix = max(PREFIX, v // 256) if prefix is None else prefix
+    depth = TOP_P_DEPTH if depth is None else depth
     tp = rows(top_p, n, logits.device, torch.float64)
     mk = rows(min_keep, n, logits.device, torch.long).clamp(1, v)
-    row_max = logits.amax(-1, keepdim=True)
+    row_max = logits.amax(-1)
     # all -inf rows: nothing to keep or remove
-    active = (tp < 1.0) & (row_max.flatten() > _NEG_INF)
+    active = (tp < 1.0) & (row_max > _NEG_INF)
     if not bool(active.any()):
         return torch.zeros_like(logits, dtype=torch.bool)
     todo = active.nonzero().flatten()
@@ -381,51 +489,16 @@ def top_p_mask(
     else:
         x, m = logits, row_max
     target = tp.index_select(0, todo)
-    thr = torch.full((todo.numel(),), _NEG_INF, dtype=logits.dtype, device=logits.device)
-    finite_m = torch.where(torch.isfinite(m), m, 0.0)
-    e = (x - finite_m).exp_()
-    pending = torch.ones(todo.numel(), dtype=torch.bool, device=logits.device)
-    if prefix == 0:
-        # histogram only: mass over 1/64-nat buckets of (max - logit), float64 accumulation
-        nb = 2049
-        bucket = torch.sub(finite_m, x).mul_(64.0).clamp_(max=nb - 1).long()
-        tok, ok = _hist_stage(x, True, bucket, e, target, nb, norm="self")
-        thr = torch.where(ok, x.gather(-1, tok.view(-1, 1)).flatten(), thr)
-        pending &= ~ok
-    elif prefix < v:
-        # stage 1: topk prefix. The normalizer is the prefix's mass in float64 plus a float32 sum
-        # of the rest (25x cheaper than a float64 sum); the latter's relative error (<= 5e-7
-        # measured on real and random rows; NORM_ERR = 2e-6 assumed) enters the margin.
-        vals, idx = x.topk(prefix, dim=-1, sorted=True)
-        pe = torch.exp((vals - finite_m).double())
-        e.scatter_(1, idx, 0.0)
-        s_rest = e.sum(-1, keepdim=True).double()
-        s = pe.sum(-1, keepdim=True) + s_rest
-        rel = (NORM_ERR * s_rest / s).flatten()
-        i, inside, safe = _crossing(
-            (pe / s).cumsum(-1), target, torch.zeros_like(target), rel_err=rel
-        )
-        ok = inside & safe
-        thr = torch.where(ok, vals.gather(-1, i.clamp(max=prefix - 1).view(-1, 1)).flatten(), thr)
-        pending &= ~ok
-        # stage 2: histogram of mass over 1/64-nat buckets of (max - logit) in [0, 32)
-        if bool(pending.any()):
-            sub = pending.nonzero().flatten()
-            xs = x.index_select(0, sub)
-            nb = 2049
-            d = torch.sub(finite_m.index_select(0, sub), xs).mul_(64.0)
-            bucket = d.clamp_(max=nb - 1).long()
-            es = e.index_select(0, sub)
-            es.scatter_(1, idx.index_select(0, sub), pe.index_select(0, sub).float())
-            tok, ok2 = _hist_stage(
-                xs, True, bucket, es, target.index_select(0, sub), nb,
-                norm=s.index_select(0, sub), rel_err=rel.index_select(0, sub),
-            )  # fmt: skip
-            val2 = xs.gather(-1, tok.view(-1, 1)).flatten()
-            thr.index_copy_(0, sub[ok2], val2[ok2])
-            pending.index_fill_(0, sub[ok2], False)
-    # stage 3: transformers' arithmetic
-    if bool(pending.any()):
+    if depth > 0:
+        p = torch.softmax(x, dim=-1)
+        total = _blocks(p, 0.0).sum(-1).double().sum(-1)  # see NORM_ERR
+        thr, ok = _decide(x, p, m, target, True, depth, total)
+        thr = torch.where(ok, thr, _NEG_INF)
+        pending = ~ok
+    else:
+        thr = torch.full_like(m, _NEG_INF)
+        pending = torch.ones_like(m, dtype=torch.bool)
+    if bool(pending.any()):  # transformers' arithmetic
         sub = pending.nonzero().flatten()
         xs = x.index_select(0, sub)
         kept = _top_p_exact(xs, target.index_select(0, sub))
@@ -459,7 +532,7 @@ def typical_mask(
     logits: Tensor,
     mass: float | Tensor,
     min_keep: int | Tensor = 1,
-    prefix: int | None = None,
+    depth: float | None = None,
     reference: bool = False,
 ) -> Tensor:
     """Locally typical sampling (Meister et al. 2023, arXiv 2202.00666).
@@ -469,15 +542,22 @@ def typical_mask(
     (transformers' ``last_ind``), at least ``min_keep`` tokens. ``mass = 1`` rows are untouched.
 
     The scores ``p`` and ``|-log p - H|`` are transformers' own float32 values (computed on the
-    whole batch with its arithmetic); the cumulative mass is summed in float64 over a ``topk``
-    prefix or a mass histogram, never a full sort. transformers instead re-normalizes the sorted
-    logits with a float32 softmax whose sum is off by up to ~1e-5 (vocab 49152) to ~1e-4
-    (262144), so in the rare row whose boundary lies that close to ``mass`` the two sets differ
-    by the boundary token(s), and entcal's is the exact one. ``reference=True`` reproduces
-    transformers' arithmetic bit for bit (a full sort; for differential tests).
+    whole batch with its arithmetic); the cumulative mass is summed in float64 over the blocks
+    within ``depth`` nats of score 0 (default ``TYPICAL_DEPTH``), never a full sort.
+    transformers instead re-normalizes the sorted logits with a float32 softmax whose sum is off
+    by up to ~1e-5 (vocab 49152) to ~1e-4 (262144), so in the rare row whose boundary lies that
+    close to ``mass`` the two sets differ by the boundary token(s), and entcal's is the exact
+    one. ``reference=True`` reproduces transformers' arithmetic bit for bit (a full sort; for
+    differential tests); ``depth=0`` uses the full sort with float64 masses.
+
+    Example::
+
+        >>> x = torch.tensor([[3.0, 1.0, 1.0, 0.0, -2.0]])
+        >>> typical_mask(x, 0.5)   # the two tokens closest to the entropy
+        tensor([[ True, False, False,  True,  True]])
     """
     n, v = logits.shape
-    prefix = max(PREFIX, v // 256) if prefix is None else prefix
+    depth = TYPICAL_DEPTH if depth is None else depth
     ms = rows(mass, n, logits.device, torch.float64)
     mk = rows(min_keep, n, logits.device, torch.long).clamp(1, v)
     active = (ms < 1.0) & (logits.amax(-1) > _NEG_INF)
@@ -489,33 +569,14 @@ def typical_mask(
         p32, shifted = p32.index_select(0, todo), shifted.index_select(0, todo)
     target = ms.index_select(0, todo)
     r = todo.numel()
-    thr = torch.full((r,), float("inf"), dtype=shifted.dtype, device=logits.device)
-    pending = torch.ones(r, dtype=torch.bool, device=logits.device)
-    if prefix == 0 and not reference:
-        nb = 2049
-        bucket = (shifted * 64.0).clamp_(max=nb - 1).long()  # inf (masked) -> overflow bucket
-        tok, ok = _hist_stage(shifted, False, bucket, p32, target, nb, 0.0)
-        thr = torch.where(ok, shifted.gather(-1, tok.view(-1, 1)).flatten(), thr)
-        pending &= ~ok
-    elif prefix < v and not reference:
-        vals, idx = shifted.topk(prefix, dim=-1, largest=False, sorted=True)
-        pk = p32.gather(-1, idx).double()
-        i, inside, _ = _crossing(pk.cumsum(-1), target, torch.zeros_like(target), tol=0.0)
-        thr = torch.where(
-            inside, vals.gather(-1, i.clamp(max=prefix - 1).view(-1, 1)).flatten(), thr
-        )
-        pending &= ~inside
-        if bool(pending.any()):
-            sub = pending.nonzero().flatten()
-            ss = shifted.index_select(0, sub)
-            nb = 2049
-            bucket = (ss * 64.0).clamp_(max=nb - 1).long()  # inf (masked) -> overflow bucket
-            tok, ok2 = _hist_stage(
-                ss, False, bucket, p32.index_select(0, sub), target.index_select(0, sub), nb, 0.0
-            )
-            val2 = ss.gather(-1, tok.view(-1, 1)).flatten()
-            thr.index_copy_(0, sub[ok2], val2[ok2])
-            pending.index_fill_(0, sub[ok2], False)
+    if depth > 0 and not reference:
+        zero = torch.zeros(r, dtype=shifted.dtype, device=logits.device)
+        thr, ok = _decide(shifted, p32, zero, target, False, depth, None)
+        thr = torch.where(ok, thr, float("inf"))
+        pending = ~ok
+    else:
+        thr = torch.full((r,), float("inf"), dtype=shifted.dtype, device=logits.device)
+        pending = torch.ones(r, dtype=torch.bool, device=logits.device)
     if bool(pending.any()):
         sub = pending.nonzero().flatten()
         ss = shifted.index_select(0, sub)
