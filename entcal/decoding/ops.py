@@ -167,8 +167,9 @@ def _min_keep_guard(logits: Tensor, min_keep: int | Tensor) -> Tensor:
 
 def temperature(logits: Tensor, t: float | Tensor) -> Tensor:
     """``logits / T`` per row (``T > 0``); bitwise equal to transformers' TemperatureLogitsWarper."""
-    n = logits.shape[0]
-    tt = rows(t, n, logits.device, logits.dtype)
+    if not isinstance(t, Tensor):  # a float32 division by the same float32 value as below
+        return logits / t
+    tt = rows(t, logits.shape[0], logits.device, logits.dtype)
     return logits / tt.view(-1, 1)
 
 
