@@ -336,3 +336,66 @@ def test_ridge_full_vocabulary_path_equals_features_path():
     ids, _valid, h = pred.candidate_entropy(lp, pos)
     feats = candidate_features(lp, ids, pos, pred.table_)
     assert torch.allclose(h, pred.predict_features(feats), atol=1e-3)
+
+
+def test_ridge_phi_fast_path_equals_candidate_path():
+    """The shipped (ridge) predictor's dense φ (closed-form Ĥ of every token, candidates from
+    cover_mask) equals fill_phi over the same candidates with Ĥ from the predictor's features."""
+    from entcal.calibrators.features import candidate_features
+    from entcal.calibrators.ops import cover_mask
+    from entcal.decoding.calibrated import load_predictor
+
+    pred = load_predictor()
+    g = torch.Generator().manual_seed(4)
+    v = pred.table_.shape[0]
+    x = torch.randn(6, v, generator=g) * torch.tensor([0.5, 1, 2, 3, 4, 6])[:, None]
+    lp = torch.log_softmax(x, -1)
+    pos = torch.tensor([0, 1, 5, 17, 100, 300])
+    keep = cover_mask(lp)
+    m = int(keep.sum(-1).max())
+    order = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    ids, valid = order[:, :m], keep.gather(-1, order[:, :m])
+    h = pred.predict_features(candidate_features(lp, ids, pos, pred.table_))
+    slow = fill_phi(lp, ids, valid, h)
+    assert torch.allclose(pred.phi(lp, pos), slow, atol=1e-3, rtol=1e-5)
+
+
+def test_ridge_adjusted_fast_path_equals_phi_then_adjust():
+    """The fused ridge application step equals log_softmax(lp + α·φ) with φ from the dense fill."""
+    from entcal.calibrators.ops import cover_mask, fill_phi_dense
+    from entcal.decoding.calibrated import load_predictor
+
+    pred = load_predictor()
+    g = torch.Generator().manual_seed(5)
+    v = pred.table_.shape[0]
+    x = torch.randn(5, v, generator=g) * torch.tensor([0.5, 1, 2, 4, 6])[:, None]
+    x[1, :100] = float("-inf")  # masked tokens stay masked
+    lp = torch.log_softmax(x, -1)
+    pos = torch.tensor([0, 3, 17, 100, 300])
+    alpha = torch.tensor([0.0, 0.2, -0.3, 0.05, 1.0])
+    t = pred._tensors(lp.device)
+    h = pred._ridge_full(lp, pos, entropy_stats(lp), t)
+    keep = cover_mask(lp) & (lp > float("-inf"))
+    ref = adjusted_logprobs(lp, fill_phi_dense(lp, keep, h), alpha)
+    ours = pred.adjusted(lp, pos, alpha)
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    assert torch.allclose(ours[fin], ref[fin], atol=2e-4)
+    assert torch.allclose(ours[0], lp[0], atol=1e-5)  # α = 0 is the identity
+
+
+def test_cover_mask_covers_the_mass_and_contains_the_minimal_cover():
+    from entcal.calibrators.ops import COVER_MASS, cover_mask
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 3000, generator=g) * torch.tensor([0.3, 1, 3, 8])[:, None]
+    lp = torch.log_softmax(x, -1)
+    keep = cover_mask(lp)
+    p = lp.double().exp()
+    assert bool(((p * keep).sum(-1) >= COVER_MASS * p.sum(-1) - 1e-12).all())
+    ids, valid = cover_candidates(lp)
+    for i in range(4):
+        assert bool(keep[i, ids[i, valid[i]]].all())
+        # at most the tokens within one 0.25-nat step of the minimal cover's boundary are extra
+        edge = lp[i, ids[i, valid[i]]].min()
+        assert bool((lp[i, keep[i]] >= edge - 0.25 - 1e-5).all())

@@ -24,8 +24,10 @@ __all__ = [
     "COVER_MASS",
     "adjusted_logprobs",
     "cover_candidates",
+    "cover_mask",
     "entropy_stats",
     "fill_phi",
+    "fill_phi_dense",
 ]
 
 COVER_MASS = 1.0 - 1e-4
@@ -74,6 +76,33 @@ def cover_candidates(logprobs: Tensor, mass: float = COVER_MASS) -> tuple[Tensor
     return ids[:, :m], needed[:, :m]
 
 
+def cover_mask(
+    logprobs: Tensor, mass: float = COVER_MASS, step: float = 0.25, probs: Tensor | None = None
+) -> Tensor:
+    """Bool ``(N, V)``: the tokens with ``log p >= max log p - k·step`` for the smallest ``k``
+    whose kept tokens hold at least ``mass`` of the row.
+
+    A superset of the minimal cover (:func:`cover_candidates`) by at most the tokens within one
+    ``step`` (nats) of its boundary, found with one float64 histogram of the mass over
+    ``step``-wide bins of ``log p`` below the row maximum: a few elementwise passes, no sort and
+    no gather, whatever the number of candidates (flat rows need tens of thousands at 1 - 1e-4).
+    Tokens more than 64 nats below the maximum are never kept (their mass is below ``V·e^-64``).
+    ``probs``: ``logprobs.exp()`` if the caller has it.
+    """
+    if not 0.0 < mass <= 1.0:
+        raise ValueError(f"mass must lie in (0, 1], got {mass}")
+    n_bins = int(64.0 / step) + 1  # the last bin collects everything deeper (and -inf)
+    top = logprobs.amax(-1, keepdim=True)
+    depth = torch.sub(top, logprobs).div_(step).nan_to_num_(posinf=n_bins - 1)
+    bins = depth.clamp_(max=n_bins - 1).long()
+    hist = torch.zeros(logprobs.shape[0], n_bins, dtype=torch.float64, device=logprobs.device)
+    hist.scatter_add_(1, bins, (logprobs.exp() if probs is None else probs).double())
+    cum = hist[:, :-1].cumsum(-1)
+    # the first bin at which the kept mass reaches ``mass`` of the row's total
+    k = (cum < mass * hist.sum(-1, keepdim=True)).sum(-1, keepdim=True).clamp(max=n_bins - 2)
+    return bins <= k
+
+
 def fill_phi(
     logprobs: Tensor, cand_ids: Tensor, cand_valid: Tensor, cand_entropy: Tensor
 ) -> Tensor:
@@ -88,6 +117,16 @@ def fill_phi(
     fut = mean[:, None].expand_as(logprobs).clone()
     fut.scatter_(-1, cand_ids, torch.where(cand_valid, cand_entropy, mean[:, None]))
     return logprobs - fut
+
+
+def fill_phi_dense(logprobs: Tensor, keep: Tensor, entropy: Tensor) -> Tensor:
+    """:func:`fill_phi` when Ĥ is known for every token: ``entropy (N, V)``, ``keep`` the
+    candidates (bool ``(N, V)``). Candidates keep their Ĥ; every other token gets the candidates'
+    mass-weighted mean. A few elementwise passes, no gather, whatever the number of candidates.
+    """
+    p = torch.where(keep, logprobs.exp(), 0.0)
+    mean = (p * entropy).sum(-1, keepdim=True) / p.sum(-1, keepdim=True).clamp_min(1e-30)
+    return logprobs - torch.where(keep, entropy, mean)
 
 
 def adjusted_logprobs(logprobs: Tensor, phi: Tensor, alpha: Tensor | float) -> Tensor:

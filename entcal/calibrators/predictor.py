@@ -31,7 +31,15 @@ import torch
 from torch import Tensor
 
 from entcal.calibrators.features import candidate_features, feature_names
-from entcal.calibrators.ops import COVER_MASS, cover_candidates, entropy_stats, fill_phi
+from entcal.calibrators.ops import (
+    COVER_MASS,
+    adjusted_logprobs,
+    cover_candidates,
+    cover_mask,
+    entropy_stats,
+    fill_phi,
+    fill_phi_dense,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -273,15 +281,8 @@ class FutureEntropyPredictor:
         self, logprobs: Tensor, position: Tensor, mass: float = COVER_MASS
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Candidates covering ``mass`` of each row and their predicted Ĥ: ``(ids, valid, Ĥ)``."""
-        if self.table_ is None:
-            raise ValueError("the predictor has no token table; set table_ before use")
+        self._check_vocab(logprobs)
         t = self._tensors(logprobs.device)
-        if logprobs.shape[-1] != t["table"].shape[0]:
-            raise ValueError(
-                f"logits have {logprobs.shape[-1]} columns but the predictor was fitted for a "
-                f"vocabulary of {t['table'].shape[0]} tokens (model "
-                f"{self.meta_.get('fingerprint', {}).get('name')!r})"
-            )
         ids, valid = cover_candidates(logprobs, mass)
         stats = entropy_stats(logprobs)
         if self.kind_ == "ridge":
@@ -289,6 +290,16 @@ class FutureEntropyPredictor:
             return ids, valid, h
         feats = candidate_features(logprobs, ids, position, t["table"], stats)
         return ids, valid, self.predict_features(feats)
+
+    def _check_vocab(self, logprobs: Tensor) -> None:
+        if self.table_ is None:
+            raise ValueError("the predictor has no token table; set table_ before use")
+        if logprobs.shape[-1] != self.table_.shape[0]:
+            raise ValueError(
+                f"logits have {logprobs.shape[-1]} columns but the predictor was fitted for a "
+                f"vocabulary of {self.table_.shape[0]} tokens (model "
+                f"{self.meta_.get('fingerprint', {}).get('name')!r})"
+            )
 
     def _ridge_full(
         self, logprobs: Tensor, position: Tensor, stats: tuple[Tensor, Tensor], t: dict
@@ -300,6 +311,17 @@ class FutureEntropyPredictor:
         vectors ``u = table·w_e``, ``u2 = table·w_{lp·e}``: a few elementwise passes over
         ``(N, V)``, whatever the number of candidates (flat rows need tens of thousands).
         """
+        self._ridge_prepare(t)
+        w = t["ridge_w"]
+        ent, var = stats
+        lpos = torch.log1p(position.to(logprobs.dtype))
+        lp = logprobs.clamp_min(-80.0)  # as in the features
+        row = t["ridge_c0"] + w[2] * ent + w[3] * var + w[4] * lpos + w[8] * ent * lpos
+        slope = w[0] + w[5] * ent + w[6] * var + w[7] * lpos
+        return row[:, None] + lp * (slope[:, None] + t["ridge_u2"] + w[1] * lp) + t["ridge_u"]
+
+    def _ridge_prepare(self, t: dict) -> None:
+        """Cache the ridge model's weights in the original feature units, and ``u``, ``u2``."""
         if "ridge_w" not in t:
             w = t["coef"] / t["x_scale"] * self.y_scale_
             t["ridge_w"] = w
@@ -309,18 +331,64 @@ class FutureEntropyPredictor:
             d = t["table"].shape[1]
             t["ridge_u"] = t["table"] @ w[9 : 9 + d]
             t["ridge_u2"] = t["table"] @ w[9 + d : 9 + 2 * d]
-        w = t["ridge_w"]
-        ent, var = stats
-        lpos = torch.log1p(position.to(logprobs.dtype))
-        lp = logprobs.clamp_min(-80.0)  # as in the features
-        row = t["ridge_c0"] + w[2] * ent + w[3] * var + w[4] * lpos + w[8] * ent * lpos
-        slope = w[0] + w[5] * ent + w[6] * var + w[7] * lpos
-        return row[:, None] + lp * (slope[:, None] + t["ridge_u2"] + w[1] * lp) + t["ridge_u"]
 
     def phi(self, logprobs: Tensor, position: Tensor, mass: float = COVER_MASS) -> Tensor:
-        """φ(v) = log p(v) − Ĥ(v) over the whole vocabulary (non-candidates: mean Ĥ)."""
+        """φ(v) = log p(v) − Ĥ(v) over the whole vocabulary (non-candidates: mean Ĥ).
+
+        The ridge model gives Ĥ of every token in closed form, so its candidates are taken from
+        :func:`~entcal.calibrators.ops.cover_mask` (a superset of the minimal cover, found with a
+        histogram, no sort) instead of a ``topk`` ladder, and φ is filled with elementwise
+        passes.
+        """
+        if self.kind_ == "ridge":
+            self._check_vocab(logprobs)
+            t = self._tensors(logprobs.device)
+            h = self._ridge_full(logprobs, position, entropy_stats(logprobs), t)
+            return fill_phi_dense(
+                logprobs, cover_mask(logprobs, mass) & (logprobs > float("-inf")), h
+            )
         ids, valid, h = self.candidate_entropy(logprobs, position, mass)
         return fill_phi(logprobs, ids, valid, h)
+
+    def adjusted(
+        self, logprobs: Tensor, position: Tensor, alpha: Tensor | float, mass: float = COVER_MASS
+    ) -> Tensor:
+        """``log p_α`` of rows ``logprobs (N, V)`` (normalized): the calibrated distribution.
+
+        Equals ``adjusted_logprobs(logprobs, self.phi(logprobs, position, mass), alpha)``. For
+        the ridge model it is computed in a dozen elementwise passes, most in place: with
+        ``Ĥ(v) = R + g(v)``, ``g = lp·(S + u2[v] + b·lp) + u[v]``, the row term ``R`` cancels in
+        the softmax, so ``log p_α = log_softmax((1 + α)·lp − α·g)`` with non-candidates' ``g``
+        replaced by the candidates' mass-weighted mean.
+        """
+        if self.kind_ != "ridge":
+            return adjusted_logprobs(logprobs, self.phi(logprobs, position, mass), alpha)
+        self._check_vocab(logprobs)
+        t = self._tensors(logprobs.device)
+        self._ridge_prepare(t)
+        w = t["ridge_w"]
+        n = logprobs.shape[0]
+        a = torch.as_tensor(alpha, dtype=logprobs.dtype, device=logprobs.device).expand(n)
+        if bool((a <= -1).any()):
+            raise ValueError("alpha must be > -1 (the exponent 1 + alpha of p must stay positive)")
+        a = a.reshape(n, 1)
+        p = logprobs.exp()
+        lpc = logprobs.clamp_min(-80.0)  # as in the features
+        plp = p * lpc  # tokens with p = 0 contribute 0 (lpc is finite)
+        ent = -plp.sum(-1)
+        var = (torch.linalg.vecdot(plp, lpc) - ent * ent).clamp_min(0.0)
+        del plp
+        lpos = torch.log1p(position.to(logprobs.dtype))
+        slope = w[0] + w[5] * ent + w[6] * var + w[7] * lpos
+        g = lpc.mul(w[1]).add_(t["ridge_u2"]).add_(slope[:, None]).mul_(lpc).add_(t["ridge_u"])
+        keep = cover_mask(logprobs, mass, probs=p)
+        pk = torch.where(keep, p, 0.0)
+        mean = torch.linalg.vecdot(pk, g) / pk.sum(-1).clamp_min(1e-30)
+        del pk
+        torch.where(keep, g, mean[:, None], out=g)
+        # (1 + α)·lp − α·g; -inf tokens stay -inf
+        g.mul_(-a).addcmul_(logprobs, 1.0 + a)
+        return torch.log_softmax(g, dim=-1)
 
     # ------------------------------------------------------------------ files
 

@@ -35,7 +35,7 @@ from entcal.calibrators.montecarlo import (
     hf_step_fn,
     rollout_entropy,
 )
-from entcal.calibrators.ops import adjusted_logprobs, entropy_stats
+from entcal.calibrators.ops import entropy_stats
 from entcal.calibrators.predictor import FutureEntropyPredictor, predictor_fingerprint
 
 __all__ = ["TrainConfig", "collect_alpha_rows", "collect_labels", "train_predictor"]
@@ -180,7 +180,7 @@ def _alpha_summary(single: AlphaFit, buckets: AlphaFit) -> dict[str, Any]:
 def _make_adjust(pred: FutureEntropyPredictor):
     def adjust(logprobs, position):
         alpha = pred.alpha_for(position)
-        return adjusted_logprobs(logprobs, pred.phi(logprobs, position), alpha)
+        return pred.adjusted(logprobs, position, alpha)
 
     return adjust
 

@@ -44,7 +44,6 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from entcal.calibrators.ops import adjusted_logprobs, fill_phi
 from entcal.calibrators.predictor import FutureEntropyPredictor, shipped_predictor_path
 from entcal.decoding.base import Decoder, check_known, format_value, parse_float
 from entcal.decoding.spec import register_method
@@ -84,8 +83,7 @@ def calibrated_logprobs(
         alpha: scalar or ``(N,)``.
     """
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    ids, valid, h = predictor.candidate_entropy(logprobs, position)
-    return adjusted_logprobs(logprobs, fill_phi(logprobs, ids, valid, h), alpha)
+    return predictor.adjusted(logprobs, position, alpha)
 
 
 class CalibratedDecoder(Decoder):

@@ -66,13 +66,14 @@ __all__ = [
 #: peaked and Zipf rows at vocab 49152 and 262144), so 5e-6 is a >5x margin.
 EXACT_TOL = 5e-6
 
-#: Bound on the relative error of entcal's own normalized top-p masses ``p_i / Σp`` that
-#: transformers does not share: the float32 rounding of the softmax division (<= 1 ulp on a
-#: ratio; ``exp(l - max)`` is the same float32 value in both) and ``Σp``, summed in float64 over
-#: float32 sums of 32-token blocks (<= 2.4 ulp measured on real SmolLM2 rows and on flat,
-#: peaked, Zipf and heavy-tailed rows at vocab 49152 and 262144, temperatures 0.5-2). 8e-7 is
-#: about 4x the measured 3.4 ulp; wider margins send more rows to the exact sort.
-NORM_ERR = 8e-7
+#: Bound on the relative error of entcal's own top-p tail masses ``tail / Σp`` (the mass ranked
+#: after a token, summed directly, so the error is relative to the tail, not to 1): the float32
+#: rounding of the softmax division (<= 1 ulp on a ratio; ``exp(l - max)`` is the same float32
+#: value in both) and, for tokens outside the gathered blocks, float32 sums of 32 tokens (<= 31
+#: ulp each, the sequential bound) entering both the tail and ``Σp``: 2 * 31 + 1 ulp < 4e-6.
+#: A top-p row is decided without the full sort only if it clears ``top_p`` by
+#: ``(EXACT_TOL + NORM_ERR) * tail``.
+NORM_ERR = 4e-6
 
 _NEG_INF = float("-inf")
 
@@ -305,15 +306,13 @@ def _crossing(
     target: Tensor,
     before0: Tensor,
     tol: float = EXACT_TOL,
-    rel_err: float | Tensor = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """First position ``i`` with ``cum[i] >= target`` in each row of an inclusive cumsum.
 
     ``before0`` is the mass before position 0. Returns ``(i, inside, safe)``: ``inside`` if such a
     position exists; ``safe`` if ``cum[i]`` and the mass before ``i`` clear the target by more
     than ``tol * (1 - mass)`` (transformers' error on the complementary, ascending cumulative
-    mass ``1 - mass`` is proportional to it) plus ``rel_err * mass`` (the relative error of
-    entcal's own masses) plus 1e-12.
+    mass ``1 - mass`` is proportional to it, and so is entcal's, see ``NORM_ERR``) plus 1e-15.
     """
     k = cum.shape[-1]
     t = target.view(-1, 1)
@@ -324,8 +323,8 @@ def _crossing(
     prev = torch.where(
         ii.flatten() > 0, cum.gather(-1, (ii - 1).clamp(min=0)).flatten(), before0.flatten()
     )
-    safe = (at - target > tol * (1.0 - at).clamp(min=0.0) + rel_err * at + 1e-12) & (
-        target - prev > tol * (1.0 - prev).clamp(min=0.0) + rel_err * prev + 1e-12
+    safe = (at - target > tol * (1.0 - at).clamp(min=0.0) + 1e-15) & (
+        target - prev > tol * (1.0 - prev).clamp(min=0.0) + 1e-15
     )
     return i, inside, safe
 
@@ -337,21 +336,27 @@ def _block_boundary(
     target: Tensor,
     largest: bool,
     depth: float,
-    total: Tensor | None,
+    normalize: bool,
+    tol: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Boundary key per row of the rule "rank by ``key``, keep up to cumulative ``target``".
 
     ``key``, ``weight`` ``[r, V]`` float32 (weights: probabilities, masked tokens 0); ``best``
     ``[r]`` the reference the key distance is measured from (top-p: the row max; typical: 0).
-    Candidates are the tokens within ``depth`` of ``best`` (found block-wise). With ``total``
-    (top-p: ``Σp`` in float64), masses are divided by it, which cancels the float32 error of
-    the softmax normalizer, and a row is decided only if it clears the target by transformers'
-    and entcal's error margins. Returns ``(threshold, ok, deeper)``: rows with ``ok`` False are
-    undecided, those with ``deeper`` because the crossing lies deeper than ``depth``, the others
-    because their crossing bucket is crowded or the row is too close to call.
+    Candidates are the tokens within ``depth`` of ``best`` (found block-wise). With
+    ``normalize`` (top-p), the cumulative mass of a token is ``1 - tail / Σp``, with the tail
+    (the mass ranked after it) summed directly: float64 over candidates, float64 over the
+    gathered blocks' other tokens, float32 block sums elsewhere. Its error is then relative to
+    the tail (``NORM_ERR``), not to 1, which matters at high ``top_p``; dividing by ``Σp`` also
+    cancels the softmax's own normalizer. A row is decided only if it clears the target by
+    ``tol * tail`` (``tol > 0``: transformers' and entcal's errors). Returns
+    ``(threshold, ok, deeper)``: rows with ``ok`` False are undecided, those with ``deeper``
+    because the crossing lies deeper than ``depth``, the others because their crossing bucket
+    is crowded or the row is too close to call.
     """
     r, v = key.shape
     dev = key.device
+    f64 = torch.float64
     worst = _NEG_INF if largest else float("inf")
     kb = _blocks(key, worst)
     ref = best.view(-1, 1)
@@ -360,33 +365,44 @@ def _block_boundary(
     rb, bi = (block_dist <= cap).nonzero(as_tuple=True)  # rows ascending
     kg = kb[rb, bi]  # [n_blocks, BLOCK]
     # the candidate tokens (rows ascending); the same test as the blocks', on the gathered keys
-    if largest:
-        gi, gj = (ref.index_select(0, rb) - kg <= cap).nonzero(as_tuple=True)
-    else:
-        gi, gj = (kg - ref.index_select(0, rb) <= cap).nonzero(as_tuple=True)
+    ref_g = ref.index_select(0, rb)
+    cand = (ref_g - kg <= cap) if largest else (kg - ref_g <= cap)
+    gi, gj = cand.nonzero(as_tuple=True)
     rows_t = rb.index_select(0, gi)
     cols_t = bi.index_select(0, gi) * BLOCK + gj
-    flat_t = rows_t * v + cols_t
     k_t = kg[gi, gj]
     ref_t = best.index_select(0, rows_t)
     d_t = (ref_t - k_t) if largest else (k_t - ref_t)
-    w_t = weight.reshape(-1).index_select(0, flat_t).double()
-    if total is not None:
-        w_t /= total.index_select(0, rows_t)
+    w_t = weight.reshape(-1).index_select(0, rows_t * v + cols_t).double()
     # float64 histogram over 1/64-nat buckets of the distance; sort only the crossing bucket
     nbk = int(cap * BUCKETS_PER_NAT) + 1
     bucket = (d_t * BUCKETS_PER_NAT).long()
-    mass = torch.zeros(r * nbk, dtype=torch.float64, device=dev)
+    mass = torch.zeros(r * nbk, dtype=f64, device=dev)
     mass.scatter_add_(0, rows_t * nbk + bucket, w_t)
-    cum = mass.view(r, nbk).cumsum(-1)
+    raw_cum = mass.view(r, nbk).cumsum(-1)
+    cum = raw_cum
+    if normalize:
+        wb = _blocks(weight, 0.0)
+        block_sum = wb.sum(-1)
+        block_sum[rb, bi] = 0.0
+        rest = block_sum.double().sum(-1)  # blocks not gathered (float32 sums of 32 tokens)
+        rest.index_add_(0, rb, torch.where(cand, 0.0, wb[rb, bi]).double().sum(-1))
+        base = (rest + raw_cum[:, -1]).view(-1, 1)
+        total = base.clamp(min=1e-300)
+
+        def share(c: Tensor) -> Tensor:  # 1 - tail / Σp, the tail summed directly
+            return 1.0 - (base - c) / total
+
+        cum = share(raw_cum)
     bstar = (cum < target.view(-1, 1)).sum(-1)
     reached = bstar < nbk
     bstar = bstar.clamp(max=nbk - 1)
-    before = torch.where(
-        bstar > 0,
-        cum.gather(-1, (bstar - 1).clamp(min=0).view(-1, 1)).flatten(),
-        torch.zeros((), dtype=torch.float64, device=dev),
-    )
+    raw_before = torch.where(
+        bstar.view(-1, 1) > 0,
+        raw_cum.gather(-1, (bstar - 1).clamp(min=0).view(-1, 1)),
+        torch.zeros((), dtype=f64, device=dev),
+    )  # [r, 1]
+    before = (share(raw_before) if normalize else raw_before).flatten()
     (sel,) = (bucket == bstar.index_select(0, rows_t)).nonzero(as_tuple=True)
     rows_c = rows_t.index_select(0, sel)
     count = torch.bincount(rows_c, minlength=r)
@@ -399,16 +415,16 @@ def _block_boundary(
     sel, rows_c, pos = sel[keep], rows_c[keep], pos[keep]
     pad_key = torch.full((r, kc), worst, dtype=key.dtype, device=dev)
     pad_key[rows_c, pos] = k_t.index_select(0, sel)
-    pad_w = torch.zeros((r, kc), dtype=torch.float64, device=dev)
+    pad_w = torch.zeros((r, kc), dtype=f64, device=dev)
     pad_w[rows_c, pos] = w_t.index_select(0, sel)
     vals, order = pad_key.sort(dim=-1, descending=largest)
-    cum_in = before.view(-1, 1) + pad_w.gather(-1, order).cumsum(-1)
-    if total is None:
-        i, inside, _ = _crossing(cum_in, target, before, 0.0)
-        ok &= inside & (i < count)
-    else:
-        i, inside, safe = _crossing(cum_in, target, before, EXACT_TOL, NORM_ERR)
-        ok &= inside & (i < count) & safe
+    cum_in = raw_before + pad_w.gather(-1, order).cumsum(-1)
+    if normalize:
+        cum_in = share(cum_in)
+    i, inside, safe = _crossing(cum_in, target, before, tol)
+    ok &= inside & (i < count)
+    if tol > 0:
+        ok &= safe
     return vals.gather(-1, i.clamp(max=kc - 1).view(-1, 1)).flatten(), ok, ~reached
 
 
@@ -419,11 +435,12 @@ def _decide(
     target: Tensor,
     largest: bool,
     depth: float,
-    total: Tensor | None,
+    normalize: bool,
+    tol: float,
 ) -> tuple[Tensor, Tensor]:
     """:func:`_block_boundary` at ``depth``, then deeper for the rows whose crossing lies
     beyond it (every block at the last step)."""
-    thr, ok, deeper = _block_boundary(key, weight, best, target, largest, depth, total)
+    thr, ok, deeper = _block_boundary(key, weight, best, target, largest, depth, normalize, tol)
     while depth < MAX_DEPTH and bool(deeper.any()):
         depth = min(2 * depth, MAX_DEPTH)
         sub = deeper.nonzero().flatten()
@@ -434,7 +451,8 @@ def _decide(
             target.index_select(0, sub),
             largest,
             depth,
-            None if total is None else total.index_select(0, sub),
+            normalize,
+            tol,
         )
         thr.index_copy_(0, sub, torch.where(ok2, thr2, thr.index_select(0, sub)))
         ok.index_copy_(0, sub, ok2)
@@ -455,6 +473,7 @@ def top_p_mask(
     top_p: float | Tensor,
     min_keep: int | Tensor = 1,
     depth: float | None = None,
+    exact: bool = True,
 ) -> Tensor:
     """Top-p / nucleus sampling (Holtzman et al. 2020, arXiv 1904.09751).
 
@@ -467,7 +486,12 @@ def top_p_mask(
     No full-vocabulary sort: blocks within ``depth`` nats of the row max (default
     ``TOP_P_DEPTH``; ``math.inf``: every block), a mass histogram of their tokens, a sort of one
     bucket (see above); the exact full-sort arithmetic only for rows within ``EXACT_TOL`` of the
-    threshold. ``depth=0`` sends every row to that exact path.
+    threshold. ``depth=0`` sends every row to that exact path. ``exact=False`` decides every
+    row from entcal's float64 masses alone (no margin, no transformers fallback): the kept set
+    is then the exact float64 nucleus of ``softmax(logits)`` up to a relative error of about
+    ``NORM_ERR`` of the tail mass, which is what a caller that needs "the tokens covering
+    ``top_p``" rather than transformers' bit-for-bit set wants (e.g. ``top_p = 1 - 1e-4``, where
+    the boundary tokens' masses are far below float32 resolution of the cumulative sum).
 
     Example::
 
@@ -491,9 +515,8 @@ def top_p_mask(
         x, m = logits, row_max
     target = tp.index_select(0, todo)
     if depth > 0:
-        p = torch.softmax(x, dim=-1)
-        total = _blocks(p, 0.0).sum(-1).double().sum(-1)  # see NORM_ERR
-        thr, ok = _decide(x, p, m, target, True, depth, total)
+        tol = EXACT_TOL + NORM_ERR if exact else 0.0
+        thr, ok = _decide(x, torch.softmax(x, dim=-1), m, target, True, depth, True, tol)
         thr = torch.where(ok, thr, _NEG_INF)
         pending = ~ok
     else:
@@ -572,7 +595,7 @@ def typical_mask(
     r = todo.numel()
     if depth > 0 and not reference:
         zero = torch.zeros(r, dtype=shifted.dtype, device=logits.device)
-        thr, ok = _decide(shifted, p32, zero, target, False, depth, None)
+        thr, ok = _decide(shifted, p32, zero, target, False, depth, False, 0.0)
         thr = torch.where(ok, thr, float("inf"))
         pending = ~ok
     else:

@@ -67,32 +67,37 @@ __all__ = [
 # --------------------------------------------------------------------------- MINE
 
 
-def _lin(E: int, a: int, b: int, g: torch.Generator) -> list[torch.Tensor]:
-    w = torch.randn(E, a, b, generator=g) * math.sqrt(1.0 / a)
+def _lin(E: int, a: int, b: int, g: torch.Generator, zero: bool = False) -> list[torch.Tensor]:
+    w = torch.zeros(E, a, b) if zero else torch.randn(E, a, b, generator=g) * math.sqrt(1.0 / a)
     return [w.requires_grad_(), torch.zeros(E, 1, b, requires_grad=True)]
 
 
 class _Critic:
-    """E independent embedding nets h(x) = W3 σ(W2 σ(W1 x)) + W0 x, evaluated with bmm."""
+    """E independent embedding nets h(x) = W3 σ(W2 σ(W1 x)) + W0 x, evaluated with bmm.
 
-    def __init__(self, E: int, din: int, hidden: int, embed: int, g: torch.Generator):
+    With ``zero_out`` the output layers (W3 and the skip W0) start at zero, so h ≡ 0.
+    """
+
+    def __init__(
+        self, E: int, din: int, hidden: int, embed: int, g: torch.Generator, zero_out: bool
+    ):
         self.layers = [
             _lin(E, din, hidden, g),
             _lin(E, hidden, hidden, g),
-            _lin(E, hidden, embed, g),
+            _lin(E, hidden, embed, g, zero_out),
         ]
-        self.skip = _lin(E, din, embed, g)
+        self.skip = _lin(E, din, embed, g, zero_out)
 
     def params(self) -> list[torch.Tensor]:
         return [p for layer in [*self.layers, self.skip] for p in layer]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sel: slice = slice(None)) -> torch.Tensor:
         h = x
         for i, (w, b) in enumerate(self.layers):
-            h = torch.baddbmm(b, h, w)
+            h = torch.baddbmm(b[sel], h, w[sel])
             if i < len(self.layers) - 1:
                 h = torch.nn.functional.silu(h)
-        return h + torch.baddbmm(self.skip[1], x, self.skip[0])
+        return h + torch.baddbmm(self.skip[1][sel], x, self.skip[0][sel])
 
 
 def _dv(fx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
@@ -102,6 +107,29 @@ def _dv(fx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
     joint = s.diagonal(dim1=1, dim2=2).mean(-1)
     off = s.masked_fill(torch.eye(B, dtype=torch.bool, device=s.device), -math.inf)
     return joint - (torch.logsumexp(off.flatten(1), -1) - math.log(B * (B - 1)))
+
+
+def _dv_influence(fx: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DV bound per critic and its per-sample influence values (for a standard error).
+
+    DV = A − log B with A = mean_i T(x_i, y_i) and B = mean_{i≠j} e^{T(x_i, y_j)}, a U-statistic
+    of order 2. Its Hoeffding projection gives B − B₀ ≈ (2/n) Σ_i (h_i − B), h_i = ½(mean_j
+    e^{T(x_i, y_j)} + mean_j e^{T(x_j, y_i)}), so DV − DV₀ ≈ (1/n) Σ_i ψ_i with
+    ψ_i = (T(x_i, y_i) − A) − 2 (h_i − B) / B, and SE(DV) ≈ std(ψ) / √n.
+    Returns ``(dv (E,), psi (E, n))``.
+    """
+    s = fx @ gy.transpose(1, 2)
+    n = s.shape[-1]
+    diag = s.diagonal(dim1=1, dim2=2)
+    off = s.masked_fill(torch.eye(n, dtype=torch.bool, device=s.device), -math.inf)
+    m = off.amax(dim=(1, 2), keepdim=True)  # e^{T − m} cannot overflow
+    e = torch.exp(off - m)
+    h = 0.5 * (e.sum(2) + e.sum(1)) / (n - 1)
+    B = e.sum(dim=(1, 2)) / (n * (n - 1))
+    A = diag.mean(-1)
+    dv = A - torch.log(B) - m.view(-1)
+    psi = (diag - A[:, None]) - 2.0 * (h - B[:, None]) / B[:, None]
+    return dv, psi
 
 
 def _check_xy(x, y, i: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,25 +163,38 @@ def _pad(ts: list[torch.Tensor], width: int) -> torch.Tensor:
     return torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in ts])
 
 
-def estimate_mi_many(
+def _reduce(z: torch.Tensor, tr: torch.Tensor, dim: int) -> torch.Tensor:
+    """Project standardized (E, N, d) data on its top ``dim`` principal axes, whitened.
+
+    The axes and scales come from the training rows only (eigenvectors of their covariance).
+    """
+    zt = z[:, tr]
+    cov = zt.transpose(1, 2) @ zt / max(tr.numel() - 1, 1)
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    evals, evecs = evals[:, -dim:].flip(-1), evecs[:, :, -dim:].flip(-1)
+    return (z @ evecs) / evals.clamp_min(1e-6).sqrt()[:, None, :]
+
+
+def _mine(
     xs: Sequence[torch.Tensor],
     ys: Sequence[torch.Tensor],
     *,
-    hidden: int = 64,
-    embed: int = 32,
-    steps: int = 800,
-    batch_size: int = 512,
-    lr: float = 3e-3,
-    eval_every: int = 50,
-    val_fraction: float = 0.2,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-) -> list[float]:
-    """MINE estimates (nats) of MI(xᵢ; yᵢ) for several pairs, trained together as one batch.
+    dim: int | None,
+    hidden: int,
+    embed: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    eval_every: int,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    group: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batched core: ``(test DV bound (E,), influence values (E, n_test))``.
 
-    Each pair gets its own critic; pairs may differ in dimension (inputs are zero-padded, which a
-    linear first layer ignores) but must have the same number of samples. See
-    :func:`estimate_mi` for the arguments.
+    Every pair uses the same seeded train/validation/test split of the N rows, so the influence
+    values of different estimates belong to the same test rows and may be combined (IE).
     """
     if len(xs) != len(ys) or not xs:
         raise ValueError("xs and ys must be non-empty sequences of the same length")
@@ -173,6 +214,8 @@ def estimate_mi_many(
     ):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+        raise ValueError(f"dim must be None or an integer >= 1, got {dim!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     E = len(pairs)
@@ -185,9 +228,26 @@ def estimate_mi_many(
     # Standardize with training statistics (the critic then sees unit-scale inputs).
     x = (x - x[:, tr].mean(1, keepdim=True)) / (x[:, tr].std(1, keepdim=True) + 1e-6)
     y = (y - y[:, tr].mean(1, keepdim=True)) / (y[:, tr].std(1, keepdim=True) + 1e-6)
+    if dim is not None:
+        if x.shape[-1] > dim:
+            x = _reduce(x, tr, dim)
+        if y.shape[-1] > dim:
+            y = _reduce(y, tr, dim)
+    groups = [slice(i, min(i + group, E)) for i in range(0, E, group)]
+
+    def evaluate(rows: torch.Tensor, influence: bool = False):
+        # In groups of critics: the (E, n, n) score matrix of all critics at once is large.
+        outs = []
+        for sel in groups:
+            fx, gy = f(x[sel][:, rows], sel), h(y[sel][:, rows], sel)
+            outs.append(_dv_influence(fx, gy) if influence else (_dv(fx, gy),))
+        return [torch.cat(parts) for parts in zip(*outs)]
+
     with torch.enable_grad():
-        f = _Critic(E, x.shape[-1], hidden, embed, g)
-        h = _Critic(E, y.shape[-1], hidden, embed, g)
+        # f's output layers start at zero: T(x, y) = f(x)ᵀ g(y) ≡ 0, so the DV bound starts at
+        # exactly 0 (a random critic starts far below, and on held-out data can stay there).
+        f = _Critic(E, x.shape[-1], hidden, embed, g, zero_out=True)
+        h = _Critic(E, y.shape[-1], hidden, embed, g, zero_out=False)
         params = f.params() + h.params()
         opt = torch.optim.Adam(params, lr=lr)
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -198,9 +258,10 @@ def estimate_mi_many(
         bs = min(batch_size, tr.numel())
         for step in range(steps + 1):
             if step % eval_every == 0 or step == steps:
-                # Early stopping per critic on the validation bound.
+                # Model selection per critic on the validation bound; step 0 is the zero critic
+                # (bound 0), so a critic that only overfits the training rows is never chosen.
                 with torch.no_grad():
-                    v = _dv(f(x[:, va]), h(y[:, va]))
+                    (v,) = evaluate(va)
                     better = v > best
                     best = torch.where(better, v, best)
                     for p, keep in zip(params, best_params):
@@ -216,17 +277,61 @@ def estimate_mi_many(
     with torch.no_grad():
         for p, keep in zip(params, best_params):
             p.copy_(keep)
-        est = _dv(f(x[:, te]), h(y[:, te]))
-    return [float(v) for v in est]
+        return evaluate(te, influence=True)
+
+
+def estimate_mi_many(
+    xs: Sequence[torch.Tensor],
+    ys: Sequence[torch.Tensor],
+    *,
+    dim: int | None = None,
+    hidden: int = 64,
+    embed: int = 32,
+    steps: int = 600,
+    batch_size: int = 512,
+    lr: float = 3e-3,
+    eval_every: int = 50,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    return_se: bool = False,
+) -> list[float] | tuple[list[float], list[float]]:
+    """MINE estimates (nats) of MI(xᵢ; yᵢ) for several pairs, trained together as one batch.
+
+    Each pair gets its own critic; pairs may differ in dimension (inputs are zero-padded, which a
+    linear first layer ignores) but must have the same number of samples. See
+    :func:`estimate_mi` for the arguments. With ``return_se`` returns ``(estimates, standard
+    errors)``.
+    """
+    dv, psi = _mine(
+        xs,
+        ys,
+        dim=dim,
+        hidden=hidden,
+        embed=embed,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        eval_every=eval_every,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+    )
+    values = [float(v) for v in dv]
+    if not return_se:
+        return values
+    se = psi.std(-1) / math.sqrt(psi.shape[-1])
+    return values, [float(v) for v in se]
 
 
 def estimate_mi(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
+    dim: int | None = None,
     hidden: int = 64,
     embed: int = 32,
-    steps: int = 800,
+    steps: int = 600,
     batch_size: int = 512,
     lr: float = 3e-3,
     eval_every: int = 50,
@@ -238,23 +343,31 @@ def estimate_mi(
 
     Args:
         x, y: (N, d_x) and (N, d_y) paired samples (1-D tensors are one column).
+        dim: if set, each side is first reduced to its top ``dim`` principal components
+            (whitened), fitted on the training rows. A function of x (or of y) can only lower
+            the MI (data processing inequality), so the result stays a lower bound, of the MI
+            of the projections; it keeps a few-thousand-sample critic from overfitting
+            hundreds of input coordinates.
         hidden, embed: width of the critic's MLPs and of its embedding (T(x, y) = f(x)ᵀ g(y)).
         steps, batch_size, lr: Adam training (cosine-decayed lr); every minibatch scores all
             batch_size² pairs (the off-diagonal ones are the product-of-marginals samples).
-        eval_every: validation interval for early stopping.
+        eval_every: validation interval for model selection.
         val_fraction, test_fraction: held-out shares; the returned value is the bound on the
             test share with the critic of the best validation bound.
-        seed: seeds the split, the initialization and the minibatches.
+        seed: seeds the split, the initialization and the minibatches (same seed, same value).
 
     Returns:
-        The held-out DV estimate (nats). It is a lower bound up to sampling noise: it
-        underestimates when the critic cannot fit the density ratio (large d with few samples).
-        On correlated Gaussians with N = 10⁴ it is within 10% of the analytic value for d ≤ 8
-        and MI ≤ 2.5 nats (see tests/test_emergence.py).
+        The held-out DV bound (nats), not clamped: the critic starts at T ≡ 0 (bound 0) and the
+        critic kept is the best on validation rows, so it is ≥ 0 up to test-sample noise (its
+        standard error: :func:`estimate_mi_many` with ``return_se=True``). It underestimates
+        when the critic cannot fit the density ratio (large d or MI with few samples). On
+        correlated Gaussians with N = 10⁴, d ≤ 4 and MI ≤ 2.5 nats it is within 10% of the
+        analytic value (tests/test_emergence.py).
     """
     return estimate_mi_many(
         [x],
         [y],
+        dim=dim,
         hidden=hidden,
         embed=embed,
         steps=steps,
@@ -346,28 +459,35 @@ def capture_block_states(
 
 
 def text_windows(corpus, tokenizer, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """``n`` windows of ``seq_len`` tokens of natural text, each starting a sentence.
+    """``n`` windows of ``seq_len`` consecutive tokens of natural text, drawn with ``seed``.
 
-    As in the paper's natural-sentence data: spans that start right after a period and hold no
-    newline; drawn without replacement with ``seed``.
+    As in the paper's natural-sentence data (spans that start right after a period and hold no
+    newline), windows never cross a sentence or a paragraph: each sentence is cut into
+    consecutive, non-overlapping windows from its start (a remainder shorter than ``seq_len`` is
+    dropped). The first window of a sentence starts it; later ones start mid-sentence, as the
+    paper's did (it kept the last 8 tokens of 16-token spans). Long sentences thus give several
+    windows, which is what lets the default corpus reach a few thousand windows of 8 tokens.
     """
     import random
     import re
 
-    if n < 1 or seq_len < 2:
-        raise ValueError(f"need n >= 1 and seq_len >= 2, got n={n}, seq_len={seq_len}")
+    for name, v, lo in (("n", n, 1), ("seq_len", seq_len, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
     docs = corpus.documents if hasattr(corpus, "documents") else list(corpus)
     sentences = []
     for doc in docs:
         for para in re.split(r"\n\s*\n", doc):
             flat = " ".join(para.split())
             sentences.extend(s.strip() for s in re.split(r"(?<=[.!?])\s+", flat) if s.strip())
-    encoded = tokenizer(sentences, add_special_tokens=False)["input_ids"]
-    windows = [ids[:seq_len] for ids in encoded if len(ids) >= seq_len]
+    encoded = tokenizer(sentences, add_special_tokens=False)["input_ids"] if sentences else []
+    windows = [
+        ids[i : i + seq_len] for ids in encoded for i in range(0, len(ids) - seq_len + 1, seq_len)
+    ]
     if len(windows) < n:
         raise ValueError(
-            f"the corpus yields only {len(windows)} sentences of >= {seq_len} tokens; "
-            f"asked for n={n}"
+            f"the corpus yields only {len(windows)} windows of {seq_len} tokens inside sentences; "
+            f"asked for n={n} (lower n or seq_len, or pass a larger corpus)"
         )
     random.Random(seed).shuffle(windows)
     return torch.tensor(windows[:n], dtype=torch.long)
