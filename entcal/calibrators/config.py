@@ -11,29 +11,30 @@ __all__ = ["TrainConfig"]
 class TrainConfig:
     """Settings of a training run.
 
-    The defaults made the shipped SmolLM2 predictor. They are small because the machine it was
-    trained on (2 shared CPU cores) gave one 8-position document of labels about 10 minutes;
-    on a free machine raise ``label_pairs`` / ``refit_pairs`` first.
+    The defaults made the shipped SmolLM2 predictor (492 s on 2 shared CPU cores). Horizon 1
+    makes every label exact (the next-step entropy after the candidate, no sampling), which on
+    this corpus gave a better held-out R² than noisy 4-step Monte-Carlo labels on fewer
+    positions; ridge is chosen for speed at sampling time (Ĥ of every token in closed form).
     """
 
     model: str = "smollm2-135m"
     corpus: str | None = None
     seed: int = 0
-    label_pairs: int = 2  # documents for round-0 labels
-    refit_pairs: int = 1  # documents per refit round
-    positions_per_pair: int = 8
-    top_k: int = 12
-    n_tail: int = 3
-    horizon: int = 4
+    label_pairs: int = 24  # documents for round-0 labels
+    refit_pairs: int = 12  # documents per refit round
+    positions_per_pair: int = 16
+    top_k: int = 16
+    n_tail: int = 4
+    horizon: int = 1
     table_dim: int = 8
-    alpha_pairs: int = 8
+    alpha_pairs: int = 16
     alpha_positions_per_pair: int = 64
     test_pairs: int = 3
     bucket_edges: tuple[int, ...] = (16, 64, 128)
     refit_rounds: int = 1
     prompt_tokens: int = 128
     continuation_tokens: int = 256
-    estimator: str = "auto"
+    estimator: str = "ridge"
 
     def validate(self) -> None:
         for name in (

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-_DEFAULT_DECODERS = "ancestral; temperature=0.9; top_p=0.95; min_p=0.05; typical=0.9; eta=0.0009"
+from entcal.eval.defaults import DEFAULT_DECODERS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--decoders",
         default=None,
-        help=f"';'-separated decoder specs (default: {_DEFAULT_DECODERS!r})",
+        help=f"';'-separated decoder specs (default: {DEFAULT_DECODERS!r})",
     )
     parser.add_argument("--n", type=int, default=None, help="number of prompts (default 32)")
     parser.add_argument(
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from entcal.eval.compare import DEFAULT_DECODERS, QUICK, CompareConfig, parse_decoders
+    from entcal.eval.compare import QUICK, CompareConfig, parse_decoders
 
     decoders = args.decoders if args.decoders is not None else DEFAULT_DECODERS
     # Unknown decoders fail here, before the model is loaded or anything generated.

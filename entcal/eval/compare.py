@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from entcal.eval import calibration, detect, diversity, scoring, typical
+from entcal.eval.defaults import DEFAULT_DECODERS
 
 __all__ = [
     "DEFAULT_DECODERS",
@@ -49,7 +50,6 @@ __all__ = [
     "to_json",
 ]
 
-DEFAULT_DECODERS = "ancestral; temperature=0.9; top_p=0.95; min_p=0.05; typical=0.9; eta=0.0009"
 #: Settings of ``--quick`` (the same decoders, fewer and shorter texts).
 QUICK = {"n": 8, "length": 48, "prompt_tokens": 64}
 SCHEMA_VERSION = 1

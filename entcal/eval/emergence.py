@@ -100,9 +100,22 @@ class _Critic:
         return h + torch.baddbmm(self.skip[1][sel], x, self.skip[0][sel])
 
 
+# Critic scores are clipped to [−CAP, CAP] nats. Any bounded critic still gives a valid DV
+# bound; the clip bounds how far one pair can move it. Without it, a critic that has grown
+# over-confident on a rare training state (scores of 25 seen for a token seen once) meets two
+# copies of that state among the held-out rows, and the one negative pair between them drags
+# the held-out bound to −9 nats. e^10 among ~10⁶ negative pairs moves the bound by ~0.03.
+_SCORE_CAP = 10.0
+
+
+def _scores(fx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    """(E, B, B) critic scores s[e, i, j] = T(x_i, y_j) = clip(f(x_i)ᵀ g(y_j))."""
+    return (fx @ gy.transpose(1, 2)).clamp(-_SCORE_CAP, _SCORE_CAP)
+
+
 def _dv(fx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
     """Donsker–Varadhan bound per critic: mean diagonal − log mean exp of off-diagonal scores."""
-    s = fx @ gy.transpose(1, 2)  # (E, B, B): s[e, i, j] = T(x_i, y_j)
+    s = _scores(fx, gy)
     B = s.shape[-1]
     joint = s.diagonal(dim1=1, dim2=2).mean(-1)
     off = s.masked_fill(torch.eye(B, dtype=torch.bool, device=s.device), -math.inf)
@@ -118,7 +131,7 @@ def _dv_influence(fx: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, tor
     ψ_i = (T(x_i, y_i) − A) − 2 (h_i − B) / B, and SE(DV) ≈ std(ψ) / √n.
     Returns ``(dv (E,), psi (E, n))``.
     """
-    s = fx @ gy.transpose(1, 2)
+    s = _scores(fx, gy)
     n = s.shape[-1]
     diag = s.diagonal(dim1=1, dim2=2)
     off = s.masked_fill(torch.eye(n, dtype=torch.bool, device=s.device), -math.inf)
@@ -163,22 +176,49 @@ def _pad(ts: list[torch.Tensor], width: int) -> torch.Tensor:
     return torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in ts])
 
 
-def _reduce(z: torch.Tensor, tr: torch.Tensor, dim: int) -> torch.Tensor:
-    """Project standardized (E, N, d) data on its top ``dim`` principal axes, whitened.
+def _standardize(z: torch.Tensor, fit: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """z-score each coordinate and, with ``dim``, project on the top ``dim`` principal axes
+    (whitened: unit variance each); all statistics come from the ``fit`` rows only."""
+    zf = z[:, fit]
+    z = (z - zf.mean(1, keepdim=True)) / (zf.std(1, keepdim=True) + 1e-6)
+    if dim is not None and z.shape[-1] > dim:
+        zf = z[:, fit]
+        cov = zf.transpose(1, 2) @ zf / max(fit.numel() - 1, 1)
+        evals, evecs = torch.linalg.eigh(cov)  # ascending
+        evals, evecs = evals[:, -dim:].flip(-1), evecs[:, :, -dim:].flip(-1)
+        z = (z @ evecs) / evals.clamp_min(1e-6).sqrt()[:, None, :]
+    return z
 
-    The axes and scales come from the training rows only (eigenvectors of their covariance).
-    """
-    zt = z[:, tr]
-    cov = zt.transpose(1, 2) @ zt / max(tr.numel() - 1, 1)
-    evals, evecs = torch.linalg.eigh(cov)  # ascending
-    evals, evecs = evals[:, -dim:].flip(-1), evecs[:, :, -dim:].flip(-1)
-    return (z @ evecs) / evals.clamp_min(1e-6).sqrt()[:, None, :]
+
+def _check_mine_args(**kw) -> None:
+    for name in ("hidden", "embed", "steps", "batch_size", "eval_every"):
+        v = kw[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    dim = kw["dim"]
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+        raise ValueError(f"dim must be None or an integer >= 1, got {dim!r}")
+    if not kw["lr"] > 0:
+        raise ValueError(f"lr must be > 0, got {kw['lr']}")
+
+
+def _split(n: int, val_fraction: float, test_fraction: float, g: torch.Generator):
+    for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < v < 0.5:
+            raise ValueError(f"{name} must lie in (0, 0.5), got {v}")
+    perm = torch.randperm(n, generator=g)
+    n_val, n_test = max(2, int(n * val_fraction)), max(2, int(n * test_fraction))
+    return perm[n_test + n_val :], perm[n_test : n_test + n_val], perm[:n_test]
 
 
 def _mine(
-    xs: Sequence[torch.Tensor],
-    ys: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    train: torch.Tensor,
+    val: torch.Tensor,
+    tests: Sequence[torch.Tensor],
     *,
+    g: torch.Generator,
     dim: int | None,
     hidden: int,
     embed: int,
@@ -186,60 +226,42 @@ def _mine(
     batch_size: int,
     lr: float,
     eval_every: int,
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
+    squash: float = 3.0,
+    max_fit: int = 4096,
+    max_val: int = 1024,
     group: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batched core: ``(test DV bound (E,), influence values (E, n_test))``.
+    noise: float = 0.0,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The batched core: E critics, one per pair ``x[e], y[e]`` ((E, N, d) tensors).
 
-    Every pair uses the same seeded train/validation/test split of the N rows, so the influence
-    values of different estimates belong to the same test rows and may be combined (IE).
+    Trains on the ``train`` rows, keeps per critic the parameters of the best DV bound on (at
+    most ``max_val`` of) the ``val`` rows, and returns for every row set in ``tests`` the
+    held-out bound and its influence values: ``[(dv (E,), psi (E, n_test)), ...]``.
     """
-    if len(xs) != len(ys) or not xs:
-        raise ValueError("xs and ys must be non-empty sequences of the same length")
-    pairs = [_check_xy(x, y, i) for i, (x, y) in enumerate(zip(xs, ys))]
-    n = pairs[0][0].shape[0]
-    if any(p[0].shape[0] != n for p in pairs):
-        raise ValueError("all pairs must have the same number of samples")
-    for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 < v < 0.5:
-            raise ValueError(f"{name} must lie in (0, 0.5), got {v}")
-    for name, v in (
-        ("hidden", hidden),
-        ("embed", embed),
-        ("steps", steps),
-        ("batch_size", batch_size),
-        ("eval_every", eval_every),
-    ):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
-        raise ValueError(f"dim must be None or an integer >= 1, got {dim!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    E = len(pairs)
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g)
-    n_val, n_test = max(2, int(n * val_fraction)), max(2, int(n * test_fraction))
-    te, va, tr = perm[:n_test], perm[n_test : n_test + n_val], perm[n_test + n_val :]
-    x = _pad([p[0] for p in pairs], max(p[0].shape[1] for p in pairs))
-    y = _pad([p[1] for p in pairs], max(p[1].shape[1] for p in pairs))
-    # Standardize with training statistics (the critic then sees unit-scale inputs).
-    x = (x - x[:, tr].mean(1, keepdim=True)) / (x[:, tr].std(1, keepdim=True) + 1e-6)
-    y = (y - y[:, tr].mean(1, keepdim=True)) / (y[:, tr].std(1, keepdim=True) + 1e-6)
-    if dim is not None:
-        if x.shape[-1] > dim:
-            x = _reduce(x, tr, dim)
-        if y.shape[-1] > dim:
-            y = _reduce(y, tr, dim)
+    E = x.shape[0]
+    fit = train[:max_fit]  # train is shuffled: its first rows are a random subset
+    x = _standardize(x, fit, dim)
+    y = _standardize(y, fit, dim)
+
+    def inputs(z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        # Noise (if any) is part of the variables measured: fresh draws for every training
+        # minibatch, one seeded draw per held-out row. The squash c·tanh(·/c) is invertible
+        # (the MI is unchanged) and bounds the critic's inputs, so a held-out state far outside
+        # the training cloud cannot produce an extreme score: one such score on a negative
+        # pair can drag the held-out DV bound far below zero.
+        z = z[:, rows]
+        if noise > 0:
+            z = z + noise * torch.randn(z.shape, generator=g)
+        return squash * torch.tanh(z / squash)
+
+    held_out = [(inputs(x, r), inputs(y, r)) for r in [val[:max_val], *tests]]
     groups = [slice(i, min(i + group, E)) for i in range(0, E, group)]
 
-    def evaluate(rows: torch.Tensor, influence: bool = False):
+    def evaluate(xr: torch.Tensor, yr: torch.Tensor, influence: bool = False):
         # In groups of critics: the (E, n, n) score matrix of all critics at once is large.
         outs = []
         for sel in groups:
-            fx, gy = f(x[sel][:, rows], sel), h(y[sel][:, rows], sel)
+            fx, gy = f(xr[sel], sel), h(yr[sel], sel)
             outs.append(_dv_influence(fx, gy) if influence else (_dv(fx, gy),))
         return [torch.cat(parts) for parts in zip(*outs)]
 
@@ -255,21 +277,21 @@ def _mine(
         )
         best = torch.full((E,), -math.inf)
         best_params = [p.detach().clone() for p in params]
-        bs = min(batch_size, tr.numel())
+        bs = min(batch_size, train.numel())
         for step in range(steps + 1):
             if step % eval_every == 0 or step == steps:
                 # Model selection per critic on the validation bound; step 0 is the zero critic
                 # (bound 0), so a critic that only overfits the training rows is never chosen.
                 with torch.no_grad():
-                    (v,) = evaluate(va)
+                    (v,) = evaluate(*held_out[0])
                     better = v > best
                     best = torch.where(better, v, best)
                     for p, keep in zip(params, best_params):
                         keep.copy_(torch.where(better.view(-1, *[1] * (p.dim() - 1)), p, keep))
             if step == steps:
                 break
-            idx = tr[torch.randperm(tr.numel(), generator=g)[:bs]]
-            loss = -_dv(f(x[:, idx]), h(y[:, idx])).sum()
+            idx = train[torch.randperm(train.numel(), generator=g)[:bs]]
+            loss = -_dv(f(inputs(x, idx)), h(inputs(y, idx))).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -277,7 +299,7 @@ def _mine(
     with torch.no_grad():
         for p, keep in zip(params, best_params):
             p.copy_(keep)
-        return evaluate(te, influence=True)
+        return [tuple(evaluate(xr, yr, influence=True)) for xr, yr in held_out[1:]]
 
 
 def estimate_mi_many(
@@ -299,13 +321,13 @@ def estimate_mi_many(
     """MINE estimates (nats) of MI(xᵢ; yᵢ) for several pairs, trained together as one batch.
 
     Each pair gets its own critic; pairs may differ in dimension (inputs are zero-padded, which a
-    linear first layer ignores) but must have the same number of samples. See
-    :func:`estimate_mi` for the arguments. With ``return_se`` returns ``(estimates, standard
-    errors)``.
+    linear first layer ignores) but must have the same number of samples, and share one seeded
+    train/validation/test split. See :func:`estimate_mi` for the arguments. With ``return_se``
+    returns ``(estimates, standard errors)``; the standard error is that of the held-out bound
+    over the test rows (first-order U-statistic expansion), for the trained critic: it does not
+    include the spread over training seeds.
     """
-    dv, psi = _mine(
-        xs,
-        ys,
+    mine = dict(
         dim=dim,
         hidden=hidden,
         embed=embed,
@@ -313,10 +335,19 @@ def estimate_mi_many(
         batch_size=batch_size,
         lr=lr,
         eval_every=eval_every,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        seed=seed,
     )
+    _check_mine_args(**mine)
+    if len(xs) != len(ys) or not xs:
+        raise ValueError("xs and ys must be non-empty sequences of the same length")
+    pairs = [_check_xy(x, y, i) for i, (x, y) in enumerate(zip(xs, ys))]
+    n = pairs[0][0].shape[0]
+    if any(p[0].shape[0] != n for p in pairs):
+        raise ValueError("all pairs must have the same number of samples")
+    g = torch.Generator().manual_seed(seed)
+    train, val, test = _split(n, val_fraction, test_fraction, g)
+    x = _pad([p[0] for p in pairs], max(p[0].shape[1] for p in pairs))
+    y = _pad([p[1] for p in pairs], max(p[1].shape[1] for p in pairs))
+    [(dv, psi)] = _mine(x, y, train, val, [test], g=g, **mine)
     values = [float(v) for v in dv]
     if not return_se:
         return values

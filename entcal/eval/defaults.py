@@ -1,0 +1,12 @@
+"""Defaults of ``entcal compare``, free of torch so that the CLI can show them instantly."""
+
+from __future__ import annotations
+
+__all__ = ["DEFAULT_DECODERS"]
+
+#: The decoders ``entcal compare`` (and ``make run``) compares unless told otherwise: the
+#: untruncated baseline, a temperature, the usual truncations and the calibrated decoder (the
+#: shipped predictor of the embedded model).
+DEFAULT_DECODERS = (
+    "ancestral; temperature=0.9; top_p=0.95; min_p=0.05; typical=0.9; eta=0.0009; calibrated"
+)
