@@ -259,3 +259,18 @@ def test_min_tokens_to_keep_beyond_the_rule():
         ):  # fmt: skip
             assert torch.equal(ours, removed(warper, x))
             assert bool(((~ours).sum(-1) >= mk).all())
+
+
+def test_top_p_inexact_mode_is_the_float64_nucleus_even_at_one_minus_1e_4():
+    """exact=False decides from entcal's float64 masses alone: the kept set is the float64
+    nucleus of softmax(logits), also where float32 cumulative sums cannot resolve it."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.cat([make_batch(g, 3, 49152, k) for k in KINDS])
+    for top_p in (0.9, 0.999, 1 - 1e-4):
+        ours = ops.top_p_mask(x, top_p, exact=False)
+        p = torch.softmax(x.double(), -1)
+        srt = p.sort(-1, descending=True)
+        before = srt.values.cumsum(-1) - srt.values
+        kept_n = (before < top_p).sum(-1)
+        thr = x.gather(-1, srt.indices.gather(-1, (kept_n - 1).view(-1, 1)))
+        assert torch.equal(ours, x < thr), top_p
