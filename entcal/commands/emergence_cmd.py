@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="information emergence (IE) per transformer block, MI by a MINE critic",
         description=(
             "IE(l) = MI(block output; block input) of the last token in context minus the mean "
-            "MI of tokens fed alone, on sentence windows of human text. Writes "
+            "MI of tokens fed alone, on windows of human text; MI = held-out MINE bound with "
+            "its standard error. Writes "
             "OUT/results.json, OUT/report.md and PNG plots."
         ),
     )
@@ -35,16 +36,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--layers", type=_ints, default=None, help="comma-separated block indices (default: all)"
     )
-    parser.add_argument("--n", type=int, default=1024, help="sentence windows (default 1024)")
+    parser.add_argument(
+        "--n", type=int, default=4096, help="distinct text windows, MI samples (default 4096)"
+    )
     parser.add_argument("--seq-len", type=int, default=8, help="tokens per window T (default 8)")
-    parser.add_argument("--dim", type=int, default=16, help="principal components (default 16)")
+    parser.add_argument(
+        "--dim", type=int, default=32, help="whitened principal components per state (default 32)"
+    )
+    parser.add_argument(
+        "--noise",
+        type=float,
+        default=1.0,
+        help="σ of the Gaussian noise per whitened component, which makes the MI of the "
+        "deterministic blocks finite (default 1.0; 0: none)",
+    )
     parser.add_argument(
         "--positions",
         action="store_true",
         help="also IE vs position (T more MI estimates per block)",
     )
-    parser.add_argument("--mine-steps", type=int, default=400, help="MINE steps (default 400)")
-    parser.add_argument("--mine-batch", type=int, default=256, help="MINE batch (default 256)")
+    parser.add_argument("--mine-steps", type=int, default=600, help="MINE steps (default 600)")
+    parser.add_argument("--mine-batch", type=int, default=512, help="MINE batch (default 512)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--out", required=True, help="output folder")
@@ -54,6 +66,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.n < 100:
         raise ValueError(f"--n must be >= 100 for MI estimation, got {args.n}")
+    if args.dim < 1:
+        raise ValueError(f"--dim must be >= 1, got {args.dim}")
+    if not args.noise >= 0:
+        raise ValueError(f"--noise must be >= 0, got {args.noise}")
+    if args.mine_steps < 1 or args.mine_batch < 2:
+        raise ValueError(
+            f"--mine-steps must be >= 1 and --mine-batch >= 2, got {args.mine_steps}, "
+            f"{args.mine_batch}"
+        )
     if args.seq_len < 2:
         raise ValueError(f"--seq-len must be >= 2, got {args.seq_len}")
     if args.layers is not None and any(v < 0 for v in args.layers):
@@ -76,6 +97,7 @@ def _run(args: argparse.Namespace) -> int:
         n_sequences=args.n,
         seq_len=args.seq_len,
         dim=args.dim,
+        noise=args.noise,
         positions=args.positions,
         seed=args.seed,
         progress=not args.no_progress,
@@ -85,7 +107,10 @@ def _run(args: argparse.Namespace) -> int:
     meta = {"model": args.model, "human": args.human or "pydoc", "seconds": None}
     meta["seconds"] = round(time.time() - start, 1)
     files = write_report(result, meta, Path(args.out))
-    for layer, ie, ma, mi in zip(result.layers, result.ie, result.mi_macro, result.mi_micro):
-        print(f"block {layer:>2}: IE={ie:+.3f}  MI macro={ma:.3f}  MI micro={mi:.3f}")
+    for i, layer in enumerate(result.layers):
+        print(
+            f"block {layer:>2}: IE={result.ie[i]:+.3f} ± {result.ie_se[i]:.3f}  "
+            f"MI macro={result.mi_macro[i]:.3f}  MI micro={result.mi_micro[i]:.3f}"
+        )
     print("wrote " + ", ".join(str(f) for f in files))
     return 0

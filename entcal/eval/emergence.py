@@ -17,23 +17,26 @@ How it is computed here:
   the input, a hook for the output). The authors' Gemma/OpenLlama samplers saved the *input* as
   the "output" (a variable that still pointed at the layer input); the tests check that the
   captured output differs from the input and equals the next block's input;
-* states are reduced to ``dim`` principal components (per block and side, fitted on the first
-  chunk of macro states after z-scoring each coordinate, then applied to every state, micro ones
-  included). The paper used raw 768-dim slices of 300k sequences: far beyond a CPU budget;
+* windows: ``n_sequences`` (default 4096) distinct windows of T tokens cut from the sentences
+  of human text, split once (seeded) into train / validation / test windows;
 * MI is estimated by a MINE critic trained on the Donsker–Varadhan bound (Belghazi et al. 2018):
 
       I(X; Y) ≥ E_P[T(x, y)] − log E_{P_X ⊗ P_Y}[e^{T(x, y)}],
 
-  with a separable critic T(x, y) = f(x)ᵀ g(y) (f, g: two-layer MLPs with a linear skip), so
-  every minibatch uses all B(B − 1) shuffled pairs as negatives in one matrix product. The data
-  are split train / validation / test; training stops at the best validation bound and the
-  *test* bound is returned (the paper reported the maximum over training, which is biased up).
-  Many estimates train at once as one batched network (``torch.bmm``).
+  with a separable critic T(x, y) = clip(f(x)ᵀ g(y), ±10) (f, g: two-layer MLPs with a linear
+  skip), so every minibatch uses all B(B − 1) shuffled pairs as negatives in one matrix
+  product. f's output layers start at zero, so T ≡ 0 and the bound starts at exactly 0; the
+  critic kept is the best on validation rows (the zero critic included) and the *test* bound
+  is returned with its standard error (the paper reported the maximum over training, biased
+  up). Many estimates train at once as one batched network (``torch.bmm``);
+* for IE, each state is reduced to ``dim`` (32) whitened principal components fitted on the
+  train windows (a projection can only lower MI: the bound stays a lower bound), and
+  independent N(0, σ²) noise (σ = ``noise`` = 1) is added to each component, which makes the
+  MI of a deterministic block finite (see :func:`information_emergence` for why each choice).
 
 Blocks are deterministic, so the MI between a block's input and output is formally infinite for
-continuous states; like the paper's, these values depend on the estimator (its capacity, ``dim``,
-the sample size), as its reviewers pointed out. Compare IE across layers or models only at equal
-settings.
+continuous states, as the paper's reviewers pointed out; with the noise it is finite but depends
+on σ and ``dim``. Compare IE across layers or models only at equal settings.
 
 Example::
 
@@ -176,18 +179,24 @@ def _pad(ts: list[torch.Tensor], width: int) -> torch.Tensor:
     return torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in ts])
 
 
-def _standardize(z: torch.Tensor, fit: torch.Tensor, dim: int | None) -> torch.Tensor:
-    """z-score each coordinate and, with ``dim``, project on the top ``dim`` principal axes
-    (whitened: unit variance each); all statistics come from the ``fit`` rows only."""
-    zf = z[:, fit]
-    z = (z - zf.mean(1, keepdim=True)) / (zf.std(1, keepdim=True) + 1e-6)
-    if dim is not None and z.shape[-1] > dim:
-        zf = z[:, fit]
-        cov = zf.transpose(1, 2) @ zf / max(fit.numel() - 1, 1)
+def _whitener(fit: torch.Tensor, dim: int | None):
+    """From (E, n, d) fitting rows: a map z-scoring each coordinate and, with ``dim``,
+    projecting on the top ``dim`` principal axes of the z-scored rows, whitened (unit variance
+    each). Batched over the E pairs."""
+    mean, std = fit.mean(1, keepdim=True), fit.std(1, keepdim=True) + 1e-6
+    basis = None
+    if dim is not None and fit.shape[-1] > dim:
+        zf = (fit - mean) / std
+        cov = zf.transpose(1, 2) @ zf / max(fit.shape[1] - 1, 1)
         evals, evecs = torch.linalg.eigh(cov)  # ascending
         evals, evecs = evals[:, -dim:].flip(-1), evecs[:, :, -dim:].flip(-1)
-        z = (z @ evecs) / evals.clamp_min(1e-6).sqrt()[:, None, :]
-    return z
+        basis = evecs / evals.clamp_min(1e-6).sqrt()[:, None, :]
+
+    def apply(z: torch.Tensor) -> torch.Tensor:
+        z = (z - mean) / std
+        return z if basis is None else z @ basis
+
+    return apply
 
 
 def _check_mine_args(**kw) -> None:
@@ -240,8 +249,8 @@ def _mine(
     """
     E = x.shape[0]
     fit = train[:max_fit]  # train is shuffled: its first rows are a random subset
-    x = _standardize(x, fit, dim)
-    y = _standardize(y, fit, dim)
+    x = _whitener(x[:, fit], dim)(x)
+    y = _whitener(y[:, fit], dim)(y)
 
     def inputs(z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         # Noise (if any) is part of the variables measured: fresh draws for every training
@@ -387,6 +396,11 @@ def estimate_mi(
             test share with the critic of the best validation bound.
         seed: seeds the split, the initialization and the minibatches (same seed, same value).
 
+    Inputs are z-scored with training statistics and squashed per coordinate with
+    3·tanh(·/3), an invertible map (the MI is unchanged) that keeps held-out outliers from
+    producing extreme critic scores; scores are clipped to ±10 for the same reason (a bounded
+    critic still gives a valid DV bound).
+
     Returns:
         The held-out DV bound (nats), not clamped: the critic starts at T ≡ 0 (bound 0) and the
         critic kept is the best on validation rows, so it is ≥ 0 up to test-sample noise (its
@@ -495,7 +509,7 @@ def text_windows(corpus, tokenizer, n: int, seq_len: int, seed: int = 0) -> torc
     As in the paper's natural-sentence data (spans that start right after a period and hold no
     newline), windows never cross a sentence or a paragraph: each sentence is cut into
     consecutive, non-overlapping windows from its start (a remainder shorter than ``seq_len`` is
-    dropped). The first window of a sentence starts it; later ones start mid-sentence, as the
+    dropped), and repeated windows are kept once. The first window of a sentence starts it; later ones start mid-sentence, as the
     paper's did (it kept the last 8 tokens of 16-token spans). Long sentences thus give several
     windows, which is what lets the default corpus reach a few thousand windows of 8 tokens.
     """
@@ -515,10 +529,14 @@ def text_windows(corpus, tokenizer, n: int, seq_len: int, seed: int = 0) -> torc
     windows = [
         ids[i : i + seq_len] for ids in encoded for i in range(0, len(ids) - seq_len + 1, seq_len)
     ]
+    # Distinct windows only: repeated phrases (boilerplate) give identical states, and a pair of
+    # identical macro states on the two sides of a negative pair is what a DV bound is most
+    # sensitive to.
+    windows = list(dict.fromkeys(tuple(w) for w in windows))
     if len(windows) < n:
         raise ValueError(
-            f"the corpus yields only {len(windows)} windows of {seq_len} tokens inside sentences; "
-            f"asked for n={n} (lower n or seq_len, or pass a larger corpus)"
+            f"the corpus yields only {len(windows)} distinct windows of {seq_len} tokens inside "
+            f"sentences; asked for n={n} (lower n or seq_len, or pass a larger corpus)"
         )
     random.Random(seed).shuffle(windows)
     return torch.tensor(windows[:n], dtype=torch.long)
@@ -533,27 +551,16 @@ def _bos_id(tokenizer) -> int | None:
     return bos if ids and ids[0] == bos else None
 
 
-class _Projector:
-    """z-score each coordinate, then keep the top ``dim`` principal components (whitened)."""
-
-    def __init__(self, x: torch.Tensor, dim: int):
-        self.mean = x.mean(0)
-        self.std = x.std(0) + 1e-6
-        z = (x - self.mean) / self.std
-        _, s, vh = torch.linalg.svd(z, full_matrices=False)
-        k = min(dim, vh.shape[0])
-        self.basis = vh[:k].T / (s[:k] / math.sqrt(max(x.shape[0] - 1, 1))).clamp_min(1e-6)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x - self.mean) / self.std) @ self.basis
-
-
 # --------------------------------------------------------------------------- IE
 
 
 @dataclasses.dataclass
 class EmergenceResult:
     """IE per block (and optionally per position), with the MI terms it is made of (nats).
+
+    Every value is a held-out DV bound on the ``n_test`` test windows; ``*_se`` are their
+    standard errors over those windows (first-order expansion; the spread over training seeds
+    is not included).
 
     Attributes:
         layers: block indices; ``ie[i]``, ``mi_macro[i]``, ``mi_micro[i]`` belong to ``layers[i]``.
@@ -566,19 +573,31 @@ class EmergenceResult:
     model: str
     layers: list[int]
     ie: list[float]
+    ie_se: list[float]
     mi_macro: list[float]
+    mi_macro_se: list[float]
     mi_micro: list[float]
+    mi_micro_se: list[float]
     mi_micro_positions: list[list[float]]
     mi_context_positions: list[list[float]] | None
     ie_positions: list[list[float]] | None
+    ie_positions_se: list[list[float]] | None
     n_sequences: int
+    n_test: int
     seq_len: int
-    dim: int
+    dim: int | None
+    noise: float
     bos: bool
+    seed: int
     mine: dict
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _se(psi: torch.Tensor) -> list[float]:
+    """Standard errors from influence values (..., n)."""
+    return (psi.std(-1) / math.sqrt(psi.shape[-1])).reshape(-1).tolist()
 
 
 @torch.inference_mode()
@@ -588,46 +607,103 @@ def information_emergence(
     corpus=None,
     *,
     layers: Sequence[int] | None = None,
-    n_sequences: int = 1024,
+    n_sequences: int = 4096,
     seq_len: int = 8,
-    dim: int = 16,
+    dim: int | None = 32,
+    noise: float = 1.0,
     positions: bool = False,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
     chunk: int = 128,
     seed: int = 0,
     progress: bool = False,
     **mine,
 ) -> EmergenceResult:
-    """IE(l) of the chosen blocks on ``n_sequences`` sentence windows of ``seq_len`` tokens.
+    """IE(l) of the chosen blocks on ``n_sequences`` distinct windows of ``seq_len`` tokens.
+
+    Each MI is the held-out DV bound of a MINE critic (see :func:`estimate_mi`), with these
+    choices, made so that the numbers are finite, stable and reproducible on a few thousand
+    windows (the paper used 300k sequences and reported the maximum bound seen in training):
+
+    * **Split by window.** The windows are split once (``seed``) into train / validation / test;
+      every critic trains on the train windows, is selected on the validation windows and is
+      evaluated on the same test windows, so the IE's standard error can account for the
+      correlation of its macro and micro terms (from their per-window influence values).
+    * **Reduction.** Each variable (block input or output; macro, or micro pooled over
+      positions) is z-scored and projected on its top ``dim`` principal components, whitened,
+      fitted on the train windows. A function of a variable can only lower its MI with another
+      (data processing), so the bound stays a lower bound (of the MI of the projections); a
+      critic on 32 inputs trains in seconds and does not overfit 576-dim states.
+    * **Noise.** Blocks are deterministic, so MI(h_{l+1}; h_l) is infinite for continuous states
+      and a DV estimate of it only measures the estimator (its capacity, the sample size): the
+      bound is dominated by a few near-identical windows (same last tokens) and moved by
+      several nats between seeds. With ``noise`` σ > 0 the MI measured is that of the whitened
+      projections plus independent N(0, σ²) noise on each component (input and output alike;
+      fresh draws in training, one seeded draw per held-out row), as in Goldfeld et al. (2019,
+      "Estimating information flow in deep neural networks"): finite, at most
+      (dim/2)·log(1 + 1/σ²) nats whatever the states' distribution (the capacity of a Gaussian
+      channel with unit power per component; 11.1 nats at the defaults), and in the range
+      where the estimator is accurate on Gaussians. ``noise=0`` gives the noise-free
+      variant.
+    * **Micro critic shared across positions.** Micro states depend only on the token, so one
+      critic per block is trained on the micro pairs of all positions and evaluated on each
+      position's test rows: each is still a valid lower bound of MI(micro_t), at 1/T of the cost.
+
+    Values depend on ``dim``, ``noise`` and the MINE settings: compare IE across layers or
+    models only at equal settings.
 
     Args:
         model, tokenizer: from :func:`entcal.models.load`.
         corpus: human text (default: :func:`entcal.corpora.load_corpus`).
         layers: block indices (default all); an index beyond the model is a ``ValueError``.
-        n_sequences, seq_len: samples per MI estimate, and T.
-        dim: principal components kept per state before MINE.
-        positions: also estimate the in-context MI at every position (IE vs position).
+        n_sequences, seq_len: windows (samples of each MI), and T.
+        dim: principal components kept per state (``None``: all coordinates).
+        noise: σ of the Gaussian noise added to each whitened component (0: none).
+        positions: also estimate the in-context MI at every position (IE vs position; one
+            critic per block and position).
+        val_fraction, test_fraction: shares of the windows held out.
         chunk: sequences per forward pass.
-        seed: window sampling and MINE seed.
+        seed: window sampling, split, noise and MINE seed: same arguments, same numbers.
         progress: tqdm bars.
-        **mine: passed to :func:`estimate_mi_many` (steps, batch_size, hidden, embed, lr, ...).
+        **mine: MINE settings as in :func:`estimate_mi`: steps (600), batch_size (512),
+            hidden (64), embed (32), lr (3e-3), eval_every (50).
     """
     from entcal.corpora import load_corpus
 
     layers = check_layers(model, layers)
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
-    if n_sequences < 100:
-        raise ValueError(f"n_sequences must be >= 100 for MI estimation, got {n_sequences}")
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+        raise ValueError(f"dim must be None or an integer >= 1, got {dim!r}")
+    if isinstance(n_sequences, bool) or not isinstance(n_sequences, int) or n_sequences < 100:
+        raise ValueError(f"n_sequences must be an integer >= 100, got {n_sequences!r}")
+    if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    unknown = set(mine) - {"hidden", "embed", "steps", "batch_size", "lr", "eval_every"}
+    if unknown:
+        raise ValueError(f"unknown MINE settings {sorted(unknown)}")
+    mine = {
+        "hidden": 64,
+        "embed": 32,
+        "steps": 600,
+        "batch_size": 512,
+        "lr": 3e-3,
+        "eval_every": 50,
+        **mine,
+    }
+    _check_mine_args(dim=dim, **mine)
     corpus = load_corpus() if corpus is None else corpus
     windows = text_windows(corpus, tokenizer, n_sequences, seq_len, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    train, val, test = _split(n_sequences, val_fraction, test_fraction, g)
     bos = _bos_id(tokenizer)
     device = next(model.parameters()).device
     off = 1 if bos is not None else 0
     keep_pos = list(range(seq_len)) if positions else [seq_len - 1]
+    T, P = seq_len, len(keep_pos)
 
-    proj: dict[tuple[int, str], _Projector] = {}
-    macro_in: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    macro_out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    # Context states, float16 on the CPU (block states are O(10²) at most; the projections
+    # are fitted on them afterwards, on the train windows).
+    ctx_in = {layer: [] for layer in layers}
+    ctx_out = {layer: [] for layer in layers}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -639,11 +715,9 @@ def information_emergence(
             ids = torch.cat([torch.full((ids.shape[0], 1), bos, dtype=torch.long), ids], dim=1)
         ins, outs = capture_block_states(model, ids.to(device), layers)
         for layer in layers:
-            for side, states, store in (("in", ins, macro_in), ("out", outs, macro_out)):
-                h = states[layer][:, off:, :].cpu()  # drop BOS
-                if (layer, side) not in proj:
-                    proj[(layer, side)] = _Projector(h.reshape(-1, h.shape[-1]), dim)
-                store[layer].append(proj[(layer, side)](h[:, keep_pos, :]))
+            pos = [off + t for t in keep_pos]  # BOS dropped
+            ctx_in[layer].append(ins[layer][:, pos].cpu().half())
+            ctx_out[layer].append(outs[layer][:, pos].cpu().half())
         if bar is not None:
             bar.update(1)
     # Micro: each distinct token alone (after BOS where the model needs it); the states of
@@ -652,62 +726,85 @@ def information_emergence(
     micro_ids = uniq[:, None]
     if bos is not None:
         micro_ids = torch.cat([torch.full_like(micro_ids, bos), micro_ids], dim=1)
-    m_in: dict[int, torch.Tensor] = {}
-    m_out: dict[int, torch.Tensor] = {}
+    mic_in = {layer: [] for layer in layers}
+    mic_out = {layer: [] for layer in layers}
     for start in range(0, micro_ids.shape[0], chunk * seq_len):
         ins, outs = capture_block_states(
             model, micro_ids[start : start + chunk * seq_len].to(device), layers
         )
         for layer in layers:
-            a = proj[(layer, "in")](ins[layer][:, -1, :].cpu())
-            b = proj[(layer, "out")](outs[layer][:, -1, :].cpu())
-            m_in[layer] = a if layer not in m_in else torch.cat([m_in[layer], a])
-            m_out[layer] = b if layer not in m_out else torch.cat([m_out[layer], b])
+            mic_in[layer].append(ins[layer][:, -1].cpu())
+            mic_out[layer].append(outs[layer][:, -1].cpu())
     if bar is not None:
         bar.update(1)
         bar.close()
 
-    xs, ys, keys = [], [], []
-    for layer in layers:
-        cin = torch.cat(macro_in[layer])
-        cout = torch.cat(macro_out[layer])
-        for j, t in enumerate(keep_pos):
-            xs.append(cin[:, j])
-            ys.append(cout[:, j])
-            keys.append(("ctx", layer, t))
-        for t in range(seq_len):
-            xs.append(m_in[layer][inverse[:, t]])
-            ys.append(m_out[layer][inverse[:, t]])
-            keys.append(("micro", layer, t))
-    mine = {"seed": seed, **mine}
+    # Micro rows pooled over positions, window-major: row w·T + t is token t of window w.
+    def rows(w: torch.Tensor) -> torch.Tensor:
+        r = (w[:, None] * T + torch.arange(T)).reshape(-1)
+        return r[torch.randperm(r.numel(), generator=g)]
+
+    m_train, m_val = rows(train), rows(val)
+    m_tests = [test * T + t for t in range(T)]
+    tok_of_row = inverse.reshape(-1)
+    fit_w = train[:4096]  # PCA fitting rows: a random subset (train is shuffled) suffices
+    fit_r = m_train[:4096]
     with torch.inference_mode(False):
-        values = estimate_mi_many(xs, ys, **mine)
-    mi = dict(zip(keys, values))
-    ie, mi_macro, mi_micro, micro_pos, ctx_pos, ie_pos = [], [], [], [], [], []
-    for layer in layers:
-        micro = [mi[("micro", layer, t)] for t in range(seq_len)]
-        macro = mi[("ctx", layer, seq_len - 1)]
-        micro_pos.append(micro)
-        mi_micro.append(sum(micro) / seq_len)
-        mi_macro.append(macro)
-        ie.append(macro - sum(micro) / seq_len)
-        if positions:
-            ctx = [mi[("ctx", layer, t)] for t in range(seq_len)]
-            ctx_pos.append(ctx)
-            ie_pos.append([ctx[t] - sum(micro[: t + 1]) / (t + 1) for t in range(seq_len)])
+        # Reduce every variable to dim whitened components, fitted on train windows; the micro
+        # table (one row per distinct token) is reduced once, then expanded to rows.
+        cx, cy, mx, my = [], [], [], []
+        for layer in layers:
+            a = torch.cat(ctx_in.pop(layer)).float()
+            b = torch.cat(ctx_out.pop(layer)).float()
+            for j in range(P):
+                cx.append(_whitener(a[fit_w, j][None], dim)(a[:, j][None])[0])
+                cy.append(_whitener(b[fit_w, j][None], dim)(b[:, j][None])[0])
+            a, b = torch.cat(mic_in[layer]), torch.cat(mic_out[layer])
+            mx.append(_whitener(a[None, tok_of_row[fit_r]], dim)(a[None])[0][tok_of_row])
+            my.append(_whitener(b[None, tok_of_row[fit_r]], dim)(b[None])[0][tok_of_row])
+        settings = dict(g=g, dim=None, noise=float(noise), **mine)
+        [(ctx_dv, ctx_psi)] = _mine(
+            torch.stack(cx), torch.stack(cy), train, val, [test], **settings
+        )
+        micro = _mine(torch.stack(mx), torch.stack(my), m_train, m_val, m_tests, **settings)
+    ctx_dv = ctx_dv.view(len(layers), P)
+    ctx_psi = ctx_psi.view(len(layers), P, -1)
+    mic_dv = torch.stack([d for d, _ in micro], 1)  # (L, T)
+    mic_psi = torch.stack([p for _, p in micro], 1)  # (L, T, n_test)
+
+    macro_dv, macro_psi = ctx_dv[:, -1], ctx_psi[:, -1]
+    micro_mean, micro_psi = mic_dv.mean(1), mic_psi.mean(1)
+    ie = macro_dv - micro_mean
+    ie_psi = macro_psi - micro_psi
+    ie_pos = ie_pos_se = ctx_pos = None
+    if positions:
+        ctx_pos = ctx_dv.tolist()
+        # IE(l, t) = MI_ctx(t) − mean_{s ≤ t} MI_micro(s), with its influence values.
+        cum = torch.arange(1, T + 1)
+        run_dv = mic_dv.cumsum(1) / cum
+        run_psi = mic_psi.cumsum(1) / cum[:, None]
+        ie_pos = (ctx_dv - run_dv).tolist()
+        ie_pos_se = [_se(ctx_psi[i] - run_psi[i]) for i in range(len(layers))]
     return EmergenceResult(
         model=str(getattr(model, "name_or_path", type(model).__name__)),
         layers=layers,
-        ie=ie,
-        mi_macro=mi_macro,
-        mi_micro=mi_micro,
-        mi_micro_positions=micro_pos,
-        mi_context_positions=ctx_pos if positions else None,
-        ie_positions=ie_pos if positions else None,
+        ie=ie.tolist(),
+        ie_se=_se(ie_psi),
+        mi_macro=macro_dv.tolist(),
+        mi_macro_se=_se(macro_psi),
+        mi_micro=micro_mean.tolist(),
+        mi_micro_se=_se(micro_psi),
+        mi_micro_positions=mic_dv.tolist(),
+        mi_context_positions=ctx_pos,
+        ie_positions=ie_pos,
+        ie_positions_se=ie_pos_se,
         n_sequences=n_sequences,
+        n_test=int(test.numel()),
         seq_len=seq_len,
         dim=dim,
+        noise=float(noise),
         bos=bos is not None,
+        seed=seed,
         mine=mine,
     )
 
@@ -733,12 +830,26 @@ def write_report(result: EmergenceResult, meta: dict, out) -> list:
     paths = [out / "results.json"]
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True)
-    ax1.plot(result.layers, result.ie, "o-", color="C3")
+    ax1.errorbar(result.layers, result.ie, yerr=result.ie_se, fmt="o-", color="C3", capsize=2)
     ax1.axhline(0.0, color="gray", ls=":")
-    ax1.set_ylabel("IE(l) (nats)")
+    ax1.set_ylabel("IE(l) (nats, ± 1 SE)")
     ax1.set_title(f"{result.model}: information emergence per block")
-    ax2.plot(result.layers, result.mi_macro, "o-", label="MI macro (last token, in context)")
-    ax2.plot(result.layers, result.mi_micro, "s-", label="mean MI micro (token alone)")
+    ax2.errorbar(
+        result.layers,
+        result.mi_macro,
+        yerr=result.mi_macro_se,
+        fmt="o-",
+        capsize=2,
+        label="MI macro (last token, in context)",
+    )
+    ax2.errorbar(
+        result.layers,
+        result.mi_micro,
+        yerr=result.mi_micro_se,
+        fmt="s-",
+        capsize=2,
+        label="mean MI micro (token alone)",
+    )
     ax2.set_xlabel("block l")
     ax2.set_ylabel("MI(h_{l+1}; h_l) (nats)")
     ax2.legend(fontsize=8)
@@ -769,18 +880,26 @@ def write_report(result: EmergenceResult, meta: dict, out) -> list:
         "",
         "Chen et al. (arXiv 2405.12617): IE(l) = MI(h_{l+1}^macro; h_l^macro) − mean_t "
         "MI(h_{l+1}^micro_t; h_l^micro_t). Macro: the last token's state in the full sequence; "
-        "micro: token t fed alone. MI by a MINE (Donsker–Varadhan) critic, held-out test bound.",
+        "micro: token t fed alone. MI: held-out Donsker–Varadhan bound of a MINE critic "
+        "(selected on validation windows, evaluated on test windows), ± one standard error over "
+        "the test windows (training-seed spread not included).",
         "",
-        f"{result.n_sequences} sentence windows of {result.seq_len} tokens from "
-        f"`{meta.get('human', 'pydoc')}`, states reduced to {result.dim} principal components, "
-        f"BOS prepended: {result.bos}; MINE settings {result.mine}; {meta.get('seconds')} s. "
-        "Values depend on the estimator: compare only at equal settings.",
+        f"{result.n_sequences} distinct windows of {result.seq_len} tokens from "
+        f"`{meta.get('human', 'pydoc')}` ({result.n_test} test windows); each state reduced to "
+        f"{result.dim} whitened principal components plus N(0, {result.noise}²) noise per "
+        f"component; BOS prepended: {result.bos}; seed {result.seed}; MINE settings "
+        f"{result.mine}; {meta.get('seconds')} s. Values depend on these settings: compare only "
+        "at equal settings.",
         "",
         "| block | IE (nats) | MI macro | MI micro (mean over t) |",
         "|---|---|---|---|",
     ]
-    for layer, ie, ma, mi in zip(result.layers, result.ie, result.mi_macro, result.mi_micro):
-        lines.append(f"| {layer} | {ie:.3f} | {ma:.3f} | {mi:.3f} |")
+    for i, layer in enumerate(result.layers):
+        lines.append(
+            f"| {layer} | {result.ie[i]:+.3f} ± {result.ie_se[i]:.3f} "
+            f"| {result.mi_macro[i]:.3f} ± {result.mi_macro_se[i]:.3f} "
+            f"| {result.mi_micro[i]:.3f} ± {result.mi_micro_se[i]:.3f} |"
+        )
     lines += [""] + [f"![{q.stem}]({q.name})" for q in paths[1:]] + [""]
     p = out / "report.md"
     p.write_text("\n".join(lines))
