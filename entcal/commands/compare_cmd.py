@@ -7,6 +7,7 @@ A thin adapter over :func:`entcal.eval.compare.run_compare` (see there for the p
 from __future__ import annotations
 
 import argparse
+import sys
 
 from entcal.eval.defaults import DEFAULT_DECODERS
 
@@ -55,6 +56,15 @@ def _run(args: argparse.Namespace) -> int:
     from entcal.eval.compare import QUICK, CompareConfig, parse_decoders
 
     decoders = args.decoders if args.decoders is not None else DEFAULT_DECODERS
+    if args.decoders is None and args.model != "smollm2-135m":
+        # The shipped predictor is SmolLM2's; another model needs its own (entcal train).
+        decoders = "; ".join(d.strip() for d in decoders.split(";") if d.strip() != "calibrated")
+        print(
+            f"entcal compare: no shipped predictor for {args.model}; 'calibrated' left out of the "
+            "default decoders (train one with entcal train, then pass "
+            "--decoders '...; calibrated:predictor=DIR')",
+            file=sys.stderr,
+        )
     # Unknown decoders fail here, before the model is loaded or anything generated.
     parse_decoders(decoders)
     base = QUICK if args.quick else {"n": 32, "length": 256, "prompt_tokens": 128}
