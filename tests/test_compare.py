@@ -100,6 +100,7 @@ def test_compare_quick_on_smollm2(tmp_path, capsys):
         "min_p=0.05",
         "typical=0.9",
         "eta=0.0009",
+        "calibrated",
     ]
     assert list(res["decoders"]) == specs
     for spec, d in res["decoders"].items():
