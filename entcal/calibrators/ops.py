@@ -23,6 +23,7 @@ from torch import Tensor
 __all__ = [
     "COVER_MASS",
     "adjusted_logprobs",
+    "check_alpha",
     "cover_candidates",
     "cover_mask",
     "entropy_stats",
@@ -129,6 +130,12 @@ def fill_phi_dense(logprobs: Tensor, keep: Tensor, entropy: Tensor) -> Tensor:
     return logprobs - torch.where(keep, entropy, mean)
 
 
+def check_alpha(alpha: Tensor) -> None:
+    """``ValueError`` unless every α > −1 (the exponent ``1 + α`` of p must stay positive)."""
+    if bool((alpha <= -1).any()):
+        raise ValueError("alpha must be > -1 (the exponent 1 + alpha of p must stay positive)")
+
+
 def adjusted_logprobs(logprobs: Tensor, phi: Tensor, alpha: Tensor | float) -> Tensor:
     """``log p_α = log_softmax(log p + α·φ)`` with per-row ``alpha`` (shape ``(N,)`` or scalar).
 
@@ -138,8 +145,7 @@ def adjusted_logprobs(logprobs: Tensor, phi: Tensor, alpha: Tensor | float) -> T
     alpha_t = torch.as_tensor(alpha, dtype=logprobs.dtype, device=logprobs.device)
     if alpha_t.ndim == 1:
         alpha_t = alpha_t[:, None]
-    if bool((alpha_t <= -1).any()):
-        raise ValueError("alpha must be > -1 (the exponent 1 + alpha of p must stay positive)")
+    check_alpha(alpha_t)
     finite = torch.isfinite(logprobs)
     z = torch.where(finite, logprobs + alpha_t * torch.where(finite, phi, 0.0), logprobs)
     return torch.log_softmax(z, dim=-1)

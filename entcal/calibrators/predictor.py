@@ -34,6 +34,7 @@ from entcal.calibrators.features import candidate_features, feature_names
 from entcal.calibrators.ops import (
     COVER_MASS,
     adjusted_logprobs,
+    check_alpha,
     cover_candidates,
     cover_mask,
     entropy_stats,
@@ -129,6 +130,11 @@ def _quiet_fit(est, X, y):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         return est.fit(X, y)
+
+
+def _ridge_slope(w: Tensor, ent: Tensor, var: Tensor, lpos: Tensor) -> Tensor:
+    """Per-row coefficient ``A`` of ``lp`` in the ridge model's Ĥ (see ``_ridge_full``)."""
+    return w[0] + w[5] * ent + w[6] * var + w[7] * lpos
 
 
 class FutureEntropyPredictor:
@@ -317,7 +323,7 @@ class FutureEntropyPredictor:
         lpos = torch.log1p(position.to(logprobs.dtype))
         lp = logprobs.clamp_min(-80.0)  # as in the features
         row = t["ridge_c0"] + w[2] * ent + w[3] * var + w[4] * lpos + w[8] * ent * lpos
-        slope = w[0] + w[5] * ent + w[6] * var + w[7] * lpos
+        slope = _ridge_slope(w, ent, var, lpos)
         return row[:, None] + lp * (slope[:, None] + t["ridge_u2"] + w[1] * lp) + t["ridge_u"]
 
     def _ridge_prepare(self, t: dict) -> None:
@@ -369,8 +375,7 @@ class FutureEntropyPredictor:
         w = t["ridge_w"]
         n = logprobs.shape[0]
         a = torch.as_tensor(alpha, dtype=logprobs.dtype, device=logprobs.device).expand(n)
-        if bool((a <= -1).any()):
-            raise ValueError("alpha must be > -1 (the exponent 1 + alpha of p must stay positive)")
+        check_alpha(a)
         a = a.reshape(n, 1)
         p = logprobs.exp()
         lpc = logprobs.clamp_min(-80.0)  # as in the features
@@ -378,8 +383,7 @@ class FutureEntropyPredictor:
         ent = -plp.sum(-1)
         var = (torch.linalg.vecdot(plp, lpc) - ent * ent).clamp_min(0.0)
         del plp
-        lpos = torch.log1p(position.to(logprobs.dtype))
-        slope = w[0] + w[5] * ent + w[6] * var + w[7] * lpos
+        slope = _ridge_slope(w, ent, var, torch.log1p(position.to(logprobs.dtype)))
         g = lpc.mul(w[1]).add_(t["ridge_u2"]).add_(slope[:, None]).mul_(lpc).add_(t["ridge_u"])
         keep = cover_mask(logprobs, mass, probs=p)
         pk = torch.where(keep, p, 0.0)

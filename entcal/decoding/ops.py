@@ -298,8 +298,6 @@ TYPICAL_DEPTH = 5.0
 #: A crossing bucket with more tokens than this (near-uniform rows) is left to the exact sort.
 MAX_BUCKET = 4096
 
-_U32 = 2.0**-24  # float32 unit roundoff
-
 
 def _crossing(
     cum: Tensor,
