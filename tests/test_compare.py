@@ -68,13 +68,16 @@ def test_cache_makes_a_rerun_resume(tmp_path):
     assert gen_files[0].exists()
     first.pop("timing"), second.pop("timing")
     assert first == second  # same seeds: the recomputed batches are identical
-    # One more decoder: only its generations are new.
+    # One more decoder: only its generations and scores are new.
+    score_files = sorted((tmp_path / "cache").glob("score-*.pt"))
+    assert len(score_files) == (1 + 2) * 3  # human + two decoders, three prompt batches
+    stamps = {p: p.stat().st_mtime_ns for p in score_files}
     third = run("ancestral; top_p=0.9; temperature=0.5")
     assert len(list((tmp_path / "cache").glob("gen-*.pt"))) == 3 * 3
-    assert (
-        third["decoders"]["ancestral"]["gen_entropy"]
-        == first["decoders"]["ancestral"]["gen_entropy"]
-    )
+    assert len(list((tmp_path / "cache").glob("score-*.pt"))) == (1 + 3) * 3
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in score_files)
+    for spec in ("ancestral", "top_p=0.9"):
+        assert third["decoders"][spec] == first["decoders"][spec]
 
 
 def _finite(x) -> bool:

@@ -347,7 +347,12 @@ def _generate_all(model, tokenizer, prompts, decoders, config, base_key, cache, 
 
 def _score_all(model, observer, prompts, human, decoders, generations, config, base_key, cache):
     """Scores of the human text (raw + every decoder) and of every decoder's generations (raw),
-    per prompt batch, from the cache where possible."""
+    per prompt batch, from the cache where possible.
+
+    The cache holds one entry for the human text's raw scores and one per decoder (the human
+    text under that decoder, and that decoder's generations under the raw model), so adding a
+    decoder to a finished run scores only that decoder.
+    """
     n = len(prompts)
     bs = config.batch_size
     names = ["human", *decoders]
@@ -356,29 +361,38 @@ def _score_all(model, observer, prompts, human, decoders, generations, config, b
 
     bar = tqdm(total=n, unit="prompt", desc="scoring", disable=not config.progress)
     try:
-        for b, s in enumerate(range(0, n, bs)):
+        for s in range(0, n, bs):
             e = min(n, s + bs)
-            key = _digest(
-                {**base_key, "decoders": list(decoders), "rows": [s, e], "what": "score",
-                 "gen": [_digest(generations[d]["tokens"][s:e].tolist()) for d in decoders]}
-            )  # fmt: skip
-            path = cache / f"score-{key}.pt"
-            data = _load_cached(path)
-            if data is None:
-                requests = [scoring.ScoreRequest(human[s:e], decoders)]
+            rows = {**base_key, "rows": [s, e]}
+            paths = {"human": cache / f"score-{_digest({**rows, 'what': 'score-human'})}.pt"}
+            for d in decoders:
+                gen = _digest(generations[d]["tokens"][s:e].tolist())
+                key = _digest({**rows, "what": "score-decoder", "decoder": d, "gen": gen})
+                paths[d] = cache / f"score-{key}.pt"
+            data = {name: _load_cached(path) for name, path in paths.items()}
+            missing = [d for d in decoders if data[d] is None]
+            if data["human"] is None or missing:
+                requests = [scoring.ScoreRequest(human[s:e], {d: decoders[d] for d in missing})]
                 requests += [
-                    scoring.ScoreRequest(generations[d]["tokens"][s:e].tolist()) for d in decoders
+                    scoring.ScoreRequest(generations[d]["tokens"][s:e].tolist()) for d in missing
                 ]
                 res = scoring.score_many(
                     model, prompts[s:e], requests, observer=observer,
                     batch_size=min(bs, 8), progress="scoring texts" if config.progress else False,
                 )  # fmt: skip
-                data = {name: dataclasses.asdict(r) for name, r in zip(names, res)}
-                _save_cached(path, data)
-            for name in names:
-                parts[name].append(_from_dict(data[name]))
+                human_scores = dataclasses.asdict(res[0])
+                processed = human_scores.pop("processed")
+                if data["human"] is None:
+                    data["human"] = human_scores
+                    _save_cached(paths["human"], human_scores)
+                for d, gen_scores in zip(missing, res[1:]):
+                    data[d] = {"human": processed[d], "gen": dataclasses.asdict(gen_scores)}
+                    _save_cached(paths[d], data[d])
+            human_part = {**data["human"], "processed": {d: data[d]["human"] for d in decoders}}
+            parts["human"].append(_from_dict(human_part))
+            for d in decoders:
+                parts[d].append(_from_dict(data[d]["gen"]))
             bar.update(e - s)
-            del b
     finally:
         bar.close()
     return {name: _concat(parts[name]) for name in names}
