@@ -85,8 +85,10 @@ def test_fitted_temperature_is_one_when_humans_are_the_model():
     assert [entces[i] for i in order] == sorted(entces)  # EntCE rises with τ
 
 
-def test_train_pipeline_end_to_end_and_resume(tmp_path, smollm2_tokenizer):
-    """The whole recipe on a tiny random model with the real tokenizer and corpus, via the CLI."""
+@pytest.mark.parametrize("horizon", [1, 3])
+def test_train_pipeline_end_to_end_and_resume(tmp_path, smollm2_tokenizer, horizon):
+    """The whole recipe on a tiny random model with the real tokenizer and corpus, via the CLI:
+    horizon 1 labels per document, longer horizons by rollouts batched over documents."""
     from entcal.calibrators.predictor import FutureEntropyPredictor
     from entcal.cli import main
     from entcal.decoding import parse
@@ -104,7 +106,7 @@ def test_train_pipeline_end_to_end_and_resume(tmp_path, smollm2_tokenizer):
     args = [
         "train", "--model", str(folder), "--out", str(out), "--quiet",
         "--label-pairs", "3", "--refit-pairs", "2", "--positions-per-pair", "3", "--top-k", "4",
-        "--n-tail", "2", "--horizon", "3", "--alpha-pairs", "2",
+        "--n-tail", "2", "--horizon", str(horizon), "--alpha-pairs", "2",
         "--alpha-positions-per-pair", "40", "--test-pairs", "1", "--prompt-tokens", "32",
         "--continuation-tokens", "48", "--bucket-edges", "8,24",
     ]  # fmt: skip
@@ -122,8 +124,11 @@ def test_train_pipeline_end_to_end_and_resume(tmp_path, smollm2_tokenizer):
     assert pred.meta_["alpha"]["bucket_edges"] == [8, 24]
     first = (out / "predictor" / "predictor.safetensors").read_bytes()
     # resume: chunks are reused, same seed, same predictor
-    chunks = sorted((out / "data" / "round0").glob("chunk-*.npz"))
-    assert len(chunks) == 3
+    chunks = sorted((out / "data" / "round0").glob("*.npz"))
+    # one chunk per document (horizon 1), or per group of up to 8 documents (rollouts)
+    assert len(chunks) == (3 if horizon == 1 else 1)
+    if horizon > 1:  # 3 documents x 3 positions x (4 top + human + 2 tail) candidates
+        assert r0["n_labels"] == 3 * 3 * 7
     assert main(args) == 0
     assert (out / "predictor" / "predictor.safetensors").read_bytes() == first
     # a different config refuses to mix into the same folder

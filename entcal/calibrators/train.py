@@ -4,7 +4,8 @@ A practical version of Algorithm 1 of Cao, Valiant & Liang (arXiv 2511.11966):
 
 1. **Labels, round 0.** At human prefixes (training split), for candidates (top-k, the human
    token, tail samples), the k-step Monte-Carlo future entropy under the raw model
-   (:mod:`entcal.calibrators.montecarlo`).
+   (:mod:`entcal.calibrators.montecarlo`): per document for k = 1 (exact labels), batched over
+   documents that share their offsets for k > 1 (one decode batch serves many prefixes).
 2. **Predictor.** Ridge vs MLP on features a logits processor can compute, chosen by held-out R².
 3. **α.** Minimize human log loss of ``p_α`` on held-out human positions (a single α and one per
    position bucket; convex 1-D problems).
@@ -30,6 +31,7 @@ from entcal.calibrators.alpha import AlphaFit, fit_alpha
 from entcal.calibrators.config import TrainConfig
 from entcal.calibrators.features import candidate_features, token_table
 from entcal.calibrators.montecarlo import (
+    batched_rollout_entropy,
     choose_candidates,
     expand_cache,
     hf_step_fn,
@@ -110,6 +112,95 @@ def collect_labels(
             rows["position"].append(np.full(cand.shape[0], o))
             rows["logp"].append(raw_lp[0, cand].cpu().numpy())
             rows["is_human"].append((cand == human).cpu().numpy())
+        chunk = {k: np.concatenate(v) for k, v in rows.items()}
+        if path is not None:
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, **chunk)
+            tmp.replace(path)
+        chunks.append(chunk)
+    bar.close()
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def _rollout_candidates(
+    logprobs: torch.Tensor, human: torch.Tensor, top_k: int, n_tail: int, gen: torch.Generator
+) -> torch.Tensor:
+    """``(N, top_k + 1 + n_tail)`` distinct candidates per row: the top-k, the human token, and
+    tail tokens drawn ∝ p from outside both (one more where the human token is in the top-k)."""
+    top = torch.topk(logprobs, top_k, dim=-1).indices
+    tail_p = logprobs.exp()
+    tail_p.scatter_(1, top, 0.0)
+    tail_p.scatter_(1, human[:, None], 0.0)
+    tail_p.clamp_min_(1e-30)  # a row whose whole mass sits in the top-k still draws something
+    draws = torch.multinomial(tail_p, n_tail + 1, replacement=False, generator=gen)
+    human_in_top = (top == human[:, None]).any(-1, keepdim=True)
+    extra = torch.where(human_in_top, draws[:, :1], human[:, None])
+    return torch.cat([top, extra, draws[:, 1:]], dim=-1)
+
+
+@torch.inference_mode()
+def collect_rollout_labels(
+    model,
+    pairs,
+    cfg: TrainConfig,
+    table: torch.Tensor,
+    folder: Path | None,
+    round_index: int,
+    adjust=None,
+    progress: bool = True,
+    docs_per_batch: int = 8,
+) -> dict[str, np.ndarray]:
+    """k-step Monte-Carlo labels, many prefixes per decode batch; one ``.npz`` chunk per group.
+
+    Documents are taken ``docs_per_batch`` at a time and share their offsets, so the prefixes of
+    one rollout batch (one offset, every document of the group) have one length: no padding.
+    Each prefix gets ``top_k + 1 + n_tail`` candidates (:func:`_rollout_candidates`), each one
+    rollout of ``cfg.horizon`` steps of the sampled process (raw, or ``adjust``-ed).
+    Returns the arrays of :func:`collect_labels`.
+    """
+    from tqdm.auto import tqdm
+
+    device = model.get_output_embeddings().weight.device
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    groups = [pairs[s : s + docs_per_batch] for s in range(0, len(pairs), docs_per_batch)]
+    chunks = []
+    bar = tqdm(groups, desc=f"entcal train: labels round {round_index}", disable=not progress)
+    for gi, group in enumerate(bar):
+        path = folder / f"group-{gi:05d}.npz" if folder is not None else None
+        if path is not None and path.exists():
+            with np.load(path) as data:
+                chunks.append({k: data[k] for k in data.files})
+            continue
+        gen = _generator(cfg.seed, round_index, gi)
+        n_prompt = len(group[0].prompt_ids)
+        n_cont = min(len(p.continuation_ids) for p in group)
+        ids = torch.tensor(
+            [list(p.prompt_ids) + list(p.continuation_ids)[:n_cont] for p in group], device=device
+        )
+        all_lp = torch.log_softmax(model(input_ids=ids[:, :-1]).logits.float(), dim=-1)
+        rows: dict[str, list] = {k: [] for k in ("X", "y", "group", "position", "logp", "is_human")}
+        for o in _offsets(n_cont - 1, cfg.positions_per_pair, gen):
+            length = n_prompt + o  # prefixes ids[:, :length]; the human token is ids[:, length]
+            raw_lp = all_lp[:, length - 1]
+            pos = torch.full((len(group),), o, device=device)
+            lp = adjust(raw_lp, pos) if adjust is not None else raw_lp
+            human = ids[:, length]
+            cand = _rollout_candidates(lp, human, cfg.top_k, cfg.n_tail, gen)
+            y = batched_rollout_entropy(
+                model, ids[:, :length].tolist(), cand, pos, cfg.horizon, gen, adjust
+            )
+            feats = candidate_features(raw_lp, cand, pos, table, entropy_stats(raw_lp))
+            m = cand.shape[1]
+            doc = torch.arange(len(group), device=device)[:, None].expand(-1, m)
+            rows["X"].append(feats.reshape(-1, feats.shape[-1]).cpu().numpy())
+            rows["y"].append(y.reshape(-1).cpu().numpy())
+            rows["group"].append(
+                ((gi * docs_per_batch + doc) * 10_000 + o).reshape(-1).cpu().numpy()
+            )
+            rows["position"].append(np.full(cand.numel(), o))
+            rows["logp"].append(raw_lp.gather(1, cand).reshape(-1).cpu().numpy())
+            rows["is_human"].append((cand == human[:, None]).reshape(-1).cpu().numpy())
         chunk = {k: np.concatenate(v) for k, v in rows.items()}
         if path is not None:
             tmp = path.with_suffix(".tmp.npz")
@@ -272,7 +363,8 @@ def train_predictor(
     pred = None
     rounds_data: list[dict[str, np.ndarray]] = []
     for r, label_pairs in enumerate(label_sets):
-        data = collect_labels(
+        collect = collect_rollout_labels if cfg.horizon > 1 else collect_labels
+        data = collect(
             model, label_pairs, cfg, table, out / "data" / f"round{r}", r, adjust, progress
         )
         # Refit rounds fit on every label so far (round r's labels come from the adjusted model
