@@ -54,6 +54,38 @@ def _offsets(n_cont: int, k: int, gen: torch.Generator) -> list[int]:
     return sorted(torch.randperm(n_cont, generator=gen)[:k].tolist(), reverse=True)
 
 
+_LABEL_KEYS = ("X", "y", "group", "position", "logp", "is_human")
+
+
+def _chunked_labels(items, folder: Path | None, name: str, desc: str, progress: bool, compute):
+    """Run ``compute(i, item) -> {key: rows}`` per item, each result kept as ``folder/NAME-i.npz``
+    (written atomically; an existing file is reused, so an interrupted run resumes there)."""
+    from tqdm.auto import tqdm
+
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    chunks = []
+    for i, item in enumerate(tqdm(items, desc=desc, disable=not progress)):
+        path = folder / f"{name}-{i:05d}.npz" if folder is not None else None
+        if path is not None and path.exists():
+            with np.load(path) as data:
+                chunks.append({k: data[k] for k in data.files})
+            continue
+        rows = compute(i, item)
+        chunk = {k: np.concatenate(rows[k]) for k in _LABEL_KEYS}
+        if path is not None:
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, **chunk)
+            tmp.replace(path)
+        chunks.append(chunk)
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def _add_rows(rows: dict[str, list], **values) -> None:
+    for key, value in values.items():
+        rows[key].append(value.cpu().numpy() if isinstance(value, torch.Tensor) else value)
+
+
 @torch.inference_mode()
 def collect_labels(
     model,
@@ -70,20 +102,10 @@ def collect_labels(
     Returns arrays ``X`` (features), ``y`` (future entropy), ``group`` (prefix id), ``position``,
     ``logp`` (candidate log-prob), ``is_human``.
     """
-    from tqdm.auto import tqdm
-
     device = model.get_output_embeddings().weight.device
     step = hf_step_fn(model)
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-    chunks = []
-    bar = tqdm(pairs, desc=f"entcal train: labels round {round_index}", disable=not progress)
-    for i, pair in enumerate(bar):
-        path = folder / f"chunk-{i:05d}.npz" if folder is not None else None
-        if path is not None and path.exists():
-            with np.load(path) as data:
-                chunks.append({k: data[k] for k in data.files})
-            continue
+
+    def compute(i, pair):
         gen = _generator(cfg.seed, round_index, i)
         ids = torch.tensor(list(pair.prompt_ids) + list(pair.continuation_ids), device=device)
         n_prompt = len(pair.prompt_ids)
@@ -92,7 +114,7 @@ def collect_labels(
         out = model(input_ids=ids[None, :stop], use_cache=True)
         cache = out.past_key_values
         all_lp = torch.log_softmax(out.logits[0].float(), dim=-1)
-        rows: dict[str, list] = {k: [] for k in ("X", "y", "group", "position", "logp", "is_human")}
+        rows: dict[str, list] = {k: [] for k in _LABEL_KEYS}
         for o in offsets:
             length = n_prompt + o  # prefix ids[:length]; the next human token is ids[length]
             lp = all_lp[length - 1]
@@ -106,20 +128,14 @@ def collect_labels(
             feats = candidate_features(
                 raw_lp, cand[None], torch.tensor([o], device=device), table, entropy_stats(raw_lp)
             )[0]
-            rows["X"].append(feats.cpu().numpy())
-            rows["y"].append(y.cpu().numpy())
-            rows["group"].append(np.full(cand.shape[0], i * 10_000 + o))
-            rows["position"].append(np.full(cand.shape[0], o))
-            rows["logp"].append(raw_lp[0, cand].cpu().numpy())
-            rows["is_human"].append((cand == human).cpu().numpy())
-        chunk = {k: np.concatenate(v) for k, v in rows.items()}
-        if path is not None:
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, **chunk)
-            tmp.replace(path)
-        chunks.append(chunk)
-    bar.close()
-    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+            _add_rows(
+                rows, X=feats, y=y, group=np.full(cand.shape[0], i * 10_000 + o),
+                position=np.full(cand.shape[0], o), logp=raw_lp[0, cand], is_human=cand == human,
+            )  # fmt: skip
+        return rows
+
+    desc = f"entcal train: labels round {round_index}"
+    return _chunked_labels(pairs, folder, "chunk", desc, progress, compute)
 
 
 def _rollout_candidates(
@@ -158,20 +174,10 @@ def collect_rollout_labels(
     rollout of ``cfg.horizon`` steps of the sampled process (raw, or ``adjust``-ed).
     Returns the arrays of :func:`collect_labels`.
     """
-    from tqdm.auto import tqdm
-
     device = model.get_output_embeddings().weight.device
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
     groups = [pairs[s : s + docs_per_batch] for s in range(0, len(pairs), docs_per_batch)]
-    chunks = []
-    bar = tqdm(groups, desc=f"entcal train: labels round {round_index}", disable=not progress)
-    for gi, group in enumerate(bar):
-        path = folder / f"group-{gi:05d}.npz" if folder is not None else None
-        if path is not None and path.exists():
-            with np.load(path) as data:
-                chunks.append({k: data[k] for k in data.files})
-            continue
+
+    def compute(gi, group):
         gen = _generator(cfg.seed, round_index, gi)
         n_prompt = len(group[0].prompt_ids)
         n_cont = min(len(p.continuation_ids) for p in group)
@@ -179,7 +185,7 @@ def collect_rollout_labels(
             [list(p.prompt_ids) + list(p.continuation_ids)[:n_cont] for p in group], device=device
         )
         all_lp = torch.log_softmax(model(input_ids=ids[:, :-1]).logits.float(), dim=-1)
-        rows: dict[str, list] = {k: [] for k in ("X", "y", "group", "position", "logp", "is_human")}
+        rows: dict[str, list] = {k: [] for k in _LABEL_KEYS}
         for o in _offsets(n_cont - 1, cfg.positions_per_pair, gen):
             length = n_prompt + o  # prefixes ids[:, :length]; the human token is ids[:, length]
             raw_lp = all_lp[:, length - 1]
@@ -191,24 +197,17 @@ def collect_rollout_labels(
                 model, ids[:, :length].tolist(), cand, pos, cfg.horizon, gen, adjust
             )
             feats = candidate_features(raw_lp, cand, pos, table, entropy_stats(raw_lp))
-            m = cand.shape[1]
-            doc = torch.arange(len(group), device=device)[:, None].expand(-1, m)
-            rows["X"].append(feats.reshape(-1, feats.shape[-1]).cpu().numpy())
-            rows["y"].append(y.reshape(-1).cpu().numpy())
-            rows["group"].append(
-                ((gi * docs_per_batch + doc) * 10_000 + o).reshape(-1).cpu().numpy()
-            )
-            rows["position"].append(np.full(cand.numel(), o))
-            rows["logp"].append(raw_lp.gather(1, cand).reshape(-1).cpu().numpy())
-            rows["is_human"].append((cand == human[:, None]).reshape(-1).cpu().numpy())
-        chunk = {k: np.concatenate(v) for k, v in rows.items()}
-        if path is not None:
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, **chunk)
-            tmp.replace(path)
-        chunks.append(chunk)
-    bar.close()
-    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+            doc = torch.arange(len(group), device=device)[:, None].expand_as(cand)
+            _add_rows(
+                rows, X=feats.reshape(-1, feats.shape[-1]), y=y.reshape(-1),
+                group=((gi * docs_per_batch + doc) * 10_000 + o).reshape(-1),
+                position=np.full(cand.numel(), o), logp=raw_lp.gather(1, cand).reshape(-1),
+                is_human=(cand == human[:, None]).reshape(-1),
+            )  # fmt: skip
+        return rows
+
+    desc = f"entcal train: labels round {round_index}"
+    return _chunked_labels(groups, folder, "group", desc, progress, compute)
 
 
 @torch.inference_mode()
