@@ -131,13 +131,19 @@ def _left_pad(
             ids.append(list(p))
     if any(len(x) == 0 for x in ids):
         raise ValueError("prompts: every prompt needs at least one token")
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
-        mask[i, width - len(x) :] = 1
-    return input_ids, mask
+    return left_pad(ids, pad_id)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token-id rows left padded to one width: ``(ids, attention mask)``, both long, on the CPU."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r) :] = torch.as_tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
 
 
 @contextlib.contextmanager

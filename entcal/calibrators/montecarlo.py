@@ -130,16 +130,6 @@ def choose_candidates(
     return torch.tensor(list(seen), device=logprobs.device, dtype=torch.long)
 
 
-def _pad_left(rows: list[list[int]], pad: int, device) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.inference_mode()
 def batched_rollout_entropy(
     model,
@@ -171,33 +161,33 @@ def batched_rollout_entropy(
     p, c = candidates.shape
     if len(prefixes) != p or not all(prefixes):
         raise ValueError(f"need {p} non-empty prefixes, got {len(prefixes)}")
+    from entcal.generation import left_pad
+
     device = candidates.device
     pad = model.config.pad_token_id
-    ids, mask = _pad_left(prefixes, int(pad) if isinstance(pad, int) else 0, device)
+    ids, mask = left_pad(prefixes, int(pad) if isinstance(pad, int) else 0)
+    ids, mask = ids.to(device), mask.to(device)
     pos_ids = (mask.cumsum(-1) - 1).clamp_min(0)
     # Prefixes of one length need no mask; with one, attention copies every KV head per step
     # (grouped-query attention without the fused path), about 4x slower on CPU.
-    padded = bool((mask == 0).any())
+    attn = mask if bool((mask == 0).any()) else None
     out = model(
-        input_ids=ids,
-        attention_mask=mask if padded else None,
-        position_ids=pos_ids,
-        use_cache=True,
-        logits_to_keep=1,
+        input_ids=ids, attention_mask=attn, position_ids=pos_ids, use_cache=True, logits_to_keep=1
     )
     cache = out.past_key_values
     cache.batch_repeat_interleave(c)
-    mask = mask.repeat_interleave(c, dim=0)
+    if attn is not None:
+        attn = attn.repeat_interleave(c, dim=0)
     next_pos = pos_ids[:, -1].repeat_interleave(c) + 1
     position = positions.to(device).repeat_interleave(c)
     tokens = candidates.reshape(-1)
     total = torch.zeros(p * c, dtype=torch.float64, device=device)
     for s in range(horizon):
-        if padded:
-            mask = torch.cat([mask, mask.new_ones(p * c, 1)], dim=1)
+        if attn is not None:
+            attn = torch.cat([attn, attn.new_ones(p * c, 1)], dim=1)
         out = model(
             input_ids=tokens[:, None],
-            attention_mask=mask if padded else None,
+            attention_mask=attn,
             position_ids=next_pos[:, None],
             past_key_values=cache,
             use_cache=True,

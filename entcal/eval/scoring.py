@@ -39,6 +39,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from entcal.generation import left_pad
+
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "ScoreRequest",
@@ -276,17 +278,6 @@ def _as_rows(seqs: Sequence[Sequence[int]], what: str) -> list[list[int]]:
     return rows
 
 
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
 def _right_pad(rows: list[list[int]], pad: int, width: int) -> tuple[Tensor, Tensor]:
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
@@ -418,7 +409,7 @@ def _score(runner, obs_runner, prompt_rows, sets, requests, batch_size, memory_b
     try:
         for start in range(0, n, batch_size):
             idx = slice(start, min(n, start + batch_size))
-            p_ids, p_mask = _left_pad(prompt_rows[idx], runner.pad_id)
+            p_ids, p_mask = left_pad(prompt_rows[idx], runner.pad_id)
             p_pos = (p_mask.cumsum(-1) - 1).clamp_min(0)
             p_len = p_mask.sum(-1)
             p_ids, p_mask, p_pos = p_ids.to(device), p_mask.to(device), p_pos.to(device)
