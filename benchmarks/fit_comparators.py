@@ -28,10 +28,14 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--length", type=int, default=256, help="generated tokens for the τ fit")
     ap.add_argument("--temperature-pairs", type=int, default=8)
-    ap.add_argument("--lookahead-pairs", type=int, default=6)
+    ap.add_argument("--lookahead-pairs", type=int, default=128)
+    ap.add_argument("--lookahead-positions", type=int, default=32, help="human positions per pair")
+    ap.add_argument("--skip-temperature", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
 
+    torch.set_num_threads(args.threads)
     from entcal import corpora, models
     from entcal.calibrators.lookahead import fit_lookahead_alpha
     from entcal.calibrators.temperature import fit_temperature
@@ -44,7 +48,9 @@ def main() -> int:
     )
     out: dict = {"model": args.model}
     t = time.time()
-    la = fit_lookahead_alpha(model, pairs[: args.lookahead_pairs], positions_per_pair=24, k=8)
+    la = fit_lookahead_alpha(
+        model, pairs[: args.lookahead_pairs], positions_per_pair=args.lookahead_positions, k=8
+    )
     out["lookahead"] = {
         "alpha": la.alpha[0],
         "spec": f"lookahead:alpha={la.alpha[0]:.4g}",
@@ -55,17 +61,21 @@ def main() -> int:
     }
     print(json.dumps(out["lookahead"]), file=sys.stderr)
     t = time.time()
-    tf = fit_temperature(
+    tf = None if args.skip_temperature else fit_temperature(
         model, tok, pairs[args.lookahead_pairs :], length=args.length, lo=0.7, hi=1.0,
         tol=0.02, max_evals=5, seed=0,
     )  # fmt: skip
-    out["temperature"] = {
-        "tau": tf.tau,
-        "spec": tf.spec,
-        "entce": tf.entce,
-        "evaluations": tf.evaluations,
-        "seconds": round(time.time() - t, 1),
-    }
+    out["temperature"] = (
+        None
+        if tf is None
+        else {
+            "tau": tf.tau,
+            "spec": tf.spec,
+            "entce": tf.entce,
+            "evaluations": tf.evaluations,
+            "seconds": round(time.time() - t, 1),
+        }
+    )
     print(json.dumps(out["temperature"]), file=sys.stderr)
     path = Path(args.out) / f"comparators-{args.model}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,5 +85,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
     sys.exit(main())

@@ -189,9 +189,8 @@ def generate(
     varentropies (nats) of the sampling and of the raw distribution.
     """
     dec = parse(decoder)
-    if hasattr(dec, "bind"):
-        # Model-aware decoders (calibrated, lookahead) check or adopt the model before any step.
-        dec.bind(model)
+    # Model-aware decoders (calibrated, lookahead) check or adopt the model before any step.
+    dec.bind(model)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}; must be an integer >= 1")
     if not isinstance(n, int) or n < 1:

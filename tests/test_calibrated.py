@@ -1,4 +1,4 @@
-"""The calibrated decoder's math: application step, candidates, α fit, predictor files, spec."""
+"""The calibrated decoder: state features, predictor files, gate fit, decoder contract, recipe."""
 
 from __future__ import annotations
 
@@ -9,19 +9,23 @@ import numpy as np
 import pytest
 import torch
 
-from entcal.calibrators.alpha import fit_alpha, logloss_terms
-from entcal.calibrators.features import candidate_features, feature_names, token_table
-from entcal.calibrators.ops import adjusted_logprobs, cover_candidates, entropy_stats, fill_phi
 from entcal.calibrators.predictor import (
     FutureEntropyPredictor,
     PredictorFileError,
     predictor_fingerprint,
 )
+from entcal.calibrators.state import (
+    REFERENCE_STEPS,
+    WINDOWS,
+    HiddenProjection,
+    StateTracker,
+    StepStats,
+    feature_names,
+    sequence_features,
+)
 
-VOCAB = 64
 
-
-def tiny_llama(seed: int = 0, vocab: int = VOCAB, hidden: int = 16):
+def tiny_llama(vocab: int = 96, hidden: int = 16, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -37,161 +41,101 @@ def tiny_llama(seed: int = 0, vocab: int = VOCAB, hidden: int = 16):
     return LlamaForCausalLM(cfg).eval()
 
 
-def random_logits(n: int, vocab: int = VOCAB, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    scale = torch.linspace(0.3, 6.0, n)[:, None]  # flat to peaked rows
-    return torch.randn(n, vocab, generator=g) * scale
+@torch.inference_mode()
+def _hidden_and_logits(model, n: int = 6, length: int = 20, seed: int = 0):
+    ids = torch.randint(
+        0, model.config.vocab_size, (n, length), generator=torch.Generator().manual_seed(seed)
+    )
+    out = model(input_ids=ids, output_hidden_states=True)
+    d = out.hidden_states[-1].shape[-1]
+    return out.hidden_states[-1].reshape(-1, d).float(), out.logits.reshape(n * length, -1).float()
 
 
-def fitted_predictor(model, kind: str = "ridge", dim: int = 4, seed: int = 0):
-    """A predictor fitted on synthetic labels with a known dependence on the features."""
-    table = token_table(model.get_output_embeddings().weight, dim)
-    logits = random_logits(40, table.shape[0], seed)
-    lp = torch.log_softmax(logits, -1)
-    ids = torch.topk(lp, 12).indices
-    pos = torch.arange(40)
-    feats = candidate_features(lp, ids, pos, table).reshape(-1, len(feature_names(dim)))
-    X = feats.double().numpy()
-    y = 20.0 - 2.0 * X[:, 0] + 1.5 * X[:, 2] + 0.5 * X[:, 9]
-    groups = np.repeat(np.arange(40), 12)
-    pred = FutureEntropyPredictor(estimator=kind, random_state=seed).fit(X, y, groups)
-    pred.table_ = table
+def make_predictor(model, dim: int = 3, kind: str = "ridge", seed: int = 0, **gate):
+    """A predictor of the model's features, fitted on synthetic labels with a known dependence."""
+    hidden, _ = _hidden_and_logits(model, seed=seed)
+    proj = HiddenProjection.fit(model.get_output_embeddings().weight, hidden, dim=dim)
+    g = np.random.default_rng(seed)
+    X = g.normal(size=(600, len(feature_names(dim))))
+    y = 0.3 + 0.8 * X[:, 0] - 0.5 * X[:, 3] + 0.05 * g.normal(size=600)
+    pred = FutureEntropyPredictor(estimator=kind, random_state=seed).fit(X, y, np.arange(600) // 20)
+    pred.projection_ = proj
+    pred.gate_ = {"threshold": 0.0, "strength": [0.5, 1.0], "bucket_edges": [4], **gate}
+    pred.meta_ = {"fingerprint": predictor_fingerprint(model, "tiny")}
     return pred, X, y
 
 
-# ------------------------------------------------------------------ application step
+def saved_predictor(tmp_path, model, **kw):
+    pred, _, _ = make_predictor(model, **kw)
+    return pred.save(tmp_path / "pred", fingerprint=predictor_fingerprint(model, "tiny"))
 
 
-def test_alpha_zero_is_identity():
-    lp = torch.log_softmax(random_logits(8), -1)
-    phi = torch.randn(8, VOCAB) * 5
-    assert torch.allclose(adjusted_logprobs(lp, phi, 0.0), lp, atol=1e-6)
+# ------------------------------------------------------------------ state
 
 
-def test_ratio_identity_on_the_papers_worked_rows():
-    # Draft §5.2 worked examples: (p̂, Ĥ) of "main", "character", "D", "U"; α = 0.1.
-    rows = [(0.013, 141.0), (0.016, 297.0), (0.04, 151.0), (0.22, 132.0)]
-    alpha = 0.1
-    p = torch.full((VOCAB,), (1.0 - sum(r[0] for r in rows)) / (VOCAB - 4), dtype=torch.float64)
-    h = torch.full((VOCAB,), 126.0, dtype=torch.float64)
-    for i, (pi, hi) in enumerate(rows):
-        p[i], h[i] = pi, hi
-    lp = p.log()[None]
-    ids = torch.arange(VOCAB)[None]
-    phi = fill_phi(lp, ids, torch.ones_like(ids, dtype=torch.bool), h[None])
-    q = adjusted_logprobs(lp, phi, alpha)[0].exp()
-    for a in range(4):
-        for b in range(4):
-            expected = (p[a] / p[b]) ** (1 + alpha) * math.exp(-alpha * (h[a] - h[b]))
-            assert float(q[a] / q[b]) == pytest.approx(float(expected), rel=1e-9)
-    # "character" (Ĥ 297) is penalized against "main" although more probable.
-    assert q[1] < q[0]
+def test_projection_reads_the_hidden_state_back_from_any_logits_row():
+    model = tiny_llama(vocab=300, hidden=16)
+    hidden, logits = _hidden_and_logits(model)
+    proj = HiddenProjection.fit(model.lm_head.weight, hidden, dim=5, n_tokens=64)
+    z = proj(logits)
+    # the same from log-probs, from shifted logits, from float64: the normalizer drops out
+    assert torch.allclose(proj(torch.log_softmax(logits, -1)), z, atol=1e-4)
+    assert torch.allclose(proj(logits + 7.0), z, atol=1e-4)
+    # standardized principal components of the hidden states it was fitted on
+    assert torch.allclose(z.mean(0), torch.zeros(5), atol=1e-3)
+    assert torch.allclose(z.std(0), torch.ones(5), atol=1e-2)
+    cov = torch.cov(z.T)
+    assert torch.allclose(cov, torch.diag(cov.diagonal()), atol=2e-2)
+    # a linear function of the hidden state: reproduced by least squares on h
+    h1 = torch.cat([hidden, torch.ones(len(hidden), 1)], 1)
+    coef = torch.linalg.lstsq(h1.double(), z.double()).solution
+    assert torch.allclose((h1.double() @ coef).float(), z, atol=1e-3)
+    # masked columns (constraints) do not produce NaN
+    masked = logits.clone()
+    masked[:, proj.tokens[:3]] = -math.inf
+    assert torch.isfinite(proj(masked)).all()
+    assert torch.equal(proj(torch.full((1, 300), -math.inf)), torch.zeros(1, 5) - proj.offset)
 
 
-def test_non_candidates_get_mass_weighted_mean():
-    lp = torch.log_softmax(random_logits(6), -1)
-    ids, valid = cover_candidates(lp)
-    h = torch.rand(ids.shape) * 50
-    phi = fill_phi(lp, ids, valid, h)
-    for i in range(6):
-        c = ids[i, valid[i]]
-        w = lp[i, c].exp()
-        mean = float((w * h[i, valid[i]]).sum() / w.sum())
-        others = torch.ones(VOCAB, dtype=torch.bool)
-        others[c] = False
-        if others.any():
-            assert torch.allclose(
-                lp[i, others] - phi[i, others], torch.full_like(phi[i, others], mean), atol=1e-4
-            )
-        assert torch.allclose(lp[i, c] - phi[i, c], h[i, valid[i]], atol=1e-4)
+def test_tracker_equals_sequence_features_and_counts_a_step_once():
+    g = torch.Generator().manual_seed(0)
+    ent = torch.rand(3, 30, generator=g) * 4
+    z = torch.randn(3, 30, 4, generator=g)
+    whole = sequence_features(ent, z)
+    assert whole.shape == (3, 30, len(feature_names(4)))
+    tr = StateTracker(4)
+    tr.reset(3)
+    for t in range(30):
+        stats = StepStats(ent[:, t], z[:, t])
+        first = tr.features(stats)
+        again = tr.features(stats)  # a row processed twice before its token is known
+        assert torch.equal(first, again)
+        assert torch.allclose(first, whole[:, t], atol=1e-5)
+        tr.commit()
+        tr.commit()  # a second commit without a new step changes nothing
+    assert tr.count.tolist() == [30, 30, 30]
 
 
-@pytest.mark.parametrize("vocab", [50, 3000])
-def test_cover_candidates_is_minimal_and_matches_full_sort(vocab):
-    logits = random_logits(24, vocab, seed=vocab)
-    logits[0, 5:] = float("-inf")  # a row with 5 allowed tokens
-    lp = torch.log_softmax(logits, -1)
-    ids, valid = cover_candidates(lp)
-    probs = lp.exp()
-    for i in range(24):
-        srt = probs[i].sort(descending=True).values.double()
-        k = int(valid[i].sum())
-        cum = srt.cumsum(0)
-        assert cum[k - 1] >= 1 - 1e-4 - 1e-6 or k == int((srt > 0).sum())
-        if k > 1:
-            assert cum[k - 2] < 1 - 1e-4 + 1e-6
-        assert torch.equal(
-            probs[i, ids[i, valid[i]]].sort(descending=True).values,
-            probs[i].sort(descending=True).values[:k],
-        )
-    assert int(valid[0].sum()) <= 5
-
-
-def test_adjusted_keeps_masked_tokens_masked_and_rejects_alpha_le_minus_one():
-    logits = random_logits(3)
-    logits[:, :10] = float("-inf")
-    lp = torch.log_softmax(logits, -1)
-    phi = torch.randn_like(lp)
-    out = adjusted_logprobs(lp, phi, torch.tensor([0.5, -0.5, 2.0]))
-    assert torch.isinf(out[:, :10]).all() and torch.isfinite(out[:, 10:]).all()
-    assert torch.allclose(out.exp().sum(-1), torch.ones(3), atol=1e-5)
-    with pytest.raises(ValueError, match="alpha"):
-        adjusted_logprobs(lp, phi, -1.0)
-
-
-def test_entropy_stats_reference():
-    lp = torch.log_softmax(random_logits(5).double(), -1)
-    ent, var = entropy_stats(lp)
-    p = lp.exp()
-    ref_h = -(p * lp).sum(-1)
-    ref_v = (p * (lp + ref_h[:, None]) ** 2).sum(-1)
-    assert torch.allclose(ent, ref_h) and torch.allclose(var, ref_v)
-
-
-# ------------------------------------------------------------------ α fit
-
-
-def _synthetic_alpha_data(alpha_true: list[float], n_per: int = 400, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    nb = len(alpha_true)
-    lp = torch.log_softmax(torch.randn(nb * n_per, VOCAB, generator=g, dtype=torch.float64) * 2, -1)
-    phi = lp - torch.rand(nb * n_per, VOCAB, generator=g, dtype=torch.float64) * 6
-    alpha = torch.tensor(alpha_true, dtype=torch.float64).repeat_interleave(n_per)
-    q = adjusted_logprobs(lp, phi, alpha).exp()
-    y = torch.multinomial(q, 1, generator=g)[:, 0]
-    position = torch.arange(nb).repeat_interleave(n_per) * 10
-    return lp, phi, y, position
-
-
-def test_fit_alpha_recovers_known_alpha_and_never_raises_loss():
-    lp, phi, y, _ = _synthetic_alpha_data([0.4], n_per=3000)
-    fit = fit_alpha(lp, phi, y)
-    assert fit.alpha[0] == pytest.approx(0.4, abs=0.08)
-    assert fit.loss_at_alpha[0] <= fit.loss_at_zero[0]
-    assert abs(fit.gradient[0]) < 1e-6
-    # the minimum of a convex function: a grid around it never does better
-    for a in torch.linspace(-0.5, 1.5, 21).tolist():
-        grid = logloss_terms(lp, phi, y, torch.full((len(y),), a, dtype=torch.float64))[0].mean()
-        assert fit.loss_at_alpha[0] <= float(grid) + 1e-9
-
-
-def test_fit_alpha_per_bucket():
-    lp, phi, y, pos = _synthetic_alpha_data([-0.3, 0.0, 0.8], n_per=2000, seed=1)
-    fit = fit_alpha(lp, phi, y, pos, bucket_edges=[10, 20])
-    assert fit.alpha == pytest.approx([-0.3, 0.0, 0.8], abs=0.12)
-    assert all(a <= z + 1e-12 for a, z in zip(fit.loss_at_alpha, fit.loss_at_zero))
-    assert fit.counts == [2000, 2000, 2000]
-
-
-def test_fit_alpha_on_unrelated_phi_stays_near_zero_and_never_worse():
-    # φ unrelated to what generated y: the fit may not raise the loss above α = 0.
-    g = torch.Generator().manual_seed(3)
-    lp = torch.log_softmax(torch.randn(500, VOCAB, generator=g) * 2, -1)
-    y = torch.multinomial(lp.exp(), 1, generator=g)[:, 0]
-    phi = torch.randn(500, VOCAB, generator=g)
-    fit = fit_alpha(lp, phi, y)
-    assert fit.loss_at_alpha[0] <= fit.loss_at_zero[0]
-    assert abs(fit.alpha[0]) < 0.3
+def test_features_known_answers():
+    # entropy 1 then 3; z constant 2
+    ent = torch.tensor([[1.0, 3.0]])
+    z = torch.full((1, 2, 1), 2.0)
+    f = sequence_features(ent, z)
+    names = feature_names(1)
+    assert names == [
+        "entropy-ref",
+        *(f"ema{w}-ref" for w in WINDOWS),
+        *(f"z0_ema{w}" for w in WINDOWS),
+    ]
+    # step 0: everything equals the reference (the first entropy), z EMAs = 2
+    assert f[0, 0].tolist() == pytest.approx([0, 0, 0, 2, 2])
+    # step 1: reference = mean(1, 3) = 2; EMA_w = (d·1 + 3)/(d + 1), d = 1 − 1/w
+    ema = [((1 - 1 / w) * 1 + 3) / (2 - 1 / w) for w in WINDOWS]
+    assert f[0, 1].tolist() == pytest.approx([1.0, ema[0] - 2, ema[1] - 2, 2, 2], abs=1e-6)
+    # the reference stops moving after REFERENCE_STEPS steps
+    long = torch.cat([torch.ones(1, REFERENCE_STEPS), torch.full((1, 5), 9.0)], 1)
+    f = sequence_features(long, torch.zeros(1, long.shape[1], 1))
+    assert f[0, -1, 0].item() == pytest.approx(8.0)
 
 
 # ------------------------------------------------------------------ predictor
@@ -200,202 +144,249 @@ def test_fit_alpha_on_unrelated_phi_stays_near_zero_and_never_worse():
 @pytest.mark.parametrize("kind", ["ridge", "mlp"])
 def test_predictor_torch_matches_sklearn_and_roundtrips(tmp_path, kind):
     model = tiny_llama()
-    pred, X, y = fitted_predictor(model, kind)
+    pred, X, y = make_predictor(model, kind=kind)
     assert pred.kind_ == kind
     if kind == "ridge":
-        assert pred.scores_["r2_heldout"] > 0.99  # labels are linear in the features
-    # differential: the torch re-expression against scikit-learn's own estimator
+        assert pred.scores_["r2_heldout"] > 0.95
     from sklearn.linear_model import Ridge
-    from sklearn.neural_network import MLPRegressor
 
-    Xs = (X - pred.x_mean_) / pred.x_scale_
-    ys = (y - pred.y_mean_) / pred.y_scale_
-    est = pred._make(kind, len(y))
-    assert isinstance(est, Ridge if kind == "ridge" else MLPRegressor)
-    from entcal.calibrators.predictor import _quiet_fit
-
-    est = _quiet_fit(est, Xs, ys)
-    ref = est.predict(Xs) * pred.y_scale_ + pred.y_mean_
-    assert np.allclose(pred.predict(X), ref, atol=1e-3 * max(1.0, np.abs(ref).max()))
-    pred.meta_ = {"alpha": {"global": 0.2, "bucket_edges": [16], "bucket_values": [0.1, 0.3]}}
+    if kind == "ridge":
+        ref = Ridge(alpha=pred.ridge_alpha).fit(
+            (X - pred.x_mean_) / pred.x_scale_, (y - pred.y_mean_) / pred.y_scale_
+        )
+        expect = ref.predict((X - pred.x_mean_) / pred.x_scale_) * pred.y_scale_ + pred.y_mean_
+        assert np.allclose(pred.predict(X), expect, atol=1e-4)
     folder = pred.save(tmp_path / "p", fingerprint=predictor_fingerprint(model, "tiny"))
     back = FutureEntropyPredictor.load(folder, model=model)
-    assert np.allclose(back.predict(X), pred.predict(X), atol=1e-2)  # table stored in float16
-    assert back.alpha_for(torch.tensor([0, 15, 16, 100])).tolist() == pytest.approx(
-        [0.1, 0.1, 0.3, 0.3]
-    )
-
-
-def _saved(tmp_path):
-    model = tiny_llama()
-    pred, _, _ = fitted_predictor(model)
-    pred.meta_ = {"alpha": {"global": 0.25, "bucket_edges": [], "bucket_values": []}}
-    return model, pred.save(tmp_path / "pred", fingerprint=predictor_fingerprint(model, "tiny"))
+    assert np.allclose(back.predict(X), pred.predict(X), atol=1e-5)
+    assert back.gate_ == {"threshold": 0.0, "strength": [0.5, 1.0], "bucket_edges": [4]}
+    meta = json.loads((folder / "predictor.json").read_text())
+    assert meta["format_version"] == 2 and meta["fingerprint"]["name"] == "tiny"
 
 
 def test_predictor_file_errors(tmp_path):
-    model, folder = _saved(tmp_path)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    model = tiny_llama()
+    folder = saved_predictor(tmp_path, model)
+    with pytest.raises(FileNotFoundError, match=r"predictor\.json"):
         FutureEntropyPredictor.load(tmp_path / "nowhere")
-    # another model (other vocabulary) and the same shape with other weights
-    with pytest.raises(PredictorFileError, match="vocab_size"):
-        FutureEntropyPredictor.load(folder, model=tiny_llama(vocab=80))
-    with pytest.raises(PredictorFileError, match="weights differ"):
-        FutureEntropyPredictor.load(folder, model=tiny_llama(seed=7))
+    meta_path = folder / "predictor.json"
+    good = meta_path.read_text()
+    meta_path.write_text("{not json")
+    with pytest.raises(PredictorFileError, match="not valid JSON"):
+        FutureEntropyPredictor.load(folder)
+    old = json.loads(good)
+    old["format_version"] = 1  # the one-step predictor of earlier releases
+    meta_path.write_text(json.dumps(old))
+    with pytest.raises(PredictorFileError, match="format version 2"):
+        FutureEntropyPredictor.load(folder)
+    bad_gate = json.loads(good)
+    bad_gate["gate"]["strength"] = [1.0]
+    meta_path.write_text(json.dumps(bad_gate))
+    with pytest.raises(PredictorFileError, match="strength"):
+        FutureEntropyPredictor.load(folder)
+    meta_path.write_text(good)
     tensors = folder / "predictor.safetensors"
     data = tensors.read_bytes()
     tensors.write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(PredictorFileError, match="truncated or corrupted"):
         FutureEntropyPredictor.load(folder)
-    corrupt = bytearray(data)
-    corrupt[-5] ^= 0xFF
-    tensors.write_bytes(bytes(corrupt))
-    with pytest.raises(PredictorFileError, match="truncated or corrupted"):
-        FutureEntropyPredictor.load(folder)
     tensors.write_bytes(data)
-    meta = folder / "predictor.json"
-    text = meta.read_text()
-    meta.write_text(text[:100])
-    with pytest.raises(PredictorFileError, match="not valid JSON"):
-        FutureEntropyPredictor.load(folder)
-    meta.write_text(json.dumps({"format_version": 99}))
-    with pytest.raises(PredictorFileError, match="format version"):
-        FutureEntropyPredictor.load(folder)
-    meta.write_text(text)
-    assert FutureEntropyPredictor.load(folder, model=model).kind_ == "ridge"
+    FutureEntropyPredictor.load(folder, model=model)
+    # another model, same shapes: the LM-head digest tells them apart; other shapes: the config
+    with pytest.raises(PredictorFileError, match="tiny"):
+        FutureEntropyPredictor.load(folder, model=tiny_llama(seed=1))
+    with pytest.raises(PredictorFileError, match="vocab_size"):
+        FutureEntropyPredictor.load(folder, model=tiny_llama(vocab=80))
 
 
-# ------------------------------------------------------------------ decoder
+# ------------------------------------------------------------------ gate fit and identities
 
 
-def test_decoder_spec_state_and_errors(tmp_path):
+def test_gate_fit_recovers_a_known_temperature():
+    """Known answer: the model is the human source at temperature τ0 = 1.25 (too flat). With the
+    gate always open (constant excess 1, threshold 0), α = g, and the EntCE-constrained fit must
+    find 1 + α = τ0, where the sharpened model equals the source."""
+    from entcal.calibrators.strength import GateEvaluation, fit_gate
+    from entcal.synthetic import MarkovChain
+
+    source = MarkovChain.random(vocab_size=12, scale=1.5, seed=4)
+    tau0 = 1.25
+    model = source.processed(lambda logits: logits / tau0)
+    steps = 24
+
+    def evaluate(threshold: float, strength: list[float]) -> GateEvaluation:
+        alpha = strength[0] * max(0.0, 1.0 - threshold)
+        q = model.processed(lambda logits: logits * (1 + alpha))
+        gen = float(q.expected_entropy_per_step(None, steps).mean())
+        loss = float(source.expected_log_loss_per_step(q, None, steps).mean())
+        raw = float(source.expected_log_loss_per_step(model, None, steps).mean())
+        return GateEvaluation(threshold, list(strength), [gen - loss], gen - loss, loss - raw, 1.0)
+
+    best, grid = fit_gate(evaluate, [0.0], n_buckets=1, rounds=40, tolerance=1e-4)
+    assert abs(best.entce) <= 1e-4
+    assert best.strength[0] == pytest.approx(tau0 - 1, abs=2e-3)
+    assert best.cost < 0  # the recovered source has the lowest log loss
+    assert len(grid) < 40
+
+
+def test_telescoping_identity_on_markov_source():
+    """Σ_t of the per-step α-gradients of human log loss (Lemma A.2) with the exact future
+    entropy as Ĥ equals the human log loss minus the total entropy of generations, for every
+    human text: the reason a strength fitted to EntCE = 0 and one at the log-loss optimum agree
+    only when Ĥ is the future entropy of the process actually sampled."""
+    from entcal.calibrators.alpha import logloss_terms
+    from entcal.synthetic import MarkovChain
+
+    model = MarkovChain.random(vocab_size=10, scale=1.5, seed=1)
+    human = MarkovChain.random(vocab_size=10, scale=2.5, seed=2)
+    steps = 15
+    texts = human.sample(6, steps + 1, seed=3)  # first token is the prompt
+    logp = model.log_transition().double()
+    for text in texts:
+        prev, nxt = text[:-1], text[1:]
+        lp = logp[prev]  # (steps, V): the model's rows along the human text
+        fut = torch.stack([model.future_entropy(steps - t - 1) for t in range(steps)])
+        phi = lp - fut  # φ = log p − Ĥ with the exact future entropy after each candidate
+        _, grad, _ = logloss_terms(lp, phi, nxt, torch.zeros(steps, dtype=torch.float64))
+        loss_total = float(-lp.gather(-1, nxt[:, None]).sum())
+        gen_total = float(model.expected_entropy_per_step([int(text[0])], steps).sum())
+        assert float(grad.sum()) == pytest.approx(loss_total - gen_total, abs=1e-6)
+
+
+def test_gate_update_moves_against_each_buckets_error():
+    from entcal.calibrators.strength import STRENGTH_MAX, update_strengths
+
+    g = update_strengths([1.0, 1.0, 0.0, 7.9], [0.2, -0.2, 0.1, 1.0])
+    assert g[0] > 1 > g[1] and g[2] > 0 and g[3] == STRENGTH_MAX
+
+
+# ------------------------------------------------------------------ the decoder
+
+
+def test_closed_gate_is_the_identity_and_an_open_one_a_temperature_on_markov_source(tmp_path):
+    """α_t = 0 wherever the predicted excess is below the threshold: the sampled distribution is
+    then exactly the model's; with the gate always open at α = g it is temperature 1/(1 + g)."""
+    from entcal.calibrators.decoder import CalibratedDecoder
+    from entcal.generation import generate
+    from entcal.synthetic import MarkovChain
+
+    chain = MarkovChain.random(vocab_size=16, scale=1.5, seed=0)
+    lm, tok = chain.as_model()
+    pred, _, _ = make_predictor(lm, dim=3)
+    # a predictor that never sees derailment: D̂ ≡ 0 (no derailment on a stationary chain)
+    pred.fit(np.random.default_rng(0).normal(size=(50, len(feature_names(3)))), np.zeros(50))
+    prompts = [[1, 2, 3], [4, 5]]
+    closed = CalibratedDecoder.from_predictor(pred, [3.0, 3.0], threshold=0.5)
+    out = generate(lm, tok, prompts, closed, max_new_tokens=12, seed=0)
+    for g in out:
+        assert torch.equal(g.logprob, g.raw_logprob) and torch.equal(g.entropy, g.raw_entropy)
+    opened = CalibratedDecoder.from_predictor(pred, [0.5, 0.5], threshold=-1.0)  # α = 0.5
+    sharp = chain.processed(lambda logits: logits * 1.5).log_transition()
+    out = generate(lm, tok, prompts, opened, max_new_tokens=12, seed=0)
+    for g, p in zip(out, prompts):
+        prev = torch.tensor([p[-1], *g.token_ids[:-1]])
+        expect = sharp[prev, torch.tensor(g.token_ids)].float()
+        assert torch.allclose(g.logprob, expect, atol=1e-4)
+
+
+def test_decoder_spec_options_and_bad_input(tmp_path):
     from entcal.decoding import parse
-    from entcal.decoding.calibrated import CalibratedDecoder, calibrated_logprobs
 
-    model, folder = _saved(tmp_path)
-    d = parse(f"calibrated:predictor={folder},alpha=0.3")
-    assert isinstance(d, CalibratedDecoder) and d.requires_history
-    assert parse(str(d)) == d and str(d) == f"calibrated:predictor={folder},alpha=0.3"
-    assert parse(f"calibrated:predictor={folder}").alpha == "fitted"
+    model = tiny_llama()
+    folder = saved_predictor(tmp_path, model)
+    d = parse(f"calibrated:predictor={folder},scale=0.5,threshold=0.2")
+    assert parse(str(d)) == d and str(d) == f"calibrated:predictor={folder},scale=0.5,threshold=0.2"
     d.bind(model)
-    with pytest.raises(PredictorFileError):
-        d.bind(tiny_llama(seed=3))
-    with pytest.raises(ValueError, match="alpha"):
-        parse(f"calibrated:predictor={folder},alpha=-1")
-    with pytest.raises(ValueError, match="alpha"):
-        parse(f"calibrated:predictor={folder},alpha=hot")
-    with pytest.raises(ValueError, match="unknown option 'beta'"):
-        parse(f"calibrated:predictor={folder},beta=1")
+    assert d.gate() == ([0.25, 0.5], 0.2)
+    assert parse(f"calibrated:predictor={folder},strength=2").bind(model).gate()[0] == [2.0, 2.0]
+    for bad, key in (("scale=-1", "scale"), ("strength=nan", "strength"),
+                     ("threshold=inf", "threshold"), ("alpha=1", "alpha")):  # fmt: skip
+        with pytest.raises(ValueError, match=key):
+            parse(f"calibrated:predictor={folder},{bad}")
     with pytest.raises(FileNotFoundError):
-        parse(f"calibrated:predictor={tmp_path}/missing")
-
-    logits = random_logits(4)
-    before = logits.clone()
-    d.reset(4)
-    out0 = d(logits)
-    assert torch.equal(logits, before)  # never in place
-    assert out0.dtype == torch.float32
-    pred = d.predictor
-    ref = calibrated_logprobs(logits, pred, torch.zeros(4, dtype=torch.long), 0.3)
-    assert torch.allclose(out0, ref)
-    d.observe(torch.zeros(4, dtype=torch.long))
-    d.observe(torch.zeros(4, dtype=torch.long))
-    assert d.pos_.tolist() == [2, 2, 2, 2]
-    assert torch.allclose(d(logits), calibrated_logprobs(logits, pred, torch.full((4,), 2), 0.3))
-    zero = parse(f"calibrated:predictor={folder},alpha=0")
-    assert torch.allclose(zero(logits), torch.log_softmax(logits, -1), atol=1e-6)
-    bad = logits.clone()
-    bad[1, 3] = float("nan")
-    with pytest.raises(ValueError):
-        d(bad)
-    with pytest.raises(ValueError, match="vocabulary"):
-        d(torch.randn(2, VOCAB + 1))
+        parse(f"calibrated:predictor={tmp_path / 'missing'}")
+    with pytest.raises(PredictorFileError, match="vocab_size"):
+        d.bind(tiny_llama(vocab=80))
+    # no shipped predictor for this model
+    with pytest.raises(PredictorFileError, match="no predictor is shipped"):
+        parse("calibrated").bind(model)
+    # all -inf rows stay all -inf; NaN rows are named
+    d.reset(3)
+    logits = torch.randn(3, 96)
+    logits[1] = -math.inf
+    out = d(logits)
+    assert torch.isinf(out[1]).all() and (out[1] < 0).all() and torch.isfinite(out[[0, 2]]).all()
+    logits[2, 5] = math.nan
+    with pytest.raises(ValueError, match=r"row\(s\) \[2\]"):
+        d(logits)
 
 
-def test_mixed_batch_matches_per_instance(tmp_path):
+def test_mixed_instances_in_one_batch_equal_each_alone(tmp_path):
+    """vLLM batches rows of many requests, each with its own decoder instance and state."""
     from entcal.decoding import apply_rows, parse
 
-    _, folder = _saved(tmp_path)
-    a = parse(f"calibrated:predictor={folder},alpha=0.3")
-    b = parse(f"calibrated:predictor={folder},alpha=-0.2")
-    a.reset(1)
-    b.reset(1)
-    b.observe(torch.tensor([0]))
-    logits = random_logits(2, seed=5)
-    mixed = apply_rows(logits, [a, b])
-    assert torch.allclose(mixed[0], a(logits[:1])[0], atol=1e-6)
-    assert torch.allclose(mixed[1], b(logits[1:])[0], atol=1e-6)
-
-
-def test_ridge_full_vocabulary_path_equals_features_path():
     model = tiny_llama()
-    pred, _, _ = fitted_predictor(model, "ridge")
-    logits = random_logits(10)
-    lp = torch.log_softmax(logits, -1)
-    pos = torch.arange(10) * 7
-    ids, _valid, h = pred.candidate_entropy(lp, pos)
-    feats = candidate_features(lp, ids, pos, pred.table_)
-    assert torch.allclose(h, pred.predict_features(feats), atol=1e-3)
+    folder = saved_predictor(tmp_path, model)
+    specs = [
+        f"calibrated:predictor={folder}",
+        f"calibrated:predictor={folder},scale=2",
+        "top_p=0.9",
+    ]
+    together = [parse(s).bind(model) if s.startswith("cal") else parse(s) for s in specs]
+    alone = [parse(s).bind(model) if s.startswith("cal") else parse(s) for s in specs]
+    for d in together + alone:
+        d.reset(1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):  # long enough to pass the bucket edge at position 4
+        logits = torch.randn(3, 96, generator=g) * 3
+        mixed = apply_rows(logits, together)
+        for i, d in enumerate(alone):
+            assert torch.allclose(mixed[i], d(logits[i : i + 1])[0], atol=1e-5)
+        tokens = torch.multinomial(mixed.softmax(-1), 1, generator=g)[:, 0]
+        for i in range(3):
+            together[i].observe(tokens[i : i + 1])
+            alone[i].observe(tokens[i : i + 1])
 
 
-def test_ridge_phi_fast_path_equals_candidate_path():
-    """The shipped (ridge) predictor's dense φ (closed-form Ĥ of every token, candidates from
-    cover_mask) equals fill_phi over the same candidates with Ĥ from the predictor's features."""
-    from entcal.calibrators.features import candidate_features
-    from entcal.calibrators.ops import cover_mask
-    from entcal.decoding.calibrated import load_predictor
-
-    pred = load_predictor()
-    g = torch.Generator().manual_seed(4)
-    v = pred.table_.shape[0]
-    x = torch.randn(6, v, generator=g) * torch.tensor([0.5, 1, 2, 3, 4, 6])[:, None]
-    lp = torch.log_softmax(x, -1)
-    pos = torch.tensor([0, 1, 5, 17, 100, 300])
-    keep = cover_mask(lp)
-    m = int(keep.sum(-1).max())
-    order = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices
-    ids, valid = order[:, :m], keep.gather(-1, order[:, :m])
-    h = pred.predict_features(candidate_features(lp, ids, pos, pred.table_))
-    slow = fill_phi(lp, ids, valid, h)
-    assert torch.allclose(pred.phi(lp, pos), slow, atol=1e-3, rtol=1e-5)
+# ------------------------------------------------------------------ the recipe
 
 
-def test_ridge_adjusted_fast_path_equals_phi_then_adjust():
-    """The fused ridge application step equals log_softmax(lp + α·φ) with φ from the dense fill."""
-    from entcal.calibrators.ops import cover_mask, fill_phi_dense
-    from entcal.decoding.calibrated import load_predictor
+def test_train_recipe_end_to_end_and_resume(tmp_path, smollm2_tokenizer):
+    """The whole recipe on a tiny random model with the real tokenizer and corpus, via the CLI."""
+    from entcal.cli import main
+    from entcal.decoding import parse
 
-    pred = load_predictor()
-    g = torch.Generator().manual_seed(5)
-    v = pred.table_.shape[0]
-    x = torch.randn(5, v, generator=g) * torch.tensor([0.5, 1, 2, 4, 6])[:, None]
-    x[1, :100] = float("-inf")  # masked tokens stay masked
-    lp = torch.log_softmax(x, -1)
-    pos = torch.tensor([0, 3, 17, 100, 300])
-    alpha = torch.tensor([0.0, 0.2, -0.3, 0.05, 1.0])
-    t = pred._tensors(lp.device)
-    h = pred._ridge_full(lp, pos, entropy_stats(lp), t)
-    keep = cover_mask(lp) & (lp > float("-inf"))
-    ref = adjusted_logprobs(lp, fill_phi_dense(lp, keep, h), alpha)
-    ours = pred.adjusted(lp, pos, alpha)
-    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
-    fin = torch.isfinite(ref)
-    assert torch.allclose(ours[fin], ref[fin], atol=2e-4)
-    assert torch.allclose(ours[0], lp[0], atol=1e-5)  # α = 0 is the identity
-
-
-def test_cover_mask_covers_the_mass_and_contains_the_minimal_cover():
-    from entcal.calibrators.ops import COVER_MASS, cover_mask
-
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(4, 3000, generator=g) * torch.tensor([0.3, 1, 3, 8])[:, None]
-    lp = torch.log_softmax(x, -1)
-    keep = cover_mask(lp)
-    p = lp.double().exp()
-    assert bool(((p * keep).sum(-1) >= COVER_MASS * p.sum(-1) - 1e-12).all())
-    ids, valid = cover_candidates(lp)
-    for i in range(4):
-        assert bool(keep[i, ids[i, valid[i]]].all())
-        # at most the tokens within one 0.25-nat step of the minimal cover's boundary are extra
-        edge = lp[i, ids[i, valid[i]]].min()
-        assert bool((lp[i, keep[i]] >= edge - 0.25 - 1e-5).all())
+    tok = smollm2_tokenizer
+    model = tiny_llama(vocab=len(tok), hidden=32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)  # peaked rows, like a trained model's
+    folder = tmp_path / "tiny-model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "run"
+    args = [
+        "train", "--model", str(folder), "--out", str(out), "--quiet", "--fit-docs", "4",
+        "--gate-docs", "2", "--prompt-tokens", "16", "--length", "24", "--horizon", "6",
+        "--projection-dim", "4", "--threshold-quantiles", "0.5,0.9", "--bucket-edges", "12",
+        "--gate-rounds", "2", "--batch-size", "4",
+    ]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["states"]["n_states"] == 2 * 4 * 24
+    assert report["predictor"]["chosen"] == "ridge"
+    grid = report["gate_grid"]
+    assert {round(e["threshold"], 6) for e in grid} == {
+        round(e["threshold"], 6) for e in grid[:1] + grid[-1:]
+    }
+    assert 2 <= len(grid) <= 4 and report["gate"] in grid
+    pred = FutureEntropyPredictor.load(out / "predictor", model=model)
+    assert pred.gate_["bucket_edges"] == [12] and len(pred.gate_["strength"]) == 2
+    first = (out / "predictor" / "predictor.safetensors").read_bytes()
+    # resume: everything cached is reused; same seed, same predictor
+    assert main(args) == 0
+    assert (out / "predictor" / "predictor.safetensors").read_bytes() == first
+    # a different config refuses to mix into the same folder
+    assert main([*args[:-2], "--batch-size", "2"]) == 2
+    d = parse(f"calibrated:predictor={out / 'predictor'}").bind(model)
+    d.reset(2)
+    assert torch.allclose(d(torch.randn(2, len(tok))).softmax(-1).sum(-1), torch.ones(2))

@@ -9,57 +9,64 @@ pytestmark = pytest.mark.slow
 
 
 def test_shipped_predictor_loads_and_matches_the_model(smollm2):
-    from entcal.calibrators.predictor import FutureEntropyPredictor, shipped_predictor_path
+    from entcal.calibrators.predictor import (
+        FutureEntropyPredictor,
+        shipped_predictor_for,
+        shipped_predictor_path,
+    )
 
     model, _ = smollm2
     folder = shipped_predictor_path("smollm2-135m")
+    assert shipped_predictor_for(model) == folder
     pred = FutureEntropyPredictor.load(folder, model=model)
     meta = pred.meta_
     assert meta["fingerprint"]["name"] == "smollm2-135m"
     assert meta["fingerprint"]["vocab_size"] == 49152
     assert meta["kind"] in ("ridge", "mlp")
-    assert "r2_heldout" in meta["scores"]
-    alpha = meta["alpha"]
-    assert alpha["default"] in ("global", "buckets")
-    assert -1 < alpha["global"] < 10
+    gate = pred.gate_
+    assert len(gate["strength"]) == len(gate["bucket_edges"]) + 1
+    assert all(g >= 0 for g in gate["strength"]) and max(gate["strength"]) > 0
+    # fitted to calibrate its own generations on the training split
+    assert abs(meta["report"]["gate"]["entce"]) <= 0.05
     # the shipped artifact stays small (package data)
     size = sum(p.stat().st_size for p in folder.iterdir())
-    assert size < 3_000_000
+    assert size < 2_000_000
 
 
-def test_calibrated_generation_equals_teacher_forced_application(smollm2):
-    """entcal.generate with spec 'calibrated' samples exactly p_α of the shipped predictor."""
+def test_calibrated_generation_equals_teacher_forced_scoring(smollm2):
+    """What entcal.generate samples with 'calibrated' is exactly what teacher-forced scoring
+    (the same decoder fed the same tokens step by step) assigns: one state machine for both."""
     from entcal.decoding import parse
-    from entcal.decoding.calibrated import calibrated_logprobs
+    from entcal.eval import scoring
     from entcal.generation import generate
 
     model, tok = smollm2
-    dec = parse("calibrated")
+    dec = parse("calibrated").bind(model)
     assert str(dec) == "calibrated"
-    dec.bind(model)
-    prompts = ["The os module provides", "Lists are mutable sequences"]
-    gens = generate(model, tok, prompts, decoder=dec, max_new_tokens=6, seed=0)
-    for g, prompt in zip(gens, prompts):
-        ids = tok(prompt, add_special_tokens=True)["input_ids"]
-        full = torch.tensor([ids + g.token_ids])
-        with torch.inference_mode():
-            logits = model(input_ids=full).logits[0, len(ids) - 1 : -1].float()
-        pos = torch.arange(len(g.token_ids))
-        lp = calibrated_logprobs(logits, dec.predictor, pos, dec.alpha_rows(pos))
-        got = lp.gather(-1, torch.tensor(g.token_ids)[:, None])[:, 0]
-        assert torch.allclose(got, g.logprob, atol=2e-3)
-        ent = -(lp.exp() * lp.clamp_min(-1e4)).sum(-1)
-        assert torch.allclose(ent, g.entropy, atol=2e-3)
-        # no truncation: every token keeps a positive probability
-        assert bool(torch.isfinite(lp).all())
+    prompts = [
+        "The os module provides a portable way of using operating system functionality.",
+        "Lists are mutable sequences, typically used to store collections of items.",
+    ]
+    gens = generate(model, tok, prompts, decoder=dec, max_new_tokens=80, seed=0)
+    ids = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    for i, g in zip(ids, gens):  # score each alone: prompts of one batch need equal lengths
+        s = scoring.score(model, [i], [g.token_ids], {"c": parse("calibrated").bind(model)})
+        got = s.processed["c"]
+        assert torch.allclose(got.logprob[0], g.logprob, atol=2e-3)
+        assert torch.allclose(got.entropy[0], g.entropy, atol=2e-3)
+        assert torch.allclose(s.raw.logprob[0], g.raw_logprob, atol=2e-3)
+        # never truncates: the raw model's every token keeps a positive probability
+        assert bool(torch.isfinite(got.logprob).all())
 
 
-def test_predictor_for_another_model_fails_before_generation(smollm2):
+def test_predictor_for_another_model_fails_before_generation(smollm2, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from entcal.calibrators.predictor import PredictorFileError
+    from entcal.calibrators.predictor import PredictorFileError, shipped_predictor_path
     from entcal.decoding import parse
+    from entcal.generation import generate
 
+    _, tok = smollm2
     torch.manual_seed(0)
     small = LlamaForCausalLM(
         LlamaConfig(
@@ -71,5 +78,8 @@ def test_predictor_for_another_model_fails_before_generation(smollm2):
             num_key_value_heads=1,
         )
     )
-    with pytest.raises(PredictorFileError, match="smollm2-135m"):
+    folder = shipped_predictor_path("smollm2-135m")
+    with pytest.raises(PredictorFileError, match="no predictor is shipped"):
         parse("calibrated").bind(small)
+    with pytest.raises(PredictorFileError, match="smollm2-135m"):
+        generate(small, tok, ["hello"], f"calibrated:predictor={folder}", max_new_tokens=2)

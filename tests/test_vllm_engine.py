@@ -35,6 +35,9 @@ PROMPTS = [
 # either side. A token counts as kept if it is within this much mass (top-p) or relative
 # probability (min-p) of the boundary; the test also checks such cases are rare.
 BOUNDARY_TOL = 2e-3
+# The shipped SmolLM2 predictor with its gate always open (threshold -1): every step's α
+# depends on the predicted excess, so the state (entropy and hidden-state averages) matters.
+CALIBRATED = "calibrated:threshold=-1"
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +93,8 @@ def mixed(engine):
     rows.append(("temperature=0.5", 4, _params("temperature=0.5", 12, 60, logprobs=0)))
     rows.append(("mirostat", 5, _params("mirostat:tau=2.0", 16, 61)))
     rows.append(("top_p=0.5", 5, _params("top_p=0.5", 30, 62)))
+    for p in (1, 2):  # the gate held open: the predictor's state features shape every step
+        rows.append(("calibrated", p, _params(CALIBRATED, 40, 70 + p, logprobs=0)))
     # the greedy reference of each top_k=1 row: vLLM's own greedy, same prompt and length
     for i, (kind, p, _) in enumerate(rows):
         if kind == "greedy":
@@ -196,6 +201,37 @@ def test_processed_logprobs_are_the_decoders(mixed, smollm2):
             float(logp[t, tok]) - float(expect[t, tok])
         )
     assert gap > 0.5  # the check discriminates: raw, once and twice differ on these tokens
+
+
+def test_calibrated_rows_equal_transformers_scoring(mixed, smollm2):
+    """The same spec gives the same distribution in vLLM and in transformers: the processed
+    log-prob vLLM returns for each sampled token equals entcal's teacher-forced scoring of the
+    same tokens with the same decoder (which sees the same logits rows, never the prompt's)."""
+    from entcal.decoding import parse
+    from entcal.eval import scoring
+
+    rows, outputs = mixed
+    model, _ = smollm2
+    checked = 0
+    for i, (kind, *_) in enumerate(rows):
+        if kind != "calibrated":
+            continue
+        out = outputs[i].outputs[0]
+        gen = list(out.token_ids)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # beside the engine's processes (see _raw_logprobs)
+        try:
+            s = scoring.score(
+                model, [outputs[i].prompt_token_ids], [gen], {"c": parse(CALIBRATED).bind(model)}
+            )
+        finally:
+            torch.set_num_threads(threads)
+        expect = s.processed["c"].logprob[0]
+        got = torch.tensor([out.logprobs[t][tok].logprob for t, tok in enumerate(gen)])
+        assert torch.allclose(got, expect, atol=1e-2), (got - expect).abs().max()
+        assert float((expect - s.raw.logprob[0]).abs().max()) > 0.05  # the gate was open
+        checked += 1
+    assert checked == 2
 
 
 def test_ancestral_and_mirostat_rows_generate(mixed):

@@ -9,54 +9,58 @@ __all__ = ["TrainConfig"]
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Settings of a training run.
+    """Settings of a training run (:func:`entcal.calibrators.train.train_predictor`).
 
-    The defaults made the shipped SmolLM2 predictor (492 s on 2 shared CPU cores). Horizon 1
-    makes every label exact (the next-step entropy after the candidate, no sampling), which on
-    this corpus gave a better held-out R² than noisy 4-step Monte-Carlo labels on fewer
-    positions; ridge is chosen for speed at sampling time (Ĥ of every token in closed form).
-
-    With ``horizon > 1`` the labels come from rollouts batched over documents
-    (:func:`entcal.calibrators.train.collect_rollout_labels`): each prefix gets exactly
-    ``top_k + 1 + n_tail`` candidates. At horizon 32 (1024 labels, 8 minutes on one core) their
-    noise (std 17 nats) left a held-out R² below 0 on SmolLM2: long horizons need far more labels.
+    Documents come from the corpus's training split; the first ``fit_docs`` train the predictor
+    (their human continuations teacher forced, and one ancestral generation of
+    ``length + horizon`` tokens from each prompt), the next ``gate_docs`` fit the gate (the
+    decoder's own generations and the human log loss of the same prompts). With the defaults the
+    shipped SmolLM2-135M predictor takes about 25 minutes on 2 CPU cores.
     """
 
     model: str = "smollm2-135m"
     corpus: str | None = None
     seed: int = 0
-    label_pairs: int = 24  # documents for round-0 labels
-    refit_pairs: int = 12  # documents per refit round
-    positions_per_pair: int = 16
-    top_k: int = 16
-    n_tail: int = 4
-    horizon: int = 1
-    table_dim: int = 8
-    alpha_pairs: int = 16
-    alpha_positions_per_pair: int = 64
-    test_pairs: int = 3
-    bucket_edges: tuple[int, ...] = (16, 64, 128)
-    refit_rounds: int = 1
+    fit_docs: int = 96
+    gate_docs: int = 48
     prompt_tokens: int = 128
-    continuation_tokens: int = 256
+    length: int = 256
+    #: steps ahead over which the future entropy rate (the label) is averaged
+    horizon: int = 64
+    projection_dim: int = 32
     estimator: str = "ridge"
+    #: thresholds tried, as quantiles of the predicted excess over the gate documents' human text
+    threshold_quantiles: tuple[float, ...] = (0.96, 0.98)
+    #: position buckets with a strength each (generated-token index edges)
+    bucket_edges: tuple[int, ...] = (64, 128, 192)
+    #: rounds of the per-bucket strength update per threshold, from this strength
+    gate_rounds: int = 5
+    gate_start: float = 2.0
+    #: a gate calibrates when |EntCE| of each position bucket is at most this (nats/token)
+    entce_tolerance: float = 0.1
+    batch_size: int = 32
 
     def validate(self) -> None:
-        for name in (
-            "label_pairs",
-            "positions_per_pair",
-            "top_k",
-            "horizon",
-            "table_dim",
-            "alpha_pairs",
-            "alpha_positions_per_pair",
-            "prompt_tokens",
-            "continuation_tokens",
-        ):
+        for name in ("fit_docs", "gate_docs", "prompt_tokens", "length", "horizon"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("refit_pairs", "n_tail", "refit_rounds", "test_pairs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.refit_rounds and self.refit_pairs < 1:
-            raise ValueError("refit_pairs must be >= 1 when refit_rounds > 0")
+        for name in ("projection_dim", "gate_rounds", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.estimator not in ("auto", "ridge", "mlp"):
+            raise ValueError(f"estimator must be auto, ridge or mlp, got {self.estimator!r}")
+        if not self.threshold_quantiles or not all(0 < q < 1 for q in self.threshold_quantiles):
+            raise ValueError(
+                f"threshold_quantiles must be numbers in (0, 1), got {self.threshold_quantiles}"
+            )
+        if list(self.bucket_edges) != sorted(set(self.bucket_edges)) or any(
+            not 1 <= e < self.length for e in self.bucket_edges
+        ):
+            raise ValueError(
+                f"bucket_edges must be increasing, >= 1 and below length={self.length} (every "
+                f"bucket needs generated steps to fit its strength), got {self.bucket_edges}"
+            )
+        if not 0 < self.gate_start <= 8:
+            raise ValueError(f"gate_start must lie in (0, 8], got {self.gate_start}")
+        if not self.entce_tolerance > 0:
+            raise ValueError(f"entce_tolerance must be > 0, got {self.entce_tolerance}")

@@ -1,13 +1,323 @@
-"""Registers entcal's calibrator-backed decoders with :mod:`entcal.decoding`.
+"""The ``calibrated`` decoder: sharpen the next-token distribution where the generation derails.
 
-``entcal.decoding.parse`` imports this module on the first lookup of ``calibrated`` (its lazy
-hook); importing it registers ``calibrated`` (:class:`entcal.decoding.calibrated.CalibratedDecoder`)
-and ``lookahead`` (:class:`entcal.calibrators.lookahead.LookaheadDecoder`).
+Rule (per sequence and step ``t``)::
+
+    D̂_t = FutureEntropyPredictor(state_t)            # excess future entropy rate, nats/token
+    α_t = g_b(t) · max(0, D̂_t − c)                     # the gate: threshold c, strength g_b
+    p_t(v) ∝ p(v)^(1 + α_t)                            # of t's position bucket b
+
+This is the future-entropy-scaled model of Cao, Valiant & Liang ("On the Entropy Calibration of
+Language Models", arXiv 2511.11966, Eq. 9 of the NeurIPS version),
+``p_α(v) ∝ exp((1 + α_t)·log p(v) − α_t·Ĥ(prefix, v))``, with the scale ``α_t`` a function of the
+generation's state instead of a constant per step. The per-candidate term ``Ĥ(prefix, v)`` is left
+out: with state-dependent α it did not lower the log-loss cost at equal calibration
+(docs/results/calibrated-design.md). Human text almost never reaches states where ``D̂ > c``, so
+its log loss barely changes; a sampled generation that starts to derail is pulled back, so its
+entropy stays at the human level instead of drifting up. Nothing is truncated: every token the
+model allows keeps a positive probability.
+
+The strengths ``g_b`` and the threshold ``c`` are fitted by ``entcal train`` so that entropy
+calibration error (EntCE) is 0 in every position bucket on the training split's own generations,
+at the lowest human log-loss cost (:mod:`entcal.calibrators.strength`), and stored with the
+predictor.
+
+Spec: ``calibrated[:predictor=PATH,scale=S,strength=G,threshold=C]``
+
+* ``predictor``: a folder written by ``entcal train`` (default: the predictor shipped for the
+  model the decoder is bound to; unbound, the shipped one whose vocabulary matches the logits);
+* ``scale`` (``≥ 0``, default 1): multiplies the fitted strengths (0 is the raw model; the
+  ``entcal frontier`` sweep);
+* ``strength`` (``≥ 0``): one strength for every bucket instead of the fitted ones;
+* ``threshold`` (nats/token): instead of the fitted one.
+
+The decoder is stateful (``requires_history``): per sequence it keeps the moving averages of
+:mod:`entcal.calibrators.state`, fed by ``reset``/``observe`` (transformers' ``generate`` through
+:mod:`entcal.decoding.hf`, vLLM through its adapters, teacher-forced scoring alike). It sees only
+the logits rows of generated steps, never the prompt's, so a spec gives the same distribution in
+transformers and in vLLM.
+
+Example::
+
+    >>> from entcal.decoding import parse
+    >>> d = parse("calibrated").bind(model)   # PredictorFileError if none fits this model
+    >>> d.reset(batch_size=4)
+    >>> logits = d(raw_logits)                # sample from softmax(logits)
+    >>> d.observe(sampled_tokens)
 """
 
 from __future__ import annotations
 
-from entcal.calibrators.lookahead import LookaheadDecoder
-from entcal.decoding.calibrated import CalibratedDecoder
+import math
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
 
-__all__ = ["CalibratedDecoder", "LookaheadDecoder"]
+import torch
+from torch import Tensor
+
+from entcal.calibrators.predictor import FutureEntropyPredictor, shipped_predictor_for
+from entcal.calibrators.state import StateTracker, StepStats, state_features, step_stats
+from entcal.decoding.base import Decoder, check_known, format_value, parse_float
+from entcal.decoding.spec import register_method
+
+__all__ = ["CalibratedDecoder", "gate_alpha", "load_predictor", "sharpen"]
+
+_IN_MEMORY = "<in memory>"
+_CACHE: dict[tuple[str, float], FutureEntropyPredictor] = {}
+_LOCK = threading.Lock()
+
+
+def load_predictor(path: str | Path) -> FutureEntropyPredictor:
+    """Load (and cache, keyed by path and modification time) a predictor folder."""
+    folder = Path(path).expanduser()
+    if folder.name == "predictor.json":
+        folder = folder.parent
+    meta = folder / "predictor.json"
+    key = (str(folder.resolve()), meta.stat().st_mtime if meta.exists() else -1.0)
+    with _LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = FutureEntropyPredictor.load(folder)
+        return _CACHE[key]
+
+
+def gate_alpha(derail: Tensor, strength: Tensor | float, threshold: Tensor | float) -> Tensor:
+    """``α = strength · max(0, derail − threshold)`` per row (``derail``: ``(N,)`` nats/token)."""
+    return (derail - threshold).clamp_min(0.0) * strength
+
+
+def sharpen(logprobs: Tensor, alpha: Tensor) -> Tensor:
+    """``(1 + α)·log p`` per row: logits of ``p^(1+α)`` (``-inf`` stays ``-inf``; α ≥ 0)."""
+    return logprobs * (1.0 + alpha)[:, None]
+
+
+def _log_softmax_keep_dead(logits: Tensor) -> Tensor:
+    """``log_softmax`` that leaves all-``-inf`` rows all ``-inf`` (not NaN)."""
+    lp = torch.log_softmax(logits, dim=-1)
+    dead = logits.amax(-1) == float("-inf")
+    if bool(dead.any()):
+        lp = torch.where(dead[:, None], logits, lp)
+    return lp
+
+
+class CalibratedDecoder(Decoder):
+    """Gated future-entropy-calibrated sampling (see the module docstring for rule and spec)."""
+
+    requires_history: ClassVar[bool] = True
+    OPTIONS = ("predictor", "scale", "strength", "threshold")
+
+    def __init__(
+        self,
+        predictor: str | Path | None = None,
+        strength: float | str | None = None,
+        threshold: float | str | None = None,
+        scale: float | str = 1.0,
+    ) -> None:
+        self.strength = None if strength is None else parse_float("strength", strength, lo=0.0)
+        self.threshold = None if threshold is None else parse_float("threshold", threshold)
+        self.scale = parse_float("scale", scale, lo=0.0)
+        self.predictor_path = None if predictor is None else str(predictor)
+        # A named predictor is loaded (and checked) now: a bad file fails before any step.
+        self._predictor = None if predictor is None else load_predictor(predictor)
+        self.tracker: StateTracker | None = None
+        self._strengths: list[float] | None = None
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> CalibratedDecoder:
+        check_known("calibrated", options, cls.OPTIONS)
+        return cls(
+            options.get("predictor"), options.get("strength"), options.get("threshold"),
+            options.get("scale", 1.0),
+        )  # fmt: skip
+
+    @classmethod
+    def from_predictor(
+        cls,
+        predictor: FutureEntropyPredictor,
+        strength: Sequence[float] | None = None,
+        threshold: float | None = None,
+    ) -> CalibratedDecoder:
+        """A decoder over an in-memory predictor (training), optionally with another gate: one
+        strength per position bucket of the predictor's ``bucket_edges``. Its spec records the
+        gate (so decoders with different gates differ) but does not parse back: no file."""
+        n_buckets = len(predictor.gate_["bucket_edges"]) + 1
+        if strength is not None:
+            strength = [float(g) for g in strength]
+            if len(strength) != n_buckets or not all(math.isfinite(g) and g >= 0 for g in strength):
+                raise ValueError(
+                    f"strength needs {n_buckets} finite values >= 0 (one per position bucket), "
+                    f"got {strength}"
+                )
+        self = cls()
+        self._predictor = predictor
+        self._strengths = strength
+        self.threshold = None if threshold is None else parse_float("threshold", threshold)
+        self.predictor_path = _IN_MEMORY
+        return self
+
+    @property
+    def spec(self) -> str:
+        parts = []
+        if self.predictor_path is not None:
+            parts.append(f"predictor={self.predictor_path}")
+        if self._strengths is not None:
+            parts.append("strengths=" + "/".join(format_value(g) for g in self._strengths))
+        if self.scale != 1.0:
+            parts.append(f"scale={format_value(self.scale)}")
+        if self.strength is not None:
+            parts.append(f"strength={format_value(self.strength)}")
+        if self.threshold is not None:
+            parts.append(f"threshold={format_value(self.threshold)}")
+        return "calibrated" + (":" + ",".join(parts) if parts else "")
+
+    # ---- the predictor ------------------------------------------------------------------------
+    def bind(self, model) -> CalibratedDecoder:
+        """Use the predictor fitted for ``model`` (a model or its config): the shipped one if no
+        ``predictor=`` was given, else check that the given one fits. Raises
+        :class:`~entcal.calibrators.predictor.PredictorFileError` if none does."""
+        if self.predictor_path is None:
+            self._predictor = load_predictor(shipped_predictor_for(model))
+        else:
+            assert self._predictor is not None
+        self._predictor.check_model(model)  # type: ignore[union-attr]
+        return self
+
+    def predictor_for(self, vocab_size: int) -> FutureEntropyPredictor:
+        """The predictor (resolved by vocabulary size if the decoder was never bound)."""
+        if self._predictor is None:
+            self._predictor = load_predictor(shipped_predictor_for(vocab_size=vocab_size))
+        pred = self._predictor
+        if pred.vocab_size is not None and pred.vocab_size != vocab_size:
+            raise ValueError(
+                f"logits have {vocab_size} columns but the predictor "
+                f"{getattr(pred, 'path_', '')} was fitted for a vocabulary of {pred.vocab_size} "
+                f"(model {pred.meta_.get('fingerprint', {}).get('name')!r})"
+            )
+        return pred
+
+    def gate(self) -> tuple[list[float], float]:
+        """``(strength per bucket, threshold)`` in use: the spec's, else the predictor's."""
+        assert self._predictor is not None
+        fitted = self._predictor.gate_
+        g = getattr(self, "_strengths", None) or fitted["strength"]
+        if self.strength is not None:
+            g = [self.strength] * len(fitted["strength"])
+        c = fitted["threshold"] if self.threshold is None else self.threshold
+        return [x * self.scale for x in g], c
+
+    # ---- state --------------------------------------------------------------------------------
+    def reset(self, batch_size: int) -> None:
+        self.tracker = None
+        self._gate_cache = None
+
+    def observe(self, tokens: Tensor) -> None:
+        if self.tracker is not None:
+            self.tracker.commit()
+
+    def _tracker(self, pred: FutureEntropyPredictor, n: int, device: torch.device) -> StateTracker:
+        tr = self.tracker
+        if tr is not None and tr.batch_size != n and bool((tr.count > 0).any()):
+            raise ValueError(
+                f"calibrated: got {n} rows, but the decoder's state holds {tr.batch_size} "
+                "sequences in progress; call reset(batch_size) before a new generation"
+            )
+        if tr is None or tr.batch_size != n:
+            tr = StateTracker(pred.projection_.dim)
+            tr.reset(n, device)
+            self.tracker = tr
+        tr.to(device)
+        return tr
+
+    def _gate_rows(
+        self, pred: FutureEntropyPredictor, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """``(strength per bucket (B,), threshold ())`` as tensors on ``device`` (cached)."""
+        cache = getattr(self, "_gate_cache", None)
+        if cache is None or cache[0] is not pred or cache[1] != device:
+            g, c = self.gate()
+            cache = (
+                pred, device,
+                torch.tensor(g, dtype=torch.float32, device=device),
+                torch.tensor(c, dtype=torch.float32, device=device),
+                torch.tensor(pred.gate_["bucket_edges"], dtype=torch.long, device=device),
+            )  # fmt: skip
+            self._gate_cache = cache
+        return cache[2], cache[3]
+
+    # ---- the step -----------------------------------------------------------------------------
+    def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
+        # One instance, all rows: no grouping (the common case in transformers' generate).
+        n, vocab = logits.shape
+        pred = self.predictor_for(vocab)
+        lp = _log_softmax_keep_dead(logits)
+        tracker = self._tracker(pred, n, logits.device)
+        feats = tracker.features(step_stats(lp, pred.projection_on(logits.device)))
+        strength, threshold = self._gate_rows(pred, logits.device)
+        edges = self._gate_cache[4]  # type: ignore[index]
+        g = strength[torch.bucketize(tracker.count, edges, right=True)]
+        return sharpen(lp, gate_alpha(pred.predict_tensor(feats), g, threshold))
+
+    @classmethod
+    def _apply_group(
+        cls, decoders: Sequence[Decoder], logits: Tensor, input_ids: Tensor | None
+    ) -> Tensor:
+        # Rows of several instances (vLLM: one per request) in one pass per predictor: their
+        # states are stacked, processed together, and each instance keeps its rows' stats.
+        first = decoders[0]
+        if all(d is first for d in decoders):
+            return first._process(logits, input_ids)
+        n, vocab = logits.shape
+        dev = logits.device
+        lp = _log_softmax_keep_dead(logits)
+        rows_of: dict[int, list[int]] = {}
+        insts: dict[int, CalibratedDecoder] = {}
+        for i, d in enumerate(decoders):
+            assert isinstance(d, CalibratedDecoder)
+            insts.setdefault(id(d), d)
+            rows_of.setdefault(id(d), []).append(i)
+        by_pred: dict[int, list[CalibratedDecoder]] = {}
+        for d in insts.values():
+            by_pred.setdefault(id(d.predictor_for(vocab)), []).append(d)
+        alpha = torch.empty(n, dtype=torch.float32, device=dev)
+        for group in by_pred.values():
+            pred = group[0].predictor_for(vocab)
+            idx = [i for d in group for i in rows_of[id(d)]]
+            sel = torch.tensor(idx, device=dev)
+            rows = lp.index_select(0, sel)
+            stats = step_stats(rows, pred.projection_on(dev))
+            trackers = [d._tracker(pred, len(rows_of[id(d)]), dev) for d in group]
+            feats = _stacked_features(trackers, stats)
+            count = torch.cat([t.count for t in trackers])
+            # per instance: its strengths (one per bucket) and threshold; per row: its instance
+            gates = [d._gate_rows(pred, dev) for d in group]
+            table = torch.stack([g for g, _ in gates])
+            thresh = torch.stack([c for _, c in gates])
+            owner = torch.repeat_interleave(
+                torch.arange(len(group), device=dev),
+                torch.tensor([len(rows_of[id(d)]) for d in group], device=dev),
+            )
+            edges = group[0]._gate_cache[4]  # type: ignore[index]
+            bucket = torch.bucketize(count, edges, right=True)
+            a = gate_alpha(pred.predict_tensor(feats), table[owner, bucket], thresh[owner])
+            alpha.index_copy_(0, sel, a)
+        return sharpen(lp, alpha)
+
+
+def _stacked_features(trackers: list[StateTracker], stats: StepStats) -> Tensor:
+    """Features of several trackers' rows (stacked in order) in one pass; each tracker keeps its
+    slice of ``stats`` for its ``commit``."""
+    feats = state_features(
+        torch.cat([t.count for t in trackers]),
+        torch.cat([t.sums for t in trackers]),
+        torch.cat([t.first for t in trackers]),
+        stats,
+    )
+    start = 0
+    for tr in trackers:
+        end = start + tr.batch_size
+        tr.hold(StepStats(stats.entropy[start:end], stats.z[start:end]))
+        start = end
+    return feats
+
+
+register_method("calibrated", CalibratedDecoder.from_options)

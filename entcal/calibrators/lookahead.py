@@ -177,6 +177,17 @@ class LookaheadDecoder(Decoder):
             return adjusted_logprobs(lp, phi, self.alpha)
 
 
+def _generator(seed: int, *parts: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int(seed) * 1_000_003 + sum(p * 7919**i for i, p in enumerate(parts, 1)))
+    return g
+
+
+def _offsets(n_cont: int, k: int, gen: torch.Generator) -> list[int]:
+    k = min(k, n_cont)
+    return sorted(torch.randperm(n_cont, generator=gen)[:k].tolist(), reverse=True)
+
+
 @torch.inference_mode()
 def fit_lookahead_alpha(
     model,
@@ -188,7 +199,6 @@ def fit_lookahead_alpha(
 ) -> AlphaFit:
     """Fit α of the lookahead decoder by minimizing human log loss at positions of ``pairs``."""
     from entcal.calibrators.montecarlo import expand_cache, hf_step_fn, rollout_entropy
-    from entcal.calibrators.train import _generator, _offsets
 
     device = next(model.parameters()).device
     step = hf_step_fn(model)

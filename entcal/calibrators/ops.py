@@ -10,9 +10,10 @@ where Ĥ(v) predicts the entropy of the continuation after choosing ``v``. Writi
 token ``y`` is convex in α, with derivative ``E_{p_α}[φ] − φ(y)`` and second derivative
 ``Var_{p_α}(φ) ≥ 0`` (Lemma A.2 of the paper; moment matching of φ).
 
-Only the *candidates*, the most probable tokens covering at least ``1 − 1e-4`` of the mass, get
-their own prediction; every other token gets the mass-weighted mean of the candidates' Ĥ, so the
-tail is tempered by ``(1 + α)`` alone and nothing is truncated.
+Only the *candidates* (the lookahead decoder: its top-k tokens) get their own Ĥ; every other token
+gets the mass-weighted mean of the candidates' Ĥ, so the tail is tempered by ``(1 + α)`` alone
+and nothing is truncated. (The ``calibrated`` decoder uses the state-gated form with no
+per-candidate term: :mod:`entcal.calibrators.decoder`.)
 """
 
 from __future__ import annotations
@@ -21,18 +22,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "COVER_MASS",
     "adjusted_logprobs",
     "check_alpha",
-    "cover_candidates",
-    "cover_mask",
     "entropy_stats",
     "fill_phi",
-    "fill_phi_dense",
 ]
-
-COVER_MASS = 1.0 - 1e-4
-_LADDER_START = 64
 
 
 def entropy_stats(logprobs: Tensor) -> tuple[Tensor, Tensor]:
@@ -45,63 +39,6 @@ def entropy_stats(logprobs: Tensor) -> tuple[Tensor, Tensor]:
     ent = -(p * lp).sum(-1)
     second = (p * lp * lp).sum(-1)
     return ent, (second - ent * ent).clamp_min(0.0)
-
-
-def cover_candidates(logprobs: Tensor, mass: float = COVER_MASS) -> tuple[Tensor, Tensor]:
-    """The most probable tokens of each row that together hold at least ``mass`` of it.
-
-    A partial sort: ``topk`` with k = 64, 256, 1024, ... until every row is covered, instead of a
-    full-vocabulary sort.
-
-    Returns:
-        ``(ids, valid)``, both ``(N, M)`` with M the largest count any row needs; row i's
-        candidates are ``ids[i, valid[i]]``, in decreasing probability. Zero-probability tokens
-        are never candidates.
-    """
-    if not 0.0 < mass <= 1.0:
-        raise ValueError(f"mass must lie in (0, 1], got {mass}")
-    vocab = logprobs.shape[-1]
-    k = min(_LADDER_START, vocab)
-    while True:
-        vals, ids = torch.topk(logprobs, k, dim=-1, sorted=True)
-        probs = vals.exp()
-        before = probs.cumsum(-1) - probs  # mass strictly above each slot
-        # A slot is needed while the mass before it is still short of the target.
-        needed = (before < mass) & (probs > 0)
-        count = needed.sum(-1)
-        covered = (probs.sum(-1) >= mass) | (count < k)
-        if bool(covered.all()) or k == vocab:
-            break
-        k = min(k * 4, vocab)
-    m = max(int(count.max()), 1)
-    return ids[:, :m], needed[:, :m]
-
-
-def cover_mask(
-    logprobs: Tensor, mass: float = COVER_MASS, step: float = 0.25, probs: Tensor | None = None
-) -> Tensor:
-    """Bool ``(N, V)``: the tokens with ``log p >= max log p - k·step`` for the smallest ``k``
-    whose kept tokens hold at least ``mass`` of the row.
-
-    A superset of the minimal cover (:func:`cover_candidates`) by at most the tokens within one
-    ``step`` (nats) of its boundary, found with one float64 histogram of the mass over
-    ``step``-wide bins of ``log p`` below the row maximum: a few elementwise passes, no sort and
-    no gather, whatever the number of candidates (flat rows need tens of thousands at 1 - 1e-4).
-    Tokens more than 64 nats below the maximum are never kept (their mass is below ``V·e^-64``).
-    ``probs``: ``logprobs.exp()`` if the caller has it.
-    """
-    if not 0.0 < mass <= 1.0:
-        raise ValueError(f"mass must lie in (0, 1], got {mass}")
-    n_bins = int(64.0 / step) + 1  # the last bin collects everything deeper (and -inf)
-    top = logprobs.amax(-1, keepdim=True)
-    depth = torch.sub(top, logprobs).div_(step).nan_to_num_(posinf=n_bins - 1)
-    bins = depth.clamp_(max=n_bins - 1).long()
-    hist = torch.zeros(logprobs.shape[0], n_bins, dtype=torch.float64, device=logprobs.device)
-    hist.scatter_add_(1, bins, (logprobs.exp() if probs is None else probs).double())
-    cum = hist[:, :-1].cumsum(-1)
-    # the first bin at which the kept mass reaches ``mass`` of the row's total
-    k = (cum < mass * hist.sum(-1, keepdim=True)).sum(-1, keepdim=True).clamp(max=n_bins - 2)
-    return bins <= k
 
 
 def fill_phi(
@@ -118,16 +55,6 @@ def fill_phi(
     fut = mean[:, None].expand_as(logprobs).clone()
     fut.scatter_(-1, cand_ids, torch.where(cand_valid, cand_entropy, mean[:, None]))
     return logprobs - fut
-
-
-def fill_phi_dense(logprobs: Tensor, keep: Tensor, entropy: Tensor) -> Tensor:
-    """:func:`fill_phi` when Ĥ is known for every token: ``entropy (N, V)``, ``keep`` the
-    candidates (bool ``(N, V)``). Candidates keep their Ĥ; every other token gets the candidates'
-    mass-weighted mean. A few elementwise passes, no gather, whatever the number of candidates.
-    """
-    p = torch.where(keep, logprobs.exp(), 0.0)
-    mean = (p * entropy).sum(-1, keepdim=True) / p.sum(-1, keepdim=True).clamp_min(1e-30)
-    return logprobs - torch.where(keep, entropy, mean)
 
 
 def check_alpha(alpha: Tensor) -> None:

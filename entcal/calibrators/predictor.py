@@ -1,25 +1,37 @@
-"""``FutureEntropyPredictor``: Ĥ(prefix, v), fitted with scikit-learn, applied as torch tensors.
+"""``FutureEntropyPredictor``: how far a generation's future entropy will exceed the human level.
 
-Fitting compares a ridge regression on the features of :mod:`entcal.calibrators.features` with a
-one-hidden-layer MLP and keeps the one with the higher held-out R² (prefixes split into groups,
-so a prefix never sits on both sides). Both re-express exactly as a few torch matrix products,
-which is all that runs at sampling time, batched over the candidates of every row.
+The predictor maps the state of a generation at step ``t`` (:mod:`entcal.calibrators.state`:
+entropy and its moving averages relative to the first generated steps, moving averages of the
+final hidden state read back from the logits row) to the **excess future entropy rate**
 
-Saved as a folder holding ``predictor.safetensors`` (tensors) and ``predictor.json`` (kind,
-feature names, α, training report, the model fingerprint and the SHA-256 of the tensor file).
+    D(t) = mean_{s = t+1 .. t+K} H_s  −  L_human,
+
+the mean raw next-token entropy of the next ``K`` steps of the text being produced, minus the
+model's log loss on the human continuation of the same prompt (nats/token). On human text D ≈ 0;
+where a sampled generation has derailed (Cao, Valiant & Liang, arXiv 2511.11966, §4: entropy
+rises with the generation's length) D is large. The calibrated decoder
+(:mod:`entcal.calibrators.decoder`) sharpens the next-token distribution only where the
+predicted D exceeds a threshold.
+
+Fitted with scikit-learn (ridge, or a one-hidden-layer MLP if it beats ridge on held-out
+documents), applied as torch matrix products. Saved as a folder with ``predictor.safetensors``
+(weights, the hidden-state projection) and ``predictor.json`` (kind, feature names, gate,
+training report, the fingerprint of the model it was fitted for, the SHA-256 of the tensors).
 Loading never unpickles; a missing, truncated or corrupted file, or one fitted for another model,
-raises a clear error at load, before any generation.
+raises a clear error before any generation.
 
 Example::
 
-    >>> pred = FutureEntropyPredictor().fit(X, y, groups=prefix_ids)
-    >>> pred.scores_["chosen"], pred.scores_["r2_heldout"]
+    >>> pred = FutureEntropyPredictor().fit(X, y, groups=document_ids)
+    >>> pred.projection_ = projection           # HiddenProjection fitted for the model
+    >>> pred.gate_ = {"threshold": 0.8, "strength": [1.0, 1.0], "bucket_edges": [128]}
     >>> pred.save("out/predictor", fingerprint=predictor_fingerprint(model, "smollm2-135m"))
     >>> pred = FutureEntropyPredictor.load("out/predictor", model=model)
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -30,48 +42,119 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from entcal.calibrators.features import candidate_features, feature_names
-from entcal.calibrators.ops import (
-    COVER_MASS,
-    adjusted_logprobs,
-    check_alpha,
-    cover_candidates,
-    cover_mask,
-    entropy_stats,
-    fill_phi,
-    fill_phi_dense,
-)
+from entcal.calibrators.state import HiddenProjection, feature_names
 
 __all__ = [
     "FORMAT_VERSION",
     "FutureEntropyPredictor",
     "PredictorFileError",
     "predictor_fingerprint",
+    "shipped_predictor_for",
     "shipped_predictor_path",
+    "shipped_predictors",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _TENSORS = "predictor.safetensors"
 _META = "predictor.json"
+_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "model_type")
 
 
 class PredictorFileError(ValueError):
     """A predictor file is missing, malformed, corrupted or made for another model."""
 
 
+# --------------------------------------------------------------------------- shipped predictors
+
+
+def _data_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "data"
+
+
 def shipped_predictor_path(model_name: str = "smollm2-135m") -> Path:
     """Folder of the predictor shipped in the package for an embedded model."""
-    return Path(__file__).resolve().parent.parent / "data" / f"predictor-{model_name}"
+    return _data_dir() / f"predictor-{model_name}"
 
 
-def _lm_head_digest(model) -> list[float]:
-    w = model.get_output_embeddings().weight.detach().float()
+@functools.lru_cache(maxsize=1)
+def shipped_predictors() -> dict[str, dict]:
+    """``{embedded model name: fingerprint}`` of the predictors shipped in the package (read
+    once per process; folders of another format version are skipped)."""
+    out = {}
+    for folder in sorted(_data_dir().glob("predictor-*")):
+        try:
+            meta = json.loads((folder / _META).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if meta.get("format_version") == FORMAT_VERSION:
+            out[folder.name.removeprefix("predictor-")] = meta.get("fingerprint") or {}
+    return out
+
+
+def shipped_predictor_for(model=None, *, vocab_size: int | None = None) -> Path:
+    """The shipped predictor of ``model`` (a model, or a config with ``vocab_size`` etc.), or of
+    the only embedded model with ``vocab_size``; :class:`PredictorFileError` if there is none."""
+    shipped = shipped_predictors()
+    if not shipped:
+        raise PredictorFileError(
+            f"no predictor of format version {FORMAT_VERSION} is shipped in {_data_dir()}; "
+            "train one with `entcal train --model NAME --out DIR` and use "
+            "calibrated:predictor=DIR/predictor"
+        )
+    if model is not None:
+        current = _fingerprint_of(model)
+        for name, fp in shipped.items():
+            if not _mismatch(fp, current):
+                return shipped_predictor_path(name)
+        what = current.get("name") or current.get("model_type")
+        raise PredictorFileError(
+            f"no predictor is shipped for model {what!r} (shipped: {', '.join(shipped)}); "
+            "train one with `entcal train --model NAME --out DIR` and use "
+            "calibrated:predictor=DIR/predictor"
+        )
+    names = [n for n, fp in shipped.items() if fp.get("vocab_size") == vocab_size]
+    if len(names) != 1:
+        listed = ", ".join(f"{n} (vocab {fp.get('vocab_size')})" for n, fp in shipped.items())
+        raise PredictorFileError(
+            f"cannot tell which shipped predictor fits logits of {vocab_size} columns "
+            f"(shipped: {listed}); "
+            "bind the decoder to the model (decoder.bind(model)) or pass predictor=PATH"
+        )
+    return shipped_predictor_path(names[0])
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def _lm_head_digest(model) -> list[float] | None:
+    head = getattr(model, "get_output_embeddings", None)
+    if head is None or head() is None:
+        return None
+    w = head().weight.detach().float()
     # Cheap statistics that differ between any two trained models of the same shape.
     return [
         round(float(w.mean()), 7),
         round(float(w.std()), 7),
         round(float(w[: min(256, w.shape[0])].abs().mean()), 7),
     ]
+
+
+def _fingerprint_of(model) -> dict:
+    """Config fields (and the LM-head digest when weights are at hand) of a model or config."""
+    config = getattr(model, "config", model)
+    text = getattr(config, "text_config", None)
+    fp: dict[str, Any] = {}
+    for key in _CONFIG_KEYS:
+        value = getattr(config, key, None)
+        if value is None and text is not None:
+            value = getattr(text, key, None)
+        fp[key] = value
+    fp["name"] = getattr(config, "_name_or_path", None)
+    head = getattr(model, "get_output_embeddings", None)
+    if head is not None and head() is not None:  # the logits' width (may exceed the config's)
+        fp["vocab_size"] = int(head().weight.shape[0])
+    fp["lm_head_digest"] = _lm_head_digest(model)
+    return fp
 
 
 def predictor_fingerprint(model, name: str | None = None) -> dict:
@@ -83,23 +166,19 @@ def predictor_fingerprint(model, name: str | None = None) -> dict:
     return fp
 
 
-def _check_fingerprint(saved: dict, model, path: Path) -> None:
-    current = predictor_fingerprint(model)
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "model_type"):
-        if saved.get(key) != current.get(key):
-            raise PredictorFileError(
-                f"predictor {path} was fitted for model {saved.get('name')!r} "
-                f"({key}={saved.get(key)!r}), but this model has {key}={current.get(key)!r}; "
-                "train one for this model with `entcal train --model NAME --out DIR`"
-            )
-    a, b = saved.get("lm_head_digest"), current["lm_head_digest"]
-    if a is not None and not all(
-        math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-6) for x, y in zip(a, b)
+def _mismatch(saved: dict, current: dict) -> str | None:
+    """Why ``saved`` (a predictor's fingerprint) does not fit ``current``, or None."""
+    for key in _CONFIG_KEYS:
+        if current.get(key) is not None and saved.get(key) != current.get(key):
+            return f"{key}={saved.get(key)!r}, but this model has {key}={current.get(key)!r}"
+    a, b = saved.get("lm_head_digest"), current.get("lm_head_digest")
+    if (
+        a is not None
+        and b is not None
+        and not all(math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-6) for x, y in zip(a, b))
     ):
-        raise PredictorFileError(
-            f"predictor {path} was fitted for model {saved.get('name')!r}, whose weights differ "
-            f"from this model's (LM-head digest {a} vs {b}); train one for this model"
-        )
+        return f"its LM-head weights differ from this model's (digest {a} vs {b})"
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -115,13 +194,6 @@ def _r2(y: np.ndarray, pred: np.ndarray) -> float:
     return 1.0 - float(((y - pred) ** 2).sum()) / ss if ss > 0 else float("nan")
 
 
-def _demean(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    _, inv = np.unique(groups, return_inverse=True)
-    sums = np.bincount(inv, weights=values)
-    counts = np.bincount(inv)
-    return values - (sums / counts)[inv]
-
-
 def _quiet_fit(est, X, y):
     import warnings
 
@@ -132,51 +204,62 @@ def _quiet_fit(est, X, y):
         return est.fit(X, y)
 
 
-def _ridge_slope(w: Tensor, ent: Tensor, var: Tensor, lpos: Tensor) -> Tensor:
-    """Per-row coefficient ``A`` of ``lp`` in the ridge model's Ĥ (see ``_ridge_full``)."""
-    return w[0] + w[5] * ent + w[6] * var + w[7] * lpos
+def _check_gate(gate: Any, what: str) -> dict:
+    """The gate as plain JSON (``threshold``, ``strength`` per bucket, ``bucket_edges``)."""
+    if not isinstance(gate, dict):
+        raise ValueError(f"{what} must be a dict with threshold, strength and bucket_edges")
+    try:
+        c = float(gate["threshold"])
+        g = [float(x) for x in gate["strength"]]
+        edges = [int(e) for e in gate["bucket_edges"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{what} lacks or garbles {exc}") from None
+    if len(g) != len(edges) + 1 or not all(math.isfinite(x) and x >= 0 for x in g):
+        raise ValueError(f"{what}: needs len(bucket_edges) + 1 strengths >= 0, got {g}")
+    if edges != sorted(set(edges)) or not math.isfinite(c):
+        raise ValueError(f"{what}: bucket_edges must increase and threshold be finite")
+    return {"threshold": c, "strength": g, "bucket_edges": edges}
+
+
+# --------------------------------------------------------------------------- the predictor
 
 
 class FutureEntropyPredictor:
-    """Predicts the k-step future entropy after choosing each candidate token.
+    """Predicts the excess future entropy rate ``D`` (nats/token) of a generation from its state.
 
     Args:
-        estimator: ``"auto"`` (pick by held-out R²: the MLP only if it beats ridge by more than
-            0.02, as it costs more at sampling time), ``"ridge"`` or ``"mlp"``.
-        ridge_alpha: L2 strength of the ridge model.
+        estimator: ``"auto"`` (ridge, or the MLP if it beats ridge's held-out R² by more than
+            0.02), ``"ridge"`` or ``"mlp"``.
+        ridge_alpha: L2 strength of the ridge model (on standardized features).
         hidden: width of the MLP's hidden layer.
-        heldout_fraction: share of prefix groups held out to score the estimators.
+        heldout_fraction: share of documents held out to score the estimators.
         random_state: seed of the split and the MLP.
 
-    Attributes (after ``fit`` or ``load``): ``kind_``, ``x_mean_``, ``x_scale_``, ``y_mean_``,
-    ``y_scale_``, ``weights_`` (torch tensors), ``table_`` (the ``(V, d)`` token table, set by the
-    caller before ``save``), ``scores_`` (held-out R² of each estimator, total and within-prefix),
-    ``meta_`` (JSON-able training information: horizon, α, report).
+    Attributes (set by ``fit`` or ``load``): ``kind_``, ``x_mean_``, ``x_scale_``, ``y_mean_``,
+    ``y_scale_``, ``weights_`` (torch tensors), ``scores_`` (held-out R²). Set by the training
+    recipe before ``save``: ``projection_`` (:class:`~entcal.calibrators.state.HiddenProjection`
+    of the model), ``gate_`` (the fitted rule ``α = g_b·max(0, D − c)``: ``{"threshold": c, "strength":
+    [g_0, …, g_B], "bucket_edges": [e_1, …, e_B]}``, bucket ``b`` holding positions
+    ``e_b ≤ t < e_{b+1}``) and ``meta_`` (JSON-able training information).
     """
 
     def __init__(
         self,
         estimator: str = "auto",
-        ridge_alpha: float = 1.0,
+        ridge_alpha: float = 10.0,
         hidden: int = 32,
         heldout_fraction: float = 0.2,
         random_state: int = 0,
     ) -> None:
-        if estimator not in ("auto", "ridge", "mlp"):
-            raise ValueError(f"estimator must be 'auto', 'ridge' or 'mlp', got {estimator!r}")
-        if not 0.0 < heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
         self.estimator = estimator
         self.ridge_alpha = ridge_alpha
         self.hidden = hidden
         self.heldout_fraction = heldout_fraction
         self.random_state = random_state
-        self.table_: Tensor | None = None
-        self.meta_: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ scikit-learn side
 
-    def _make(self, kind: str, n: int = 10_000):
+    def _make(self, kind: str, n: int):
         if kind == "ridge":
             from sklearn.linear_model import Ridge
 
@@ -188,14 +271,22 @@ class FutureEntropyPredictor:
             activation="relu",
             alpha=1e-3,
             learning_rate_init=3e-3,
-            max_iter=400,
-            early_stopping=n >= 500,  # its 10% validation split needs enough rows
-            n_iter_no_change=20,
+            max_iter=200,
+            early_stopping=n >= 500,
+            n_iter_no_change=10,
             random_state=self.random_state,
         )
 
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None):
-        """Fit on features ``X (n, F)`` and labels ``y (n,)``; ``groups`` are prefix ids."""
+        """Fit on state features ``X (n, F)`` and labels ``y (n,)`` (nats/token).
+
+        ``groups`` (document ids) keep a document on one side of the held-out split. Returns
+        ``self``. Raises ``ValueError`` for bad parameters, shapes or non-finite values.
+        """
+        if self.estimator not in ("auto", "ridge", "mlp"):
+            raise ValueError(f"estimator must be 'auto', 'ridge' or 'mlp', got {self.estimator!r}")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must lie in (0, 1), got {self.heldout_fraction}")
         X = np.asarray(X, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
         if X.ndim != 2 or y.shape != (X.shape[0],):
@@ -221,22 +312,14 @@ class FutureEntropyPredictor:
         for kind in kinds:
             est = _quiet_fit(self._make(kind, len(tr)), Xs[tr], ys[tr])
             pred = est.predict(Xs[te]) * self.y_scale_ + self.y_mean_
-            scores[kind] = {
-                "r2_heldout": _r2(y[te], pred),
-                # What shapes p_α: differences between candidates of the same prefix.
-                "r2_within_prefix_heldout": _r2(
-                    _demean(y[te], groups[te]), _demean(pred, groups[te])
-                ),
-            }
+            scores[kind] = {"r2_heldout": _r2(y[te], pred)}
         chosen = kinds[0]
         if len(kinds) == 2 and scores["mlp"]["r2_heldout"] > scores["ridge"]["r2_heldout"] + 0.02:
-            # The MLP must earn its cost: ridge evaluates over the whole vocabulary in a few
-            # elementwise passes, the MLP builds features for every candidate.
             chosen = "mlp"
         scores["chosen"] = chosen
         scores["r2_heldout"] = scores[chosen]["r2_heldout"]
-        scores["r2_within_prefix_heldout"] = scores[chosen]["r2_within_prefix_heldout"]
         est = _quiet_fit(self._make(chosen, len(ys)), Xs, ys)
+        self._device_cache = None
         self.kind_ = chosen
         self.weights_ = self._export(est)
         self.scores_ = scores
@@ -256,192 +339,115 @@ class FutureEntropyPredictor:
         }
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        """Predicted future entropy (nats) for feature rows ``X (n, F)`` (via the torch path)."""
-        out = self.predict_features(torch.as_tensor(np.asarray(X), dtype=torch.float32))
+        """Predicted ``D`` (nats/token) for feature rows ``X (n, F)`` (via the torch path)."""
+        out = self.predict_tensor(torch.as_tensor(np.asarray(X), dtype=torch.float32))
         return out.double().numpy()
 
     # ------------------------------------------------------------------ torch side
 
     def _tensors(self, device: torch.device) -> dict[str, Tensor]:
         cache = getattr(self, "_device_cache", None)
-        if cache is None or cache[0] != device:
+        proj = getattr(self, "projection_", None)
+        key = (device, id(self.weights_), id(proj))
+        if cache is None or cache[0] != key:
             t = {k: v.to(device) for k, v in self.weights_.items()}
-            t["x_mean"] = torch.as_tensor(self.x_mean_, dtype=torch.float32, device=device)
-            t["x_scale"] = torch.as_tensor(self.x_scale_, dtype=torch.float32, device=device)
-            if self.table_ is not None:
-                t["table"] = self.table_.to(device=device, dtype=torch.float32)
-            self._device_cache = (device, t)
+            # fold the standardization into the first layer: (x − m)/s · W = x·(W/s) − (m/s)·W
+            mean = torch.as_tensor(self.x_mean_, dtype=torch.float32, device=device)
+            inv = 1.0 / torch.as_tensor(self.x_scale_, dtype=torch.float32, device=device)
+            first = "coef" if self.kind_ == "ridge" else "w0"
+            bias = "intercept" if self.kind_ == "ridge" else "b0"
+            w = t[first] * (inv if t[first].ndim == 1 else inv[:, None])
+            t[bias] = t[bias] - (mean @ w if w.ndim == 2 else (mean * w).sum().reshape(1))
+            t[first] = w
+            t["projection"] = proj.to(device) if proj is not None else None
+            self._device_cache = (key, t)
         return self._device_cache[1]
 
-    def predict_features(self, feats: Tensor) -> Tensor:
-        """Ĥ for features ``(..., F)`` as a torch op (same numbers as the sklearn estimator)."""
-        t = self._tensors(feats.device)
-        xs = (feats.float() - t["x_mean"]) / t["x_scale"]
+    def predict_tensor(self, features: Tensor) -> Tensor:
+        """``D`` for features ``(..., F)`` as a torch op (same numbers as :meth:`predict`)."""
+        t = self._tensors(features.device)
+        x = features.float()
         if self.kind_ == "ridge":
-            out = xs @ t["coef"] + t["intercept"]
+            out = x @ t["coef"] + t["intercept"]
         else:
-            out = torch.relu(xs @ t["w0"] + t["b0"]) @ t["w1"] + t["b1"]
+            out = torch.relu(x @ t["w0"] + t["b0"]) @ t["w1"] + t["b1"]
         return out * self.y_scale_ + self.y_mean_
 
-    def candidate_entropy(
-        self, logprobs: Tensor, position: Tensor, mass: float = COVER_MASS
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Candidates covering ``mass`` of each row and their predicted Ĥ: ``(ids, valid, Ĥ)``."""
-        self._check_vocab(logprobs)
-        t = self._tensors(logprobs.device)
-        ids, valid = cover_candidates(logprobs, mass)
-        stats = entropy_stats(logprobs)
-        if self.kind_ == "ridge":
-            h = self._ridge_full(logprobs, position, stats, t).gather(-1, ids)
-            return ids, valid, h
-        feats = candidate_features(logprobs, ids, position, t["table"], stats)
-        return ids, valid, self.predict_features(feats)
+    def projection_on(self, device: torch.device) -> HiddenProjection:
+        """The hidden-state projection, on ``device``."""
+        proj = self._tensors(device)["projection"]
+        if proj is None:
+            raise ValueError("the predictor has no hidden-state projection; set projection_")
+        return proj
 
-    def _check_vocab(self, logprobs: Tensor) -> None:
-        if self.table_ is None:
-            raise ValueError("the predictor has no token table; set table_ before use")
-        if logprobs.shape[-1] != self.table_.shape[0]:
-            raise ValueError(
-                f"logits have {logprobs.shape[-1]} columns but the predictor was fitted for a "
-                f"vocabulary of {self.table_.shape[0]} tokens (model "
-                f"{self.meta_.get('fingerprint', {}).get('name')!r})"
-            )
-
-    def _ridge_full(
-        self, logprobs: Tensor, position: Tensor, stats: tuple[Tensor, Tensor], t: dict
-    ) -> Tensor:
-        """Ĥ of every token of every row for the ridge model, without building features.
-
-        The linear model over :func:`~entcal.calibrators.features.candidate_features` regroups as
-        ``Ĥ(v) = R + A·lp + b·lp² + u[v] + lp·u2[v]`` with row terms ``R``, ``A`` and per-token
-        vectors ``u = table·w_e``, ``u2 = table·w_{lp·e}``: a few elementwise passes over
-        ``(N, V)``, whatever the number of candidates (flat rows need tens of thousands).
-        """
-        self._ridge_prepare(t)
-        w = t["ridge_w"]
-        ent, var = stats
-        lpos = torch.log1p(position.to(logprobs.dtype))
-        lp = logprobs.clamp_min(-80.0)  # as in the features
-        row = t["ridge_c0"] + w[2] * ent + w[3] * var + w[4] * lpos + w[8] * ent * lpos
-        slope = _ridge_slope(w, ent, var, lpos)
-        return row[:, None] + lp * (slope[:, None] + t["ridge_u2"] + w[1] * lp) + t["ridge_u"]
-
-    def _ridge_prepare(self, t: dict) -> None:
-        """Cache the ridge model's weights in the original feature units, and ``u``, ``u2``."""
-        if "ridge_w" not in t:
-            w = t["coef"] / t["x_scale"] * self.y_scale_
-            t["ridge_w"] = w
-            t["ridge_c0"] = (t["intercept"][0] - (t["coef"] * t["x_mean"] / t["x_scale"]).sum()) * (
-                self.y_scale_
-            ) + self.y_mean_
-            d = t["table"].shape[1]
-            t["ridge_u"] = t["table"] @ w[9 : 9 + d]
-            t["ridge_u2"] = t["table"] @ w[9 + d : 9 + 2 * d]
-
-    def phi(self, logprobs: Tensor, position: Tensor, mass: float = COVER_MASS) -> Tensor:
-        """φ(v) = log p(v) − Ĥ(v) over the whole vocabulary (non-candidates: mean Ĥ).
-
-        The ridge model gives Ĥ of every token in closed form, so its candidates are taken from
-        :func:`~entcal.calibrators.ops.cover_mask` (a superset of the minimal cover, found with a
-        histogram, no sort) instead of a ``topk`` ladder, and φ is filled with elementwise
-        passes.
-        """
-        if self.kind_ == "ridge":
-            self._check_vocab(logprobs)
-            t = self._tensors(logprobs.device)
-            h = self._ridge_full(logprobs, position, entropy_stats(logprobs), t)
-            return fill_phi_dense(
-                logprobs, cover_mask(logprobs, mass) & (logprobs > float("-inf")), h
-            )
-        ids, valid, h = self.candidate_entropy(logprobs, position, mass)
-        return fill_phi(logprobs, ids, valid, h)
-
-    def adjusted(
-        self, logprobs: Tensor, position: Tensor, alpha: Tensor | float, mass: float = COVER_MASS
-    ) -> Tensor:
-        """``log p_α`` of rows ``logprobs (N, V)`` (normalized): the calibrated distribution.
-
-        Equals ``adjusted_logprobs(logprobs, self.phi(logprobs, position, mass), alpha)``. For
-        the ridge model it is computed in a dozen elementwise passes, most in place: with
-        ``Ĥ(v) = R + g(v)``, ``g = lp·(S + u2[v] + b·lp) + u[v]``, the row term ``R`` cancels in
-        the softmax, so ``log p_α = log_softmax((1 + α)·lp − α·g)`` with non-candidates' ``g``
-        replaced by the candidates' mass-weighted mean.
-        """
-        if self.kind_ != "ridge":
-            return adjusted_logprobs(logprobs, self.phi(logprobs, position, mass), alpha)
-        self._check_vocab(logprobs)
-        t = self._tensors(logprobs.device)
-        self._ridge_prepare(t)
-        w = t["ridge_w"]
-        n = logprobs.shape[0]
-        a = torch.as_tensor(alpha, dtype=logprobs.dtype, device=logprobs.device).expand(n)
-        check_alpha(a)
-        a = a.reshape(n, 1)
-        p = logprobs.exp()
-        lpc = logprobs.clamp_min(-80.0)  # as in the features
-        plp = p * lpc  # tokens with p = 0 contribute 0 (lpc is finite)
-        ent = -plp.sum(-1)
-        var = (torch.linalg.vecdot(plp, lpc) - ent * ent).clamp_min(0.0)
-        del plp
-        slope = _ridge_slope(w, ent, var, torch.log1p(position.to(logprobs.dtype)))
-        g = lpc.mul(w[1]).add_(t["ridge_u2"]).add_(slope[:, None]).mul_(lpc).add_(t["ridge_u"])
-        keep = cover_mask(logprobs, mass, probs=p)
-        pk = torch.where(keep, p, 0.0)
-        mean = torch.linalg.vecdot(pk, g) / pk.sum(-1).clamp_min(1e-30)
-        del pk
-        torch.where(keep, g, mean[:, None], out=g)
-        # (1 + α)·lp − α·g; -inf tokens stay -inf
-        g.mul_(-a).addcmul_(logprobs, 1.0 + a)
-        return torch.log_softmax(g, dim=-1)
+    @property
+    def vocab_size(self) -> int | None:
+        fp = getattr(self, "meta_", {}).get("fingerprint") or {}
+        return fp.get("vocab_size")
 
     # ------------------------------------------------------------------ files
 
     def save(self, path: str | Path, fingerprint: dict | None = None) -> Path:
-        """Write ``path/predictor.safetensors`` and ``path/predictor.json``; returns the folder."""
+        """Write ``path/predictor.safetensors`` and ``path/predictor.json``; returns the folder.
+
+        The tensor file is written first and the JSON (which records its SHA-256) last, each
+        through a temporary file and a rename, so an interrupted save never leaves a pair that
+        loads.
+        """
         from safetensors.torch import save_file
 
-        if self.table_ is None:
-            raise ValueError("set table_ (the token table) before saving")
+        proj = getattr(self, "projection_", None)
+        if proj is None:
+            raise ValueError("set projection_ (the model's hidden-state projection) before saving")
+        gate = _check_gate(getattr(self, "gate_", None), "gate_")
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"weights.{k}": v.contiguous() for k, v in self.weights_.items()}
-        tensors["table"] = self.table_.to(torch.float16).contiguous()
         tensors["x_mean"] = torch.as_tensor(self.x_mean_, dtype=torch.float32)
         tensors["x_scale"] = torch.as_tensor(self.x_scale_, dtype=torch.float32)
-        save_file(tensors, str(folder / _TENSORS), metadata={"format": "entcal-predictor"})
-        (folder / _TENSORS).chmod(0o644)  # safetensors writes 0600; package data must be readable
-        meta = dict(self.meta_)
+        tensors["projection.tokens"] = proj.tokens.to(torch.int64).contiguous()
+        tensors["projection.matrix"] = proj.matrix.float().contiguous()
+        tensors["projection.offset"] = proj.offset.float().contiguous()
+        tmp = folder / (_TENSORS + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "entcal-predictor"})
+        tmp.chmod(0o644)  # safetensors writes 0600; package data must be readable
+        tmp.replace(folder / _TENSORS)
+        meta = dict(getattr(self, "meta_", {}))
         if fingerprint is not None:
             meta["fingerprint"] = fingerprint
         meta.update(
             {
                 "format_version": FORMAT_VERSION,
                 "kind": self.kind_,
-                "feature_names": feature_names(int(self.table_.shape[1])),
+                "feature_names": feature_names(proj.dim),
                 "y_mean": self.y_mean_,
                 "y_scale": self.y_scale_,
                 "scores": self.scores_,
+                "gate": gate,
                 "sha256": _sha256(folder / _TENSORS),
             }
         )
         self.meta_ = meta
-        (folder / _META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=float))
+        tmp = folder / (_META + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=float))
+        tmp.replace(folder / _META)
         return folder
 
     @classmethod
     def load(
         cls, path: str | Path, model=None, fingerprint: dict | None = None
     ) -> FutureEntropyPredictor:
-        """Load a saved predictor (folder, or the path of its ``predictor.json``).
+        """Load a saved predictor (a folder, or the path of its ``predictor.json``).
 
-        With ``model`` (or a ``fingerprint`` dict), the model it was fitted for must match.
-        Raises ``FileNotFoundError`` for a missing file and :class:`PredictorFileError` for a
-        malformed, truncated or corrupted one or a model mismatch. Never unpickles.
+        With ``model`` (a model or its config) or a ``fingerprint`` dict, the model it was fitted
+        for must match. Raises ``FileNotFoundError`` for a missing file and
+        :class:`PredictorFileError` for a malformed, truncated or corrupted one or a model
+        mismatch. Never unpickles.
         """
         from safetensors import safe_open
 
         folder = Path(path).expanduser()
-        if folder.name == _META or folder.name == _TENSORS:
+        if folder.name in (_META, _TENSORS):
             folder = folder.parent
         meta_path, tensor_path = folder / _META, folder / _TENSORS
         for p in (meta_path, tensor_path):
@@ -457,9 +463,10 @@ class FutureEntropyPredictor:
                 f"predictor file {meta_path} is not valid JSON ({exc})"
             ) from None
         if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            found = meta.get("format_version") if isinstance(meta, dict) else None
             raise PredictorFileError(
                 f"predictor file {meta_path} is not an entcal predictor of format version "
-                f"{FORMAT_VERSION}"
+                f"{FORMAT_VERSION} (found {found!r}); retrain it with `entcal train`"
             )
         if _sha256(tensor_path) != meta.get("sha256"):
             raise PredictorFileError(
@@ -476,7 +483,6 @@ class FutureEntropyPredictor:
         self = cls(estimator=meta.get("kind", "ridge"))
         self.kind_ = meta.get("kind")
         try:
-            self.table_ = tensors["table"].float()
             self.x_mean_ = tensors["x_mean"].numpy().astype(np.float64)
             self.x_scale_ = tensors["x_scale"].numpy().astype(np.float64)
             self.weights_ = {
@@ -484,11 +490,21 @@ class FutureEntropyPredictor:
                 for k, v in tensors.items()
                 if k.startswith("weights.")
             }
+            self.projection_ = HiddenProjection(
+                tensors["projection.tokens"].long(),
+                tensors["projection.matrix"].float(),
+                tensors["projection.offset"].float(),
+            )
             self.y_mean_ = float(meta["y_mean"])
             self.y_scale_ = float(meta["y_scale"])
-        except KeyError as exc:
-            raise PredictorFileError(f"predictor {folder} lacks {exc}") from None
-        n_feat = len(feature_names(int(self.table_.shape[1])))
+            gate = meta["gate"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PredictorFileError(f"predictor {folder} lacks or garbles {exc}") from None
+        try:
+            self.gate_ = _check_gate(gate, f"predictor {folder}: gate")
+        except ValueError as exc:
+            raise PredictorFileError(str(exc)) from None
+        n_feat = len(feature_names(self.projection_.dim))
         expected = {"ridge": {"coef": (n_feat,)}, "mlp": {"w0": (n_feat, -1)}}.get(self.kind_)
         if expected is None:
             raise PredictorFileError(f"predictor {folder} has unknown kind {self.kind_!r}")
@@ -496,37 +512,50 @@ class FutureEntropyPredictor:
             got = tuple(self.weights_.get(name, torch.empty(0)).shape)
             if len(got) != len(shape) or any(s not in (-1, g) for s, g in zip(shape, got)):
                 raise PredictorFileError(f"predictor {folder}: weights.{name} has shape {got}")
-        if self.x_mean_.shape != (n_feat,):
+        if self.x_mean_.shape != (n_feat,) or self.x_scale_.shape != (n_feat,):
             raise PredictorFileError(f"predictor {folder}: x_mean has shape {self.x_mean_.shape}")
+        proj = self.projection_
+        if proj.matrix.shape != (proj.dim, proj.tokens.shape[0]) or proj.offset.shape != (
+            proj.dim,
+        ):
+            raise PredictorFileError(f"predictor {folder}: projection tensors do not fit together")
+        arrays = (*self.weights_.values(), proj.matrix, proj.offset)
+        if not (
+            all(bool(torch.isfinite(v).all()) for v in arrays)
+            and np.isfinite(self.x_mean_).all()
+            and (self.x_scale_ > 0).all()
+            and np.isfinite(self.x_scale_).all()
+            and math.isfinite(self.y_mean_)
+            and math.isfinite(self.y_scale_)
+        ):
+            raise PredictorFileError(
+                f"predictor {folder}: weights, scales or offsets hold NaN, inf or a zero scale"
+            )
         self.scores_ = meta.get("scores", {})
         self.meta_ = meta
         saved_fp = meta.get("fingerprint") or {}
-        if saved_fp.get("vocab_size") not in (None, int(self.table_.shape[0])):
-            raise PredictorFileError(f"predictor {folder}: token table does not match vocab size")
+        vocab = saved_fp.get("vocab_size")
+        if vocab is not None and int(proj.tokens.max()) >= vocab:
+            raise PredictorFileError(f"predictor {folder}: projection tokens exceed the vocabulary")
+        self.path_ = folder
         if model is not None:
-            _check_fingerprint(saved_fp, model, folder)
+            self.check_model(model)
         elif fingerprint is not None:
-            for key in ("vocab_size", "hidden_size", "model_type"):
-                if fingerprint.get(key) is not None and saved_fp.get(key) != fingerprint.get(key):
-                    raise PredictorFileError(
-                        f"predictor {folder} was fitted for {saved_fp.get('name')!r} "
-                        f"({key}={saved_fp.get(key)!r}), not for {fingerprint.get('name')!r} "
-                        f"({key}={fingerprint.get(key)!r})"
-                    )
+            why = _mismatch(saved_fp, fingerprint)
+            if why:
+                raise PredictorFileError(
+                    f"predictor {folder} was fitted for {saved_fp.get('name')!r} ({why})"
+                )
         return self
 
     def check_model(self, model) -> None:
-        """Raise :class:`PredictorFileError` unless ``model`` is the one this was fitted for."""
-        _check_fingerprint(self.meta_.get("fingerprint") or {}, model, Path("<in memory>"))
-
-    # ------------------------------------------------------------------ α stored with it
-
-    def alpha_for(self, position: Tensor) -> Tensor:
-        """The fitted α for each row's position (per bucket if fitted so, else the single α)."""
-        info = self.meta_.get("alpha") or {}
-        edges = info.get("bucket_edges")
-        values = info.get("bucket_values")
-        if edges and values:
-            idx = torch.bucketize(position, torch.tensor(edges, device=position.device), right=True)
-            return torch.tensor(values, dtype=torch.float32, device=position.device)[idx]
-        return torch.full(position.shape, float(info.get("global", 0.0)), device=position.device)
+        """Raise :class:`PredictorFileError` unless ``model`` (or its config) is the one this
+        predictor was fitted for."""
+        saved = self.meta_.get("fingerprint") or {}
+        why = _mismatch(saved, _fingerprint_of(model))
+        if why:
+            where = getattr(self, "path_", "<in memory>")
+            raise PredictorFileError(
+                f"predictor {where} was fitted for model {saved.get('name')!r}: {why}; train one "
+                "for this model with `entcal train --model NAME --out DIR`"
+            )

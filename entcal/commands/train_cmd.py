@@ -1,4 +1,4 @@
-"""``entcal train``: Monte-Carlo labels, future-entropy predictor, α fit, report.
+"""``entcal train``: fit the calibrated decoder for a model (predictor, then gate).
 
 Example (the command that made the shipped SmolLM2 predictor)::
 
@@ -11,6 +11,8 @@ import argparse
 import dataclasses
 import json
 
+_TUPLES = {"threshold_quantiles": float, "bucket_edges": int}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from entcal.calibrators.config import TrainConfig
@@ -18,61 +20,58 @@ def register(sub: argparse._SubParsersAction) -> None:
     defaults = TrainConfig()
     parser = sub.add_parser(
         "train",
-        help="train a future-entropy predictor and its alpha for a model",
+        help="fit the calibrated decoder (future-entropy predictor and gate) for a model",
         description=(
-            "Estimate k-step future entropies at human prefixes by Monte Carlo, fit the "
-            "predictor (ridge vs MLP by held-out R^2), fit alpha by minimizing held-out human "
-            "log loss, refit on rollouts of the adjusted model. Writes OUT/predictor (use it as "
-            "'calibrated:predictor=OUT/predictor') and OUT/report.json. Interrupted runs resume."
+            "Teacher-force human text and sample generations from training-split prompts, fit a "
+            "predictor of the excess future entropy rate from the generation's state, then fit "
+            "the decoder's gate so that EntCE = 0 on its own generations at the lowest human "
+            "log-loss cost. Writes OUT/predictor (use it as 'calibrated:predictor=OUT/predictor') "
+            "and OUT/report.json. Interrupted runs resume."
         ),
     )
     parser.add_argument("--model", default=defaults.model, help="embedded name or HF folder")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--corpus", default=None, help="corpus (default: the embedded pydoc one)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
     for field in dataclasses.fields(TrainConfig):
-        if field.name in ("model", "corpus", "seed", "bucket_edges"):
+        if field.name in ("model", "corpus"):
             continue
         flag = "--" + field.name.replace("_", "-")
-        kind = type(getattr(defaults, field.name))
-        parser.add_argument(flag, type=kind, default=getattr(defaults, field.name))
-    parser.add_argument(
-        "--bucket-edges",
-        default=",".join(str(e) for e in defaults.bucket_edges),
-        help="position edges of the alpha buckets, comma-separated ('' for one alpha)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+        value = getattr(defaults, field.name)
+        if field.name in _TUPLES:
+            parser.add_argument(
+                flag, default=",".join(str(v) for v in value),
+                help=f"comma-separated (default {','.join(str(v) for v in value)})",
+            )  # fmt: skip
+        else:
+            parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")
+    parser.add_argument("--quiet", action="store_true", help="no progress messages")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from entcal.calibrators.config import TrainConfig
-    from entcal.calibrators.train import train_predictor
 
     values = {}
     for field in dataclasses.fields(TrainConfig):
-        if field.name == "bucket_edges":
-            text = args.bucket_edges.strip()
+        value = getattr(args, field.name)
+        if field.name in _TUPLES:
+            text = str(value).strip()
             try:
-                values[field.name] = tuple(int(x) for x in text.split(",")) if text else ()
+                value = tuple(_TUPLES[field.name](x) for x in text.split(",")) if text else ()
             except ValueError:
-                raise ValueError(
-                    f"--bucket-edges={text!r}: expected increasing integers like 16,64,128"
-                ) from None
-        else:
-            values[field.name] = getattr(args, field.name)
+                flag = "--" + field.name.replace("_", "-")
+                raise ValueError(f"{flag}={text!r}: expected comma-separated numbers") from None
+        values[field.name] = value
     cfg = TrainConfig(**values)
+    cfg.validate()  # before the model is loaded
+    from entcal.calibrators.train import train_predictor
+
     report = train_predictor(cfg, args.out, progress=not args.quiet)
-    last = report["rounds"][-1]
     summary = {
         "predictor": f"{args.out}/predictor",
-        "estimator": last["predictor"]["chosen"],
-        "r2_heldout": last["predictor"]["r2_heldout"],
-        "r2_within_prefix_heldout": last["predictor"]["r2_within_prefix_heldout"],
-        "alpha_global": last["alpha_global"],
-        "alpha_buckets": last["alpha_buckets"],
-        "alpha_fit_logloss": last["alpha_fit_logloss"],
-        "test_logloss": last.get("test_logloss"),
+        "estimator": report["predictor"]["chosen"],
+        "r2_heldout": report["predictor"]["r2_heldout"],
+        "gate": report["gate"],
         "seconds": report["seconds"],
     }
     print(json.dumps(summary, indent=2))

@@ -2,8 +2,9 @@
 
 * :func:`parse` turns a spec (``"temperature=0.8,top_p=0.95"``, ``"mirostat:tau=3"``) into a
   :class:`Decoder`; ``str(decoder)`` is the canonical spec.
-* :func:`register_method` adds named methods (``calibrated`` is registered by
-  ``entcal.calibrators`` on first use).
+* :func:`register_method` adds named methods; installed packages declare theirs as
+  ``entcal.decoders`` entry points (entcal's own ``calibrated`` and ``lookahead`` included),
+  loaded on first use.
 * :func:`apply_rows` processes a batch that mixes decoders, one vectorized pass per kind.
 * :mod:`entcal.decoding.ops`: the pure per-row tensor functions.
 * :mod:`entcal.decoding.hf`: ``logits_processor(spec)`` for transformers' ``generate``.

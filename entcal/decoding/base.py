@@ -40,6 +40,15 @@ class Decoder:
     def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
         raise NotImplementedError
 
+    # ---- the model (a no-op for decoders that do not depend on it) -----------------------
+    def bind(self, model: Any) -> Decoder:
+        """Adopt or check the model (or its config) before any step; returns ``self``.
+
+        Model-aware decoders override it (``calibrated`` picks and checks its predictor,
+        ``lookahead`` runs the model); every adapter calls it once the model is known.
+        """
+        return self
+
     # ---- state (no-ops for stateless decoders) -------------------------------------------
     def reset(self, batch_size: int) -> None:
         """Start ``batch_size`` new sequences (stateful decoders reinitialize their state)."""

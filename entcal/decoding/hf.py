@@ -64,6 +64,6 @@ def logits_processor(
     fingerprint is checked against it before any generation.
     """
     decoder = parse(spec_or_decoder)
-    if model is not None and hasattr(decoder, "bind"):
+    if model is not None:
         decoder.bind(model)
     return EntcalLogitsProcessor(decoder)

@@ -7,8 +7,10 @@ Grammar::
     options := key "=" value ("," key "=" value)*      # the named method's own options
 
 * a bare ``name`` is a registered method with default options: ``ancestral`` (no change),
-  ``greedy`` (= ``top_k=1``), ``mirostat``, ``edt``, ``calibrated`` (registered by
-  ``entcal.calibrators`` on first use), or anything added with :func:`register_method`;
+  ``greedy`` (= ``top_k=1``), ``mirostat``, ``edt``, a method declared by an installed package
+  under the ``entcal.decoders`` entry-point group (entcal itself declares ``calibrated`` and
+  ``lookahead`` there; they are imported on first use), or anything added with
+  :func:`register_method`;
 * ``temperature=0.8,top_p=0.95`` is the chain; keys: ``temperature``, ``top_n_sigma``,
   ``top_k``, ``top_p``, ``min_p``, ``typical`` (alias ``typical_p``), ``epsilon`` (alias
   ``epsilon_cutoff``), ``eta`` (alias ``eta_cutoff``), ``min_tokens_to_keep``;
@@ -20,23 +22,22 @@ back to an equal decoder. Every error is a ``ValueError`` naming the key and its
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable
+from importlib import metadata
 
 from entcal.decoding.base import Decoder
 from entcal.decoding.chain import CHAIN_KEYS, KEY_ALIASES, ChainDecoder
 
-__all__ = ["methods", "parse", "parse_options", "register_method"]
+__all__ = ["ENTRY_POINTS", "methods", "parse", "parse_options", "register_method"]
 
 Factory = Callable[[dict[str, str]], Decoder]
 
 _REGISTRY: dict[str, Factory] = {}
-# Methods defined in other entcal packages, imported on first lookup (the module registers them).
-_LAZY: dict[str, str] = {
-    "calibrated": "entcal.calibrators.decoder",
-    "lookahead": "entcal.calibrators.decoder",
-}
+#: Entry-point group where packages declare decoder methods: ``name = "module:factory"``, the
+#: factory taking the option dict. They are loaded on first lookup, so ``decoding`` imports no
+#: package above it (``entcal.calibrators`` declares ``calibrated`` and ``lookahead`` here).
+ENTRY_POINTS = "entcal.decoders"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
@@ -53,9 +54,13 @@ def register_method(name: str, factory: Factory, *, replace: bool = False) -> No
     _REGISTRY[name] = factory
 
 
+def _declared() -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINTS)}
+
+
 def methods() -> list[str]:
-    """Names of the registered methods (plus lazily registered ones)."""
-    return sorted(set(_REGISTRY) | set(_LAZY))
+    """Names of the registered methods (plus those declared as entry points, not yet loaded)."""
+    return sorted(set(_REGISTRY) | set(_declared()))
 
 
 def parse_options(text: str, *, what: str = "decoder") -> dict[str, str]:
@@ -96,16 +101,28 @@ def parse(spec: str | Decoder) -> Decoder:
 
 
 def _lookup(name: str) -> Factory:
-    if name not in _REGISTRY and name in _LAZY:
-        try:
-            importlib.import_module(_LAZY[name])
-        except ImportError as exc:
-            raise ValueError(f"decoder method {name!r} is not available: {exc}") from exc
+    if name not in _REGISTRY:
+        declared = _declared().get(name)
+        if declared is not None:
+            try:
+                factory = declared.load()
+            except Exception as exc:
+                raise ValueError(
+                    f"decoder method {name!r} is declared by {declared.value!r} but cannot be "
+                    f"loaded: {exc}"
+                ) from exc
+            register_method(name, factory, replace=True)
     if name not in _REGISTRY:
         if name in CHAIN_KEYS or name in KEY_ALIASES:
             raise ValueError(f"decoder key {name!r} needs a value, e.g. '{name}=...'")
+        hint = ""
+        if name in ("calibrated", "lookahead"):
+            hint = (
+                f" ({name!r} is declared in entcal's package metadata, which is missing: "
+                "reinstall entcal, e.g. pip install -e .)"
+            )
         raise ValueError(
-            f"unknown decoder {name!r}; methods: {', '.join(methods())}; "
+            f"unknown decoder {name!r}{hint}; methods: {', '.join(methods())}; "
             f"or chain keys: {', '.join(CHAIN_KEYS)}"
         )
     return _REGISTRY[name]

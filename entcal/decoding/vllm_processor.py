@@ -217,14 +217,15 @@ def _same(a: float, b: float) -> bool:
     return math.isclose(float(a), float(b), rel_tol=0.0, abs_tol=1e-9)
 
 
-def new_request_decoder(sampling_params: Any) -> Decoder | None:
+def new_request_decoder(sampling_params: Any, model_config: Any = None) -> Decoder | None:
     """The decoder instance serving one request (``None``: leave the row untouched).
 
     Stateless decoders are immutable and shared between requests with the same spec; a stateful
     one (``requires_history``: mirostat, calibrated) gets its own shallow copy, reset for one
-    sequence, so heavy read-only parts (a predictor's weights) are shared and state is not.
-    Requests reach the engine only after :func:`validate_request`; a failure here is logged and
-    the row left untouched rather than stopping the engine.
+    sequence and bound to ``model_config`` (the engine's Hugging Face config: ``calibrated``
+    picks its shipped predictor by it), so heavy read-only parts (a predictor's weights) are
+    shared and state is not. Requests reach the engine only after :func:`validate_request`; a
+    failure here is logged and the row left untouched rather than stopping the engine.
     """
     try:
         proto = validate_request(sampling_params)
@@ -236,6 +237,13 @@ def new_request_decoder(sampling_params: Any) -> Decoder | None:
     if getattr(proto, "requires_history", False):
         decoder = copy.copy(proto)
         decoder.reset(1)
+        if model_config is not None:
+            try:
+                decoder.bind(model_config)
+            except Exception as exc:
+                _log.error("entcal: decoder %s does not fit this model (%s); row untouched",
+                           proto, exc)  # fmt: skip
+                return None
         return decoder
     return proto
 

@@ -143,6 +143,8 @@ class EntcalV1LogitsProcessor(_Base, LogitsProcessor):
     ) -> None:
         self.device = torch.device(device)
         self.active = active
+        # the engine's Hugging Face config: model-aware decoders (calibrated) bind to it
+        self.model_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
         self.table = _Table(self._new_entry)
         self._plan_version = -1
         self._rows: torch.Tensor | None = None  # entcal rows, or None when every row is
@@ -180,7 +182,7 @@ class EntcalV1LogitsProcessor(_Base, LogitsProcessor):
         parked = self.table.unpark(output_ids)
         if parked is not None:
             return parked
-        decoder = new_request_decoder(params)
+        decoder = new_request_decoder(params, self.model_config)
         if decoder is None:
             return None
         return RowEntry(decoder, output_ids, bool(getattr(decoder, "requires_history", False)))

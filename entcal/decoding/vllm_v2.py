@@ -47,6 +47,8 @@ class EntcalV2LogitsProcessor(_Base, LogitsProcessor):
         self, vllm_config: Any, req_states: LogitsProcRequestState, *, active: bool = True
     ) -> None:
         self.active = active
+        # the engine's Hugging Face config: model-aware decoders (calibrated) bind to it
+        self.model_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
         self.req_states = req_states
         self.device = torch.device(req_states.device)
         n = int(req_states.max_num_reqs)
@@ -66,7 +68,7 @@ class EntcalV2LogitsProcessor(_Base, LogitsProcessor):
         validate_request(sampling_params)
 
     def add_request(self, req_idx: int, sampling_params: Any) -> bool:
-        decoder = new_request_decoder(sampling_params) if self.active else None
+        decoder = new_request_decoder(sampling_params, self.model_config) if self.active else None
         self._decoder[req_idx] = decoder
         self._uses[req_idx] = decoder is not None
         self._stateful[req_idx] = bool(getattr(decoder, "requires_history", False))
