@@ -38,6 +38,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--prompt-tokens", type=int, default=None, help="prompt tokens (default 128)"
     )
+    parser.add_argument(
+        "--split",
+        choices=("all", "train", "test"),
+        default="all",
+        help="documents of the corpus: all (default), or its train / test split (the embedded "
+        "predictors were trained on the train split)",
+    )
+    parser.add_argument(
+        "--samples", type=int, default=1, help="continuations sampled per prompt (default 1)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--observer", default=None, help="second model with the same tokenizer (Binoculars)"
@@ -56,13 +66,15 @@ def _run(args: argparse.Namespace) -> int:
     from entcal.eval.compare import QUICK, CompareConfig, parse_decoders
 
     decoders = args.decoders if args.decoders is not None else DEFAULT_DECODERS
-    if args.decoders is None and args.model != "smollm2-135m":
-        # The shipped predictor is SmolLM2's; another model needs its own (entcal train).
+    from entcal.calibrators.predictor import shipped_predictors
+
+    if args.decoders is None and args.model not in shipped_predictors():
+        # Predictors are shipped for the embedded models; another needs its own (entcal train).
         decoders = "; ".join(d.strip() for d in decoders.split(";") if d.strip() != "calibrated")
         print(
             f"entcal compare: no shipped predictor for {args.model}; 'calibrated' left out of the "
             "default decoders (train one with entcal train, then pass "
-            "--decoders '...; calibrated:predictor=DIR')",
+            "--decoders '...; calibrated:predictor=DIR/predictor')",
             file=sys.stderr,
         )
     # Unknown decoders fail here, before the model is loaded or anything generated.
@@ -79,6 +91,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.prompt_tokens is not None
         else base["prompt_tokens"],
         seed=args.seed,
+        samples=args.samples,
+        split=args.split,
         observer=args.observer,
         batch_size=args.batch_size,
         epsilon=args.epsilon,

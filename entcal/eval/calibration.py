@@ -60,16 +60,25 @@ def _residuals(values: Tensor, mask: Tensor) -> tuple[float, Tensor, float]:
     return mean, sums - mean * counts, total
 
 
-def weighted_mean(values: Tensor, mask: Tensor) -> tuple[float, float]:
-    """Token-weighted mean of ``values[mask]`` and its text-clustered standard error.
+def _check_group(n_texts: int, group: int) -> None:
+    if group < 1 or n_texts % group:
+        raise ValueError(f"{n_texts} texts cannot be split into clusters of {group} (samples)")
 
-    ``values``/``mask``: ``[texts, steps]``. Infinite values give an infinite mean and NaN error.
+
+def weighted_mean(values: Tensor, mask: Tensor, group: int = 1) -> tuple[float, float]:
+    """Token-weighted mean of ``values[mask]`` and its clustered standard error.
+
+    ``values``/``mask``: ``[texts, steps]``. Clusters are texts, or runs of ``group`` consecutive
+    texts (the samples of one prompt, prompt-major). Infinite values give an infinite mean and
+    NaN error.
     """
     values, mask = _check(values, mask, "weighted_mean")
+    _check_group(values.shape[0], group)
     if not bool(torch.isfinite(values[mask]).all()):
         return float(values[mask].mean()), math.nan
     mean, res, total = _residuals(values, mask)
-    n = int((mask.sum(-1) > 0).sum())
+    res = res.reshape(-1, group).sum(-1)
+    n = int((mask.reshape(-1, group * mask.shape[1]).sum(-1) > 0).sum())
     if n < 2:
         return mean, math.nan
     var = n / (n - 1) * float((res * res).sum()) / total**2
@@ -93,14 +102,16 @@ def per_step_mean(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]
     return mean, se, counts
 
 
-def entropy_slope(values: Tensor, mask: Tensor) -> tuple[float, float]:
+def entropy_slope(values: Tensor, mask: Tensor, group: int = 1) -> tuple[float, float]:
     """Slope of ``values`` over steps (nats/token per step) and its standard error.
 
     The slope is the least-squares fit of the per-step mean curve on the step index, weighted by
     how many texts reach each step — the paper's error accumulation (entropy rising with ``t``).
-    Its error comes from the spread of the per-text least-squares slopes (texts of >= 3 tokens).
+    Its error comes from the spread of the per-text least-squares slopes (texts of >= 3 tokens),
+    averaged first over each run of ``group`` consecutive texts (the samples of one prompt).
     """
     values, mask = _check(values, mask, "entropy_slope")
+    _check_group(values.shape[0], group)
     mean, _, counts = per_step_mean(values, mask)
     ok = counts > 0
     steps = torch.arange(values.shape[1], dtype=torch.float64)
@@ -122,7 +133,11 @@ def entropy_slope(values: Tensor, mask: Tensor) -> tuple[float, float]:
     dx = (steps[None] - xbar[:, None]) * m
     dy = (torch.where(mask, values, 0.0) - ybar[:, None]) * m
     slopes = (dx * dy).sum(-1) / (dx * dx).sum(-1).clamp_min(1e-12)
-    s = slopes[keep]
+    kept = keep.reshape(-1, group).double()
+    per_cluster = (torch.where(keep, slopes, 0.0).reshape(-1, group)).sum(-1) / kept.sum(-1)
+    s = per_cluster[kept.sum(-1) > 0]
+    if s.numel() < 2:
+        return slope, math.nan
     return slope, float(s.std() / math.sqrt(s.numel()))
 
 
@@ -160,16 +175,23 @@ def entropy_calibration(
     human_logprob: Tensor,
     human_mask: Tensor,
     raw_human_logprob: Tensor | None = None,
+    samples_per_prompt: int = 1,
 ) -> CalibrationResult:
     """EntCE and its parts for one decoder.
 
     Args:
-        gen_entropy: ``[n_gen, T]`` entropy of the sampling distribution at each generated step.
+        gen_entropy: ``[n_gen, T]`` entropy of the sampling distribution at each generated step;
+            with ``samples_per_prompt = k`` and ``n_gen = k·n_human``, generation ``i·k + j``
+            continues the prompt of human text ``i`` (prompt-major), and the standard errors
+            cluster by prompt.
         gen_mask: ``[n_gen, T]`` valid generated steps.
         human_logprob: ``[n_human, T']`` log-prob of each human token under the same sampling
             distribution (``-inf`` where the decoder excludes it).
         human_mask: ``[n_human, T']`` valid human tokens.
         raw_human_logprob: the raw model's log-probs of the same human tokens, for the gap.
+        samples_per_prompt: generations per prompt (see ``gen_entropy``).
+
+    Raises ``ValueError`` for shapes that do not fit together.
     """
     gen_entropy, gen_mask = _check(gen_entropy, gen_mask, "gen_entropy")
     human_logprob, human_mask = _check(human_logprob, human_mask, "human_logprob")
@@ -177,9 +199,15 @@ def entropy_calibration(
     excluded = human_mask & torch.isposinf(loss)
     included = human_mask & ~excluded
     frac_excluded = float(excluded.sum()) / float(human_mask.sum())
-    h, h_se = weighted_mean(gen_entropy, gen_mask)
+    k = samples_per_prompt
+    if k > 1 and gen_entropy.shape[0] != k * human_logprob.shape[0]:
+        raise ValueError(
+            f"{gen_entropy.shape[0]} generations for {human_logprob.shape[0]} human texts at "
+            f"{k} samples per prompt"
+        )
+    h, h_se = weighted_mean(gen_entropy, gen_mask, k)
     h_steps, _, _ = per_step_mean(gen_entropy, gen_mask)
-    slope, slope_se = entropy_slope(gen_entropy, gen_mask)
+    slope, slope_se = entropy_slope(gen_entropy, gen_mask, k)
     step_loss = torch.where(human_mask, loss, 0.0)
     counts = human_mask.sum(0)
     loss_steps = step_loss.sum(0) / counts.double()
@@ -200,7 +228,7 @@ def entropy_calibration(
     else:
         l_all, l_se = weighted_mean(loss, human_mask)
         entce = h - l_all
-        entce_se = _difference_se(gen_entropy, gen_mask, loss, human_mask, h_se, l_se)
+        entce_se = _difference_se(gen_entropy, gen_mask, loss, human_mask, h_se, l_se, k)
     return CalibrationResult(
         gen_entropy=h,
         gen_entropy_se=h_se,
@@ -220,14 +248,18 @@ def entropy_calibration(
     )
 
 
-def _difference_se(a: Tensor, a_mask: Tensor, b: Tensor, b_mask: Tensor, a_se, b_se) -> float:
-    """Standard error of ``mean(a) - mean(b)``: paired by text when both sets have the same
-    number of texts (generation i continues the prompt of human text i), else independent."""
-    if a.shape[0] != b.shape[0]:
+def _difference_se(
+    a: Tensor, a_mask: Tensor, b: Tensor, b_mask: Tensor, a_se, b_se, k: int = 1
+) -> float:
+    """Standard error of ``mean(a) - mean(b)``, clustered by prompt: generation texts
+    ``i·k .. i·k + k − 1`` and human text ``i`` share a prompt when ``len(a) = k·len(b)``;
+    otherwise the two sets are taken as independent."""
+    if a.shape[0] != k * b.shape[0]:
         return math.sqrt(a_se**2 + b_se**2)
     _, ra, ta = _residuals(a, a_mask)
     _, rb, tb = _residuals(b, b_mask)
-    n = a.shape[0]
+    ra = ra.reshape(b.shape[0], -1).sum(-1)  # one cluster per prompt
+    n = b.shape[0]
     if n < 2:
         return math.nan
     r = ra / ta - rb / tb

@@ -67,6 +67,10 @@ class CompareConfig:
     length: int = 256
     prompt_tokens: int = 128
     seed: int = 0
+    #: continuations sampled per prompt (prompt-major; EntCE's error clusters them by prompt)
+    samples: int = 1
+    #: which documents of the corpus: "all", or the "train" / "test" split
+    split: str = "all"
     observer: str | None = None
     batch_size: int = 32
     epsilon: float = typical.DEFAULT_EPSILON
@@ -74,7 +78,11 @@ class CompareConfig:
     plots: bool = True
 
     def validate(self) -> None:
-        for key, lo in (("n", 1), ("length", 1), ("prompt_tokens", 1), ("batch_size", 1)):
+        if self.split not in ("all", "train", "test"):
+            raise ValueError(f"split must be all, train or test, got {self.split!r}")
+        for key, lo in (
+            ("n", 1), ("length", 1), ("prompt_tokens", 1), ("batch_size", 1), ("samples", 1),
+        ):  # fmt: skip
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
                 raise ValueError(f"{key} must be an integer >= {lo}, got {value!r}")
@@ -237,6 +245,8 @@ def run_compare(
         corpus = corpora.load_corpus(config.human)
         if len(corpus) == 0:
             raise ValueError(f"corpus {config.human!r} holds no text")
+        if config.split != "all":
+            corpus = corpus.split(config.split)
     if model is None:
         _log(f"loading {config.model}", config.progress)
         model, tokenizer = models.load(config.model)
@@ -272,8 +282,7 @@ def run_compare(
         prompts, human = prompts[: config.n], human[: config.n]
         corpus_name = corpus_name or "pairs"
     for dec in decoders.values():
-        if hasattr(dec, "bind"):
-            dec.bind(model)
+        dec.bind(model)
     ident = _model_identity(model, config.model)
     base_key = {
         "model": ident,
@@ -283,6 +292,8 @@ def run_compare(
         "seed": config.seed,
         "observer": _model_identity(observer, config.observer or "") if observer else None,
     }
+    if config.samples != 1:  # keys of single-sample runs stay as they were
+        base_key["samples"] = config.samples
     cache = out / "cache"
     generations = _generate_all(
         model, tokenizer, prompts, decoders, config, base_key, cache, generate
@@ -316,7 +327,7 @@ def _generate_all(model, tokenizer, prompts, decoders, config, base_key, cache, 
     keys = ("logprob", "raw_logprob", "entropy", "raw_entropy", "varentropy", "raw_varentropy")
     result = {}
     bar = tqdm(
-        total=len(decoders) * n,
+        total=len(decoders) * n * config.samples,
         unit="text",
         desc="generating",
         disable=not config.progress,
@@ -331,14 +342,14 @@ def _generate_all(model, tokenizer, prompts, decoders, config, base_key, cache, 
                 if data is None:
                     bar.set_postfix_str(spec)
                     gens = generate(
-                        model, tokenizer, prompts[s:e], decoder=dec,
+                        model, tokenizer, prompts[s:e], decoder=dec, n=config.samples,
                         max_new_tokens=config.length, seed=config.seed * 1_000_003 + b,
                     )  # fmt: skip
                     data = {k: torch.stack([getattr(g, k) for g in gens]) for k in keys}
                     data["tokens"] = torch.tensor([g.token_ids for g in gens], dtype=torch.long)
                     _save_cached(path, data)
                 parts.append(data)
-                bar.update(e - s)
+                bar.update((e - s) * config.samples)
             result[spec] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     finally:
         bar.close()
@@ -365,16 +376,20 @@ def _score_all(model, observer, prompts, human, decoders, generations, config, b
             e = min(n, s + bs)
             rows = {**base_key, "rows": [s, e]}
             paths = {"human": cache / f"score-{_digest({**rows, 'what': 'score-human'})}.pt"}
+            k = config.samples
             for d in decoders:
-                gen = _digest(generations[d]["tokens"][s:e].tolist())
+                gen = _digest(generations[d]["tokens"][s * k : e * k].tolist())
                 key = _digest({**rows, "what": "score-decoder", "decoder": d, "gen": gen})
                 paths[d] = cache / f"score-{key}.pt"
             data = {name: _load_cached(path) for name, path in paths.items()}
             missing = [d for d in decoders if data[d] is None]
             if data["human"] is None or missing:
                 requests = [scoring.ScoreRequest(human[s:e], {d: decoders[d] for d in missing})]
+                # sample j of every prompt of the batch is one request (one continuation each)
                 requests += [
-                    scoring.ScoreRequest(generations[d]["tokens"][s:e].tolist()) for d in missing
+                    scoring.ScoreRequest(generations[d]["tokens"][s * k + j : e * k : k].tolist())
+                    for d in missing
+                    for j in range(k)
                 ]
                 res = scoring.score_many(
                     model, prompts[s:e], requests, observer=observer,
@@ -385,7 +400,8 @@ def _score_all(model, observer, prompts, human, decoders, generations, config, b
                 if data["human"] is None:
                     data["human"] = human_scores
                     _save_cached(paths["human"], human_scores)
-                for d, gen_scores in zip(missing, res[1:]):
+                for i, d in enumerate(missing):
+                    gen_scores = _interleave(res[1 + i * k : 1 + (i + 1) * k])
                     data[d] = {"human": processed[d], "gen": dataclasses.asdict(gen_scores)}
                     _save_cached(paths[d], data[d])
             human_part = {**data["human"], "processed": {d: data[d]["human"] for d in decoders}}
@@ -396,6 +412,30 @@ def _score_all(model, observer, prompts, human, decoders, generations, config, b
     finally:
         bar.close()
     return {name: _concat(parts[name]) for name in names}
+
+
+def _interleave(parts: list[scoring.TextScores]) -> scoring.TextScores:
+    """Sample-major request results back to prompt-major rows (prompt i, sample j at i·k + j)."""
+    if len(parts) == 1:
+        return parts[0]
+    joined = _concat(parts)
+    k, n = len(parts), parts[0].tokens.shape[0]
+    order = torch.arange(n * k).reshape(k, n).T.reshape(-1)  # row i·k + j <- j·n + i
+
+    def pick(t):
+        return None if t is None else t[order]
+
+    def stats(st: scoring.TokenStats) -> scoring.TokenStats:
+        return scoring.TokenStats(
+            pick(st.logprob), pick(st.entropy), pick(st.varentropy), pick(st.rank)
+        )
+
+    return scoring.TextScores(
+        tokens=joined.tokens[order], mask=joined.mask[order], raw=stats(joined.raw),
+        processed={key: stats(v) for key, v in joined.processed.items()},
+        observer_cross_entropy=pick(joined.observer_cross_entropy),
+        features=pick(joined.features),
+    )  # fmt: skip
 
 
 def _from_dict(d: dict) -> scoring.TextScores:
@@ -466,6 +506,8 @@ def _metrics(
         "n": len(prompts),
         "length": config.length,
         "prompt_tokens": config.prompt_tokens,
+        "samples": config.samples,
+        "split": config.split,
         "seed": config.seed,
         "observer": config.observer,
         "epsilon": config.epsilon,
@@ -484,8 +526,9 @@ def _metrics(
         gs = scores[spec]
         g_mask = torch.ones_like(gen["tokens"], dtype=torch.bool)
         cal = calibration.entropy_calibration(
-            gen["entropy"], g_mask, hs.processed[spec].logprob, mask_h, hs.raw.logprob
-        )
+            gen["entropy"], g_mask, hs.processed[spec].logprob, mask_h, hs.raw.logprob,
+            samples_per_prompt=config.samples,
+        )  # fmt: skip
         aep_q = typical.aep(
             gen["logprob"], gen["entropy"], gen["varentropy"], g_mask, epsilon=config.epsilon
         )
