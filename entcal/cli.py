@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "entcal.commands.generate_cmd",
     "entcal.commands.train_cmd",
     "entcal.commands.compare_cmd",
+    "entcal.commands.frontier_cmd",
     "entcal.commands.serve_cmd",
     "entcal.commands.listdecode_cmd",
     "entcal.commands.emergence_cmd",

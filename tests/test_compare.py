@@ -80,6 +80,68 @@ def test_cache_makes_a_rerun_resume(tmp_path):
         assert third["decoders"][spec] == first["decoders"][spec]
 
 
+def test_samples_per_prompt_stay_with_their_prompt(tmp_path):
+    """--samples k: generation i·k + j continues prompt i. On a Markov chain the next-token law
+    depends on the last prompt token, so a sample scored after the wrong prompt would disagree
+    with what generate recorded; EntCE's error clusters the k samples of a prompt."""
+    chain = MarkovChain.random(8, seed=3)
+    model, tok = chain.as_model()
+    prompts = chain.sample(10, 4, seed=0)
+    human = chain.sample(10, 12, start=prompts[:, -1], seed=1)
+    cfg = CompareConfig(
+        out=tmp_path, model="markov-8", decoders="ancestral; temperature=0.7", n=10, length=12,
+        prompt_tokens=4, samples=3, batch_size=4, progress=False, plots=False,
+    )  # fmt: skip
+    res = run_compare(cfg, model=model, tokenizer=tok, pairs=(prompts.tolist(), human.tolist()))
+    assert res["samples"] == 3
+    for spec, d in res["decoders"].items():
+        assert d["check"]["max_abs_raw_logprob_diff_generate_vs_score"] < 1e-4, spec
+        assert math.isfinite(d["entce_se"]) and d["entce_se"] > 0
+    with pytest.raises(ValueError, match="samples"):
+        CompareConfig(out=tmp_path, samples=0).validate()
+
+
+def test_frontier_points_and_plot_on_markov_source(tmp_path):
+    import json
+
+    from entcal.eval.frontier import run_frontier
+
+    chain = MarkovChain.random(8, seed=1)
+    model, tok = chain.as_model()
+    prompts = chain.sample(24, 4, seed=0)
+    human = chain.sample(24, 16, start=prompts[:, -1], seed=1)
+    cfg = CompareConfig(
+        out=tmp_path, model="markov-8", n=24, length=16, prompt_tokens=4, batch_size=24,
+        progress=False,
+    )  # fmt: skip
+    sweep = {"temperature": (0.8, 0.9), "top_p": (0.9,)}
+    with pytest.raises(ValueError, match="top_p"):
+        run_frontier(cfg, {"top_p": (1.5,)}, model=model, tokenizer=tok)
+    with pytest.raises(ValueError, match="unknown family"):
+        run_frontier(cfg, {"beam": (4,)}, model=model, tokenizer=tok)
+    pairs = (prompts.tolist(), human.tolist())
+    doc = run_frontier(cfg, sweep, model=model, tokenizer=tok, pairs=pairs)
+    saved = json.loads((tmp_path / "frontier.json").read_text())
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+    assert [p["spec"] for p in saved["points"]] == [
+        "ancestral", "temperature=0.8", "temperature=0.9", "top_p=0.9",
+    ]  # fmt: skip
+    pts = {p["spec"]: p for p in doc["points"]}
+    assert pts["ancestral"]["log_loss_cost"] == pytest.approx(0.0, abs=1e-9)
+    # a lower temperature: lower entropy, higher human log loss (analytic direction)
+    assert (
+        pts["temperature=0.8"]["entce"]
+        < pts["temperature=0.9"]["entce"]
+        < pts["ancestral"]["entce"]
+    )
+    assert pts["temperature=0.8"]["log_loss_cost"] > pts["temperature=0.9"]["log_loss_cost"] > 0
+    assert saved["points"][-1]["log_loss_cost"] == "inf"  # truncation: infinite cost
+    for p in doc["points"]:
+        for key in ("family", "spec", "entce", "entce_se", "human_log_loss", "log_loss_cost",
+                    "entropy_slope"):  # fmt: skip
+            assert key in p
+
+
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
