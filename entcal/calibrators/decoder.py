@@ -86,9 +86,10 @@ def gate_alpha(derail: Tensor, strength: Tensor | float, threshold: Tensor | flo
     return (derail - threshold).clamp_min(0.0) * strength
 
 
-def sharpen(logprobs: Tensor, alpha: Tensor) -> Tensor:
-    """``(1 + α)·log p`` per row: logits of ``p^(1+α)`` (``-inf`` stays ``-inf``; α ≥ 0)."""
-    return logprobs * (1.0 + alpha)[:, None]
+def sharpen(logprobs: Tensor, alpha: Tensor, out: Tensor | None = None) -> Tensor:
+    """``(1 + α)·log p`` per row: logits of ``p^(1+α)`` (``-inf`` stays ``-inf``; α ≥ 0).
+    ``out`` (may be ``logprobs`` itself) receives the result."""
+    return torch.mul(logprobs, (1.0 + alpha)[:, None], out=out)
 
 
 def _log_softmax_keep_dead(logits: Tensor) -> Tensor:
@@ -255,7 +256,8 @@ class CalibratedDecoder(Decoder):
         strength, threshold = self._gate_rows(pred, logits.device)
         edges = self._gate_cache[4]  # type: ignore[index]
         g = strength[torch.bucketize(tracker.count, edges, right=True)]
-        return sharpen(lp, gate_alpha(pred.predict_tensor(feats), g, threshold))
+        # lp is this call's own tensor: sharpened in place
+        return sharpen(lp, gate_alpha(pred.predict_tensor(feats), g, threshold), out=lp)
 
     @classmethod
     def _apply_group(
@@ -300,7 +302,7 @@ class CalibratedDecoder(Decoder):
             bucket = torch.bucketize(count, edges, right=True)
             a = gate_alpha(pred.predict_tensor(feats), table[owner, bucket], thresh[owner])
             alpha.index_copy_(0, sel, a)
-        return sharpen(lp, alpha)
+        return sharpen(lp, alpha, out=lp)
 
 
 def _stacked_features(trackers: list[StateTracker], stats: StepStats) -> Tensor:

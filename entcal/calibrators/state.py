@@ -141,8 +141,9 @@ class StepStats:
 
 def step_stats(logprobs: Tensor, projection: HiddenProjection) -> StepStats:
     """:class:`StepStats` of normalized rows ``logprobs (N, V)`` (float32; ``-inf`` allowed)."""
-    p = logprobs.exp()
-    ent = -torch.linalg.vecdot(p, torch.where(p > 0, logprobs, 0.0))
+    plogp = logprobs.exp().mul_(logprobs)  # in place: one [N, V] buffer
+    # masked tokens give 0·(-inf) = NaN, which nansum skips: they contribute 0
+    ent = -plogp.nansum(-1)
     return StepStats(ent, projection(logprobs))
 
 
