@@ -123,6 +123,8 @@ def test_frontier_points_and_plot_on_markov_source(tmp_path):
     doc = run_frontier(cfg, sweep, model=model, tokenizer=tok, pairs=pairs)
     saved = json.loads((tmp_path / "frontier.json").read_text())
     assert (tmp_path / "frontier.png").stat().st_size > 0
+    table = (tmp_path / "frontier.md").read_text()
+    assert "| temperature | `temperature=0.8` |" in table and "∞" in table
     assert [p["spec"] for p in saved["points"]] == [
         "ancestral", "temperature=0.8", "temperature=0.9", "top_p=0.9",
     ]  # fmt: skip

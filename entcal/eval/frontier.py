@@ -18,7 +18,8 @@ per decoder: adding points computes only those) and writes
 * ``frontier.json``: per point ``family``, ``value``, ``spec``, ``entce``, ``entce_se``,
   ``human_log_loss``, ``log_loss_cost`` (human log loss minus the raw model's on the same tokens,
   nats/token), ``entropy_slope`` (nats/token per 100 steps) and its standard error;
-* ``frontier.png``: EntCE against log-loss cost with ±1 SE bars, one line per family.
+* ``frontier.png``: EntCE against log-loss cost with ±1 SE bars, one line per family;
+* ``frontier.md``: the points as a table, with the generation entropy by quarter of the text.
 """
 
 from __future__ import annotations
@@ -97,6 +98,38 @@ def frontier_points(
             }
         )
     return points
+
+
+def markdown(doc: Mapping[str, Any], results: Mapping[str, Any]) -> str:
+    """The frontier as a markdown table (``doc``: frontier.json's content; ``results``: the
+    compare results it came from, for the entropy by quarter)."""
+    lines = [
+        f"# Frontier: {doc['model']} on {doc['corpus']}",
+        "",
+        f"{doc['n']} prompts × {doc['samples']} samples × {doc['length']} tokens, seed "
+        f"{doc['seed']}; raw model's human log loss {doc['raw_human_log_loss']:.4f} nats/token. "
+        "EntCE = generation entropy − human log loss (± text-clustered SE); cost = human log loss "
+        "− the raw model's; slope in nats/token per 100 steps.",
+        "",
+        "| family | spec | EntCE | log-loss cost | slope /100 steps | entropy by quarter |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in doc["points"]:
+        curve = [_num(v) for v in results["decoders"][p["spec"]]["gen_entropy_per_step"]]
+        q = max(1, len(curve) // 4)
+        quarters = ", ".join(
+            f"{sum(curve[i : i + q]) / len(curve[i : i + q]):.2f}" for i in range(0, q * 4, q)
+        )
+        if math.isfinite(p["log_loss_cost"]):
+            entce = f"{p['entce']:+.3f} ± {p['entce_se']:.3f}"
+            cost = f"{p['log_loss_cost']:+.4f}"
+        else:
+            excl = p["human_tokens_excluded"]
+            entce = f"−∞ ({p['entce_on_kept_tokens']:+.3f} on kept tokens)"
+            cost = f"∞ ({excl:.2%} of human tokens excluded)"
+        slope = f"{p['entropy_slope']:+.3f} ± {p['entropy_slope_se']:.3f}"
+        lines.append(f"| {p['family']} | `{p['spec']}` | {entce} | {cost} | {slope} | {quarters} |")
+    return "\n".join(lines) + "\n"
 
 
 def _num(v: Any) -> float:
@@ -187,6 +220,7 @@ def run_frontier(
     from entcal.eval.compare import to_json
 
     (out / "frontier.json").write_text(json.dumps(to_json(doc), indent=1, allow_nan=False))
+    (out / "frontier.md").write_text(markdown(doc, results))
     title = f"{results['model']} on {results['corpus']} ({results['n']} prompts × {results['length']} tokens)"
     plot_frontier(points, out / "frontier.png", title)
     return doc
