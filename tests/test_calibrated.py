@@ -348,6 +348,26 @@ def test_mixed_instances_in_one_batch_equal_each_alone(tmp_path):
             alone[i].observe(tokens[i : i + 1])
 
 
+def test_an_instance_with_rows_apart_in_the_batch(tmp_path):
+    """One instance holding rows 0 and 2 of a batch, another row 1 (interleaved)."""
+    from entcal.decoding import apply_rows, parse
+
+    model = tiny_llama()
+    folder = saved_predictor(tmp_path, model)
+    a, b = (parse(f"calibrated:predictor={folder},scale={s}").bind(model) for s in (1, 3))
+    a_alone, b_alone = (parse(str(d)).bind(model) for d in (a, b))
+    a.reset(2), b.reset(1), a_alone.reset(2), b_alone.reset(1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(7):
+        logits = torch.randn(3, 96, generator=g) * 3
+        mixed = apply_rows(logits, [a, b, a])
+        assert torch.allclose(mixed[[0, 2]], a_alone(logits[[0, 2]]), atol=1e-5)
+        assert torch.allclose(mixed[[1]], b_alone(logits[[1]]), atol=1e-5)
+        for d in (a, b, a_alone, b_alone):
+            d.observe(None)
+    assert a.tracker.count.tolist() == [7, 7] and b.tracker.count.tolist() == [7]
+
+
 # ------------------------------------------------------------------ the recipe
 
 

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from entcal.calibrators.predictor import FutureEntropyPredictor, shipped_predictor_for
-from entcal.calibrators.state import StateTracker, StepStats, state_features, step_stats
+from entcal.calibrators.state import StateTracker, step_stats
 from entcal.decoding.base import Decoder, check_known, format_value, parse_float
 from entcal.decoding.spec import register_method
 
@@ -288,8 +288,7 @@ class CalibratedDecoder(Decoder):
             rows = lp.index_select(0, sel)
             stats = step_stats(rows, pred.projection_on(dev))
             trackers = [d._tracker(pred, len(rows_of[id(d)]), dev) for d in group]
-            feats = _stacked_features(trackers, stats)
-            count = torch.cat([t.count for t in trackers])
+            feats, count = StateTracker.stacked_features(trackers, stats)
             # per instance: its strengths (one per bucket) and threshold; per row: its instance
             gates = [d._gate_rows(pred, dev) for d in group]
             table = torch.stack([g for g, _ in gates])
@@ -303,23 +302,6 @@ class CalibratedDecoder(Decoder):
             a = gate_alpha(pred.predict_tensor(feats), table[owner, bucket], thresh[owner])
             alpha.index_copy_(0, sel, a)
         return sharpen(lp, alpha, out=lp)
-
-
-def _stacked_features(trackers: list[StateTracker], stats: StepStats) -> Tensor:
-    """Features of several trackers' rows (stacked in order) in one pass; each tracker keeps its
-    slice of ``stats`` for its ``commit``."""
-    feats = state_features(
-        torch.cat([t.count for t in trackers]),
-        torch.cat([t.sums for t in trackers]),
-        torch.cat([t.first for t in trackers]),
-        stats,
-    )
-    start = 0
-    for tr in trackers:
-        end = start + tr.batch_size
-        tr.hold(StepStats(stats.entropy[start:end], stats.z[start:end]))
-        start = end
-    return feats
 
 
 register_method("calibrated", CalibratedDecoder.from_options)

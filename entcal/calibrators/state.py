@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -189,7 +190,9 @@ class StateTracker:
     step's token is known, ``commit()`` (the stats of the last ``features`` call are committed).
 
     Calling ``features`` again before ``commit`` recomputes from the same committed state, so a
-    step is counted once however often its row is processed.
+    step is counted once however often its row is processed. A commit is applied lazily, when the
+    state is next read, so that :meth:`stacked_features` can apply the commits of many trackers
+    (vLLM: one per request) in one batched update.
     """
 
     def __init__(self, dim: int) -> None:
@@ -198,38 +201,99 @@ class StateTracker:
 
     def reset(self, batch_size: int, device: torch.device | str = "cpu") -> None:
         w = len(WINDOWS)
-        self.count = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.sums = torch.zeros(batch_size, w, 1 + self.dim, dtype=torch.float32, device=device)
-        self.first = torch.zeros(batch_size, dtype=torch.float32, device=device)
+        self._count = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._sums = torch.zeros(batch_size, w, 1 + self.dim, dtype=torch.float32, device=device)
+        self._first = torch.zeros(batch_size, dtype=torch.float32, device=device)
         self._pending: StepStats | None = None
+        self._due = False
+
+    # the committed state (steps seen, EMA sums, sum of the first entropies)
+    @property
+    def count(self) -> Tensor:
+        self._settle()
+        return self._count
+
+    @property
+    def sums(self) -> Tensor:
+        self._settle()
+        return self._sums
+
+    @property
+    def first(self) -> Tensor:
+        self._settle()
+        return self._first
 
     @property
     def batch_size(self) -> int:
-        return int(self.count.shape[0])
+        return int(self._count.shape[0])
 
     def to(self, device: torch.device) -> None:
-        if self.count.device != device:
-            self.count, self.sums, self.first = (
-                t.to(device) for t in (self.count, self.sums, self.first)
+        if self._count.device != device:
+            self._settle()
+            self._count, self._sums, self._first = (
+                t.to(device) for t in (self._count, self._sums, self._first)
             )
 
     def features(self, stats: StepStats) -> Tensor:
         """``(N, F)`` features of this step; remembers ``stats`` for :meth:`commit`."""
+        self._settle()
         self._pending = stats
-        return state_features(self.count, self.sums, self.first, stats)
-
-    def hold(self, stats: StepStats) -> None:
-        """Remember ``stats`` for :meth:`commit` (when features were computed elsewhere)."""
-        self._pending = stats
+        return state_features(self._count, self._sums, self._first, stats)
 
     def commit(self) -> None:
         """Advance every row past the step whose stats were last given to :meth:`features`."""
-        if self._pending is None:
-            return
-        self.count, self.sums, self.first = _advance(
-            self.count, self.sums, self.first, self._pending
-        )
-        self._pending = None
+        if self._pending is not None:
+            self._due = True
+
+    def _settle(self) -> None:
+        if self._due:
+            assert self._pending is not None
+            self._count, self._sums, self._first = _advance(
+                self._count, self._sums, self._first, self._pending
+            )
+            self._pending = None
+            self._due = False
+
+    @staticmethod
+    def stacked_features(
+        trackers: Sequence[StateTracker], stats: StepStats
+    ) -> tuple[Tensor, Tensor]:
+        """Features of several trackers' rows (stacked in order) from one stats batch:
+        ``(features (N, F), steps seen (N,))``. Their due commits are applied in one batched
+        update, and each tracker keeps its slice of the new state and of ``stats``."""
+        sizes = [t.batch_size for t in trackers]
+        count = torch.cat([t._count for t in trackers])
+        sums = torch.cat([t._sums for t in trackers])
+        first = torch.cat([t._first for t in trackers])
+        if any(t._due for t in trackers):
+            # the not-due rows advance by placeholder stats, then keep their old state
+            parts, start = [], 0
+            for t, n in zip(trackers, sizes):
+                src = (
+                    t._pending
+                    if t._due
+                    else StepStats(stats.entropy[start : start + n], stats.z[start : start + n])
+                )
+                parts.append(src)
+                start += n
+            due = torch.repeat_interleave(
+                torch.tensor([t._due for t in trackers], device=count.device),
+                torch.tensor(sizes, device=count.device),
+            )
+            pend = StepStats(torch.cat([p.entropy for p in parts]), torch.cat([p.z for p in parts]))
+            new_count, new_sums, new_first = _advance(count, sums, first, pend)
+            count = torch.where(due, new_count, count)
+            sums = torch.where(due[:, None, None], new_sums, sums)
+            first = torch.where(due, new_first, first)
+        feats = state_features(count, sums, first, stats)
+        start = 0
+        for t, n in zip(trackers, sizes):
+            rows = slice(start, start + n)
+            t._count, t._sums, t._first = count[rows], sums[rows], first[rows]
+            t._pending = StepStats(stats.entropy[rows], stats.z[rows])
+            t._due = False
+            start += n
+        return feats, count
 
 
 def sequence_features(entropy: Tensor, z: Tensor) -> Tensor:
