@@ -368,6 +368,28 @@ def test_an_instance_with_rows_apart_in_the_batch(tmp_path):
     assert a.tracker.count.tolist() == [7, 7] and b.tracker.count.tolist() == [7]
 
 
+def test_hf_processor_state_does_not_leak_into_the_next_generate(tmp_path):
+    """A processor reused for a new generate whose prompt happens to be one token longer than
+    the last sequence it saw must start fresh (the ids, not only the shapes, decide)."""
+    from entcal.decoding import hf
+
+    model = tiny_llama()
+    folder = saved_predictor(tmp_path, model)
+    spec = f"calibrated:predictor={folder},threshold=-1"  # gate open: the state shapes every step
+    proc = hf.logits_processor(spec, model=model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 96, (2, 5), generator=g)
+    for _ in range(6):  # a first generation of 6 steps
+        scores = torch.randn(2, 96, generator=g)
+        out = proc(ids, scores)
+        ids = torch.cat([ids, torch.multinomial(out.softmax(-1), 1, generator=g)], 1)
+    new_prompt = torch.randint(0, 96, (2, ids.shape[1] + 1), generator=g)  # one token longer
+    scores = torch.randn(2, 96, generator=g)
+    fresh = hf.logits_processor(spec, model=model)
+    assert torch.allclose(proc(new_prompt, scores), fresh(new_prompt, scores))
+    assert proc.decoder.tracker.count.tolist() == [0, 0]
+
+
 # ------------------------------------------------------------------ the recipe
 
 

@@ -28,27 +28,30 @@ __all__ = ["EntcalLogitsProcessor", "logits_processor"]
 class EntcalLogitsProcessor(LogitsProcessor):
     """Wraps a :class:`~entcal.decoding.Decoder` for ``generate``.
 
-    Stateful decoders: a call whose ``input_ids`` are not one token longer than the previous
-    call's (a new ``generate``) resets the decoder's state for the batch; otherwise the last
-    column of ``input_ids`` (the token just sampled) is passed to ``decoder.observe`` first.
+    Stateful decoders: a call continues the previous one only if its ``input_ids`` are the
+    previous call's plus one token per row (the ids themselves are compared, not only the
+    shapes); then that token is passed to ``decoder.observe`` first. Any other call (a new
+    ``generate``, even one whose prompt happens to be one token longer) resets the decoder's
+    state for the batch.
     """
 
     def __init__(self, decoder: Decoder) -> None:
         self.decoder = decoder
         self.supports_continuous_batching = not decoder.requires_history
-        self._last_shape: tuple[int, int] | None = None
+        self._last_ids: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.decoder.requires_history:
-            shape = (int(input_ids.shape[0]), int(input_ids.shape[1]))
-            if self._last_shape is not None and shape == (
-                self._last_shape[0],
-                self._last_shape[1] + 1,
+            last = self._last_ids
+            if (
+                last is not None
+                and input_ids.shape == (last.shape[0], last.shape[1] + 1)
+                and torch.equal(input_ids[:, :-1], last)
             ):
                 self.decoder.observe(input_ids[:, -1])
             else:
-                self.decoder.reset(shape[0])
-            self._last_shape = shape
+                self.decoder.reset(int(input_ids.shape[0]))
+            self._last_ids = input_ids.detach().clone()
         return self.decoder(scores, input_ids)
 
     def __repr__(self) -> str:
