@@ -114,7 +114,8 @@ def markdown(doc: Mapping[str, Any], results: Mapping[str, Any]) -> str:
         "| family | spec | EntCE | log-loss cost | slope /100 steps | entropy by quarter |",
         "|---|---|---|---|---|---|",
     ]
-    for p in doc["points"]:
+    for raw in doc["points"]:
+        p = {k: v if k in ("family", "spec") else _num(v) for k, v in raw.items()}
         curve = [_num(v) for v in results["decoders"][p["spec"]]["gen_entropy_per_step"]]
         q = max(1, len(curve) // 4)
         quarters = ", ".join(
@@ -152,8 +153,11 @@ def plot_frontier(points: list[dict[str, Any]], path: Path, title: str = "") -> 
     families: dict[str, list[dict]] = {}
     for p in points:
         families.setdefault(p["family"], []).append(p)
+    origin = families.get("ancestral", [None])[0]
     for family, pts in families.items():
         inf = not all(math.isfinite(p["log_loss_cost"]) for p in pts)
+        if origin is not None and family != "ancestral" and not inf:
+            pts = [origin, *pts]  # every family starts at the raw model (τ = 1, scale 0, α 0)
         xs = [right if inf else p["log_loss_cost"] for p in pts]
         ys = [p["entce_on_kept_tokens"] if inf else p["entce"] for p in pts]
         err = [0 if inf or not math.isfinite(p["entce_se"]) else p["entce_se"] for p in pts]
@@ -164,6 +168,8 @@ def plot_frontier(points: list[dict[str, Any]], path: Path, title: str = "") -> 
             marker="x" if inf else "o", capsize=3, ls="none" if inf else "-", label=label,
         )  # fmt: skip
         for i in order:
+            if pts[i] is origin and family != "ancestral":
+                continue
             ax.annotate(f"{pts[i]['value']:g}", (xs[i], ys[i]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")  # fmt: skip
     ax.axhline(0, color="grey", lw=0.8)
@@ -221,6 +227,9 @@ def run_frontier(
 
     (out / "frontier.json").write_text(json.dumps(to_json(doc), indent=1, allow_nan=False))
     (out / "frontier.md").write_text(markdown(doc, results))
-    title = f"{results['model']} on {results['corpus']} ({results['n']} prompts × {results['length']} tokens)"
+    title = (
+        f"{results['model']} on {results['corpus']} ({results['n']} prompts × "
+        f"{results.get('samples', 1)} samples × {results['length']} tokens)"
+    )
     plot_frontier(points, out / "frontier.png", title)
     return doc

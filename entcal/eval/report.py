@@ -72,8 +72,13 @@ def markdown(results: dict, plots: list[str]) -> str:
         "# entcal compare",
         "",
         f"Model `{results['model']}`, corpus `{results['corpus']}`, {results['n']} prompts of "
-        f"{results['prompt_tokens']} tokens, continuations of {results['length']} tokens, "
-        f"seed {results['seed']}. Nats per token throughout.",
+        f"{results['prompt_tokens']} tokens, "
+        + (
+            f"{results['samples']} continuations per prompt "
+            if results.get("samples", 1) > 1
+            else ""
+        )
+        + f"of {results['length']} tokens, seed {results['seed']}. Nats per token throughout.",
         "",
         summary_table(results),
         "",
