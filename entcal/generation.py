@@ -19,7 +19,10 @@ Example::
     >>> model, tok = models.load("smollm2-135m")
     >>> out = generate(model, tok, ["The capital of France is"], decoder="top_p=0.95",
     ...                max_new_tokens=20, seed=0, n=2)
-    >>> out[0].text, out[0].logprob.sum()
+    >>> len(out), len(out[0].token_ids), out[0].logprob.shape   # prompt-major, 20 tokens each
+    (2, 20, torch.Size([20]))
+    >>> out[0].text[:6]
+    ' Paris'
 """
 
 from __future__ import annotations

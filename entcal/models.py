@@ -21,7 +21,10 @@ Example::
 
     >>> from entcal import models
     >>> model, tokenizer = models.load("smollm2-135m")
+    >>> model.config.vocab_size, model.dtype
+    (49152, torch.float32)
     >>> models.local_path("smollm2-135m")   # the folder to point vLLM at
+    PosixPath('.../smollm2-135m')
 """
 
 from __future__ import annotations

@@ -38,11 +38,17 @@ transformers and in vLLM.
 
 Example::
 
+    >>> import torch
+    >>> from entcal import models
     >>> from entcal.decoding import parse
+    >>> model, tok = models.load("smollm2-135m")
     >>> d = parse("calibrated").bind(model)   # PredictorFileError if none fits this model
-    >>> d.reset(batch_size=4)
-    >>> logits = d(raw_logits)                # sample from softmax(logits)
-    >>> d.observe(sampled_tokens)
+    >>> d.reset(batch_size=1)
+    >>> raw = model(torch.tensor([tok("The capital of France is").input_ids])).logits[:, -1]
+    >>> out = d(raw)                          # [1, 49152]: sample from softmax(out)
+    >>> torch.allclose(out.log_softmax(-1), raw.log_softmax(-1))   # no derailment yet: α = 0
+    True
+    >>> d.observe(out.argmax(-1))             # the sampled tokens [N] advance the state
 """
 
 from __future__ import annotations
@@ -86,10 +92,25 @@ def gate_alpha(derail: Tensor, strength: Tensor | float, threshold: Tensor | flo
     return (derail - threshold).clamp_min(0.0) * strength
 
 
+#: Above this α a row is sharpened as ``(1 + α)·(log p − max log p)``: the same distribution,
+#: but ``(1 + α)·log p`` of the top token could overflow to ``-inf`` and empty the row.
+_SHIFT_ABOVE = 1e3
+
+
 def sharpen(logprobs: Tensor, alpha: Tensor, out: Tensor | None = None) -> Tensor:
     """``(1 + α)·log p`` per row: logits of ``p^(1+α)`` (``-inf`` stays ``-inf``; α ≥ 0).
-    ``out`` (may be ``logprobs`` itself) receives the result."""
-    return torch.mul(logprobs, (1.0 + alpha)[:, None], out=out)
+
+    ``out`` (may be ``logprobs`` itself) receives the result. For very large α (a huge
+    ``strength``) the row's top token is kept at 0 instead, so the result is finite or ``-inf``
+    and never empty: ``α -> ∞`` is greedy decoding.
+    """
+    finfo = torch.finfo(logprobs.dtype)
+    scale = (1.0 + alpha.nan_to_num(nan=0.0).clamp(0.0, finfo.max / 4))[:, None]
+    if bool((alpha > _SHIFT_ABOVE).any()):
+        top = logprobs.amax(-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        return torch.mul(logprobs - top, scale, out=out)
+    return torch.mul(logprobs, scale, out=out)
 
 
 def _log_softmax_keep_dead(logits: Tensor) -> Tensor:

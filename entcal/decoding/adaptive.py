@@ -34,10 +34,15 @@ class MirostatDecoder(Decoder):
 
     Example::
 
+        >>> import torch
+        >>> from entcal.decoding import parse
         >>> d = parse("mirostat:tau=3.0")
-        >>> d.reset(batch_size=4)
-        >>> masked = d(logits)            # then sample x from softmax(masked)
-        >>> d.observe(x)                  # updates mu per row
+        >>> d.reset(batch_size=1)                    # mu = 2·tau = 6 bits per sequence
+        >>> d(torch.tensor([[4.0, 2.0, 0.0, -8.0]]))  # drop surprise > mu; sample from softmax
+        tensor([[4., 2., 0., -inf]])
+        >>> d.observe(torch.tensor([1]))             # mu -= eta·(surprise of token 1 - tau)
+        >>> d.mu_
+        tensor([5.9908], dtype=torch.float64)
     """
 
     requires_history: ClassVar[bool] = True
@@ -113,7 +118,7 @@ class MirostatDecoder(Decoder):
             rows_of.setdefault(id(d), []).append(i)
         dev = logits.device
         mu = torch.empty(len(decoders), dtype=torch.float64, device=dev)
-        temp = torch.empty(len(decoders), dtype=logits.dtype, device=dev)
+        temp = torch.empty(len(decoders), dtype=torch.float64, device=dev)
         index = {}
         for key, d in insts.items():
             if d.mu_ is None or d.mu_.shape[0] != len(rows_of[key]):
@@ -142,8 +147,11 @@ class EDTDecoder(Decoder):
 
     Example::
 
+        >>> import torch
+        >>> from entcal.decoding import parse
         >>> d = parse("edt:t0=0.9,theta=0.5")
-        >>> processed = d(logits)
+        >>> d(torch.tensor([[2.0, 1.0, 0.0, -1.0]]))   # H = 0.95: T = 0.9·0.8^(0.5/0.95) = 0.80
+        tensor([[ 0.0000, -1.2500, -2.4999, -3.7499]])
     """
 
     OPTIONS = ("t0", "theta", "n")

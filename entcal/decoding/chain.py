@@ -78,9 +78,11 @@ class ChainDecoder(Decoder):
 
     Example::
 
+        >>> import torch
         >>> from entcal.decoding import parse
-        >>> d = parse("temperature=0.8,top_p=0.95")
-        >>> processed = d(logits)           # logits: [batch, vocab]
+        >>> d = parse("temperature=0.5,top_p=0.9")
+        >>> d(torch.tensor([[2.0, 1.0, 0.0, -1.0]]))   # logits [batch, vocab] -> same shape
+        tensor([[4., 2., -inf, -inf]])
     """
 
     temperature: float = 1.0

@@ -6,10 +6,15 @@ does this for you, including ignoring a model's ``generation_config`` defaults.
 
 Example::
 
+    >>> from entcal import models
     >>> from entcal.decoding import hf
+    >>> model, tok = models.load("smollm2-135m")
+    >>> inputs = tok(["The capital of France is"], return_tensors="pt")   # 5 tokens
     >>> proc = hf.logits_processor("temperature=0.8,top_p=0.95")
-    >>> model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-    ...                logits_processor=[proc])
+    >>> out = model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+    ...                      max_new_tokens=8, logits_processor=[proc], pad_token_id=0)
+    >>> out.shape
+    torch.Size([1, 13])
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ Example::
     >>> model, tok = models.load("smollm2-135m")
     >>> dec = ListDecoder(model, tok, theta=0.2, max_list=8, max_new_tokens=16)
     >>> out = dec.decode(["The capital of France is"])
-    >>> tok.decode(out.best[0]), out.best_score[0], len(out.candidates[0])
+    >>> tok.decode(out.best[0]).strip(), round(out.best_score[0], 2), len(out.candidates[0])
+    ('Paris.', -2.53, 1)
 """
 
 from __future__ import annotations

@@ -91,6 +91,8 @@ def rows(value: float | int | Tensor, n: int, device: torch.device, dtype: torch
         if t.shape != (n,):
             raise ValueError(f"per-row parameter has shape {tuple(t.shape)}, expected ({n},)")
         return t
+    if dtype.is_floating_point and abs(value) > torch.finfo(dtype).max:
+        value = math.copysign(math.inf, value)  # e.g. top_n_sigma=1e300 in float32: inf (off)
     return torch.full((n,), value, device=device, dtype=dtype)
 
 
@@ -167,11 +169,41 @@ def _min_keep_guard(logits: Tensor, min_keep: int | Tensor) -> Tensor:
 
 
 def temperature(logits: Tensor, t: float | Tensor) -> Tensor:
-    """``logits / T`` per row (``T > 0``); bitwise equal to transformers' TemperatureLogitsWarper."""
-    if not isinstance(t, Tensor):  # a float32 division by the same float32 value as below
-        return logits / t
-    tt = rows(t, logits.shape[0], logits.device, logits.dtype)
-    return logits / tt.view(-1, 1)
+    """``logits / T`` per row (``T > 0``); bitwise equal to transformers' TemperatureLogitsWarper.
+
+    Where that division would overflow (``|max logit| / T`` beyond the dtype's range, or ``T``
+    itself not representable, e.g. ``T = 1e-300``), the row is computed as
+    ``(logits - max) * min(1/T, dtype max)`` instead, with tokens whose probability is then exactly
+    0 in the dtype written as ``-inf``: the same distribution as the exact ``softmax(x / T)``, so
+    in the limit ``T -> 0`` the argmax (and its ties) at 0 and every other token at ``-inf``,
+    never NaN or ``+inf``. All-``-inf`` rows stay all ``-inf``.
+
+    >>> temperature(torch.tensor([[0.0, 1.0, -1.0]]), 1e-300)
+    tensor([[-inf, 0., -inf]])
+    """
+    finfo = torch.finfo(logits.dtype)
+    if not isinstance(t, Tensor):
+        if t >= 1.0:  # |x / t| <= |x|: nothing can overflow (T beyond the dtype: -inf/inf = NaN)
+            return logits / min(t, finfo.max)
+        plain = logits / t  # a float32 division by the same float32 value as below
+    else:
+        tt = rows(t, logits.shape[0], logits.device, logits.dtype).clamp(max=finfo.max)
+        plain = logits / tt.view(-1, 1)
+    # Overflow check (one reduction): the row is safe iff its largest |logit| / T is in range.
+    t64 = rows(t, logits.shape[0], logits.device, torch.float64)
+    top = logits.amax(-1).to(torch.float64)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    low = torch.where(torch.isinf(logits), torch.zeros_like(logits), logits).amin(-1).double()
+    reach = torch.maximum(top.abs(), low.abs()) / t64
+    safe = (reach <= finfo.max) & (t64 >= finfo.tiny)
+    if bool(safe.all()):
+        return plain
+    inv = (1.0 / t64).clamp(max=finfo.max).to(logits.dtype).view(-1, 1)
+    shifted = (logits - top.to(logits.dtype).view(-1, 1)) * inv
+    # (x - max) <= 0 and 0 * inv = 0: the argmax stays finite. Below 2·log(tiny) a token's
+    # probability is exactly 0 in this dtype (subnormals included), so it is written as -inf.
+    shifted = shifted.masked_fill(shifted < 2.0 * math.log(finfo.tiny), float("-inf"))
+    return torch.where(safe.view(-1, 1), plain, shifted)
 
 
 def top_k_mask(logits: Tensor, k: int | Tensor, min_keep: int | Tensor = 1) -> Tensor:
@@ -231,8 +263,10 @@ def eta_mask(logits: Tensor, eta: float | Tensor, min_keep: int | Tensor = 1) ->
     thr = torch.minimum(e, torch.sqrt(e) * torch.exp(-ent))
     remove = probs < thr
     if isinstance(min_keep, int) and min_keep == 1:
-        # max p >= exp(-H) > sqrt(eta) exp(-H) >= threshold: the top token always survives
-        return remove
+        # In exact arithmetic max p >= exp(-H) > threshold; in float32 a tie at the top can
+        # round H below log 2 and remove both, so the top token is kept explicitly (as the
+        # transformers warper's min_tokens_to_keep guard does).
+        return remove & (logits < logits.amax(-1, keepdim=True))
     return remove & _min_keep_guard(logits, min_keep)
 
 
@@ -574,9 +608,11 @@ def typical_mask(
 
     Example::
 
-        >>> x = torch.tensor([[3.0, 1.0, 1.0, 0.0, -2.0]])
-        >>> typical_mask(x, 0.5)   # the two tokens closest to the entropy
-        tensor([[ True, False, False,  True,  True]])
+        >>> x = torch.tensor([[3.0, 1.0, 1.0, 0.0, -2.0]])   # H = 0.83 nats
+        >>> typical_mask(x, 0.5)   # token 0 (-log p = 0.28) is closest to H and holds 0.75
+        tensor([[False,  True,  True,  True,  True]])
+        >>> typical_mask(x, 0.9)   # then the tied pair at -log p = 2.28
+        tensor([[False, False, False,  True,  True]])
     """
     n, v = logits.shape
     depth = TYPICAL_DEPTH if depth is None else depth
@@ -656,7 +692,7 @@ def edt_temperature(logits: Tensor, t0: Tensor, base: Tensor, theta: Tensor) -> 
     expo = theta.double() / h.clamp(min=1e-12)
     t = t0.double() * torch.exp(expo * torch.log(base.double()))
     t = torch.nan_to_num(t, nan=1.0)  # all -inf rows: any temperature leaves them unchanged
-    return t.clamp(min=1e-6).to(logits.dtype)
+    return t.clamp(min=1e-6, max=torch.finfo(logits.dtype).max).to(logits.dtype)
 
 
 def entropy_stats(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -33,10 +33,13 @@ Example::
     >>> from entcal import corpora, models
     >>> from entcal.eval.branching import branching_sweep, critical_theta
     >>> model, tok = models.load("smollm2-135m")
-    >>> pairs = corpora.make_pairs(corpora.load_corpus(), tok, prompt_tokens=64,
-    ...                            continuation_tokens=16, n=8)
-    >>> results = branching_sweep(model, pairs, thetas=[0.05, 0.1, 0.2, 0.4], steps=16)
-    >>> [(r.theta, r.R, r.R_low, r.R_high) for r in results], critical_theta(results)
+    >>> pairs = corpora.make_pairs(corpora.load_corpus(), tok, prompt_tokens=32,
+    ...                            continuation_tokens=8, n=2)
+    >>> results = branching_sweep(model, pairs, thetas=[0.05, 0.4], steps=4)
+    >>> [(r.theta, round(r.R, 2)) for r in results]   # R > 1: lists grow; R < 1: they die out
+    [(0.05, 3.54), (0.4, 0.33)]
+    >>> round(critical_theta(results), 2)             # θ where R crosses 1 (interpolated)
+    0.26
 """
 
 from __future__ import annotations

@@ -1,0 +1,293 @@
+"""The decoder contract, over every registered decoder at the ends of its parameter ranges.
+
+For any finite input (float32, float16, bfloat16; rows with ties, one finite token, huge
+magnitudes) every decoder returns float32 logits that are finite or ``-inf`` — never NaN, never
+``+inf`` — and never an all-``-inf`` row unless the input row was; an all-``-inf`` row stays all
+``-inf``; the argmax of a peaked row is kept; NaN or ``+inf`` input is a ``ValueError`` naming
+the rows; ``str(parse(s))`` round-trips; and a mixed batch (``apply_rows``) gives every row what
+its decoder gives it alone. Inputs come from ``hypothesis`` (seeded: the ``ci`` profile).
+
+A newly registered method fails :func:`test_every_registered_method_is_covered` until its
+extreme specs are added to ``EXTREMES``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from entcal.decoding import apply_rows, parse  # noqa: E402
+from entcal.decoding.spec import methods  # noqa: E402
+
+settings.register_profile(
+    "ci",
+    max_examples=40,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("ci")
+
+TINY, HUGE = "1e-300", "1e300"
+F32_TINY = repr(2.0**-126)
+
+#: Specs at and near the ends of every parameter's range, per registered method. Methods that
+#: need a model to run (``lookahead`` runs it on every candidate; ``calibrated`` reads the
+#: model's vocabulary) are listed in ``MODEL_BOUND`` and exercised at the model's vocabulary.
+EXTREMES: dict[str, list[str]] = {
+    "ancestral": ["ancestral"],
+    "greedy": ["greedy"],
+    # the chain: each key at its ends, then combinations
+    "chain": [
+        f"temperature={TINY}",
+        f"temperature={F32_TINY}",
+        "temperature=1e-6",
+        "temperature=0.5",
+        f"temperature={HUGE}",
+        "top_k=1",
+        "top_k=1000000000",
+        "top_p=0",
+        "top_p=1e-12",
+        "top_p=0.999999",
+        "min_p=1",
+        "min_p=1e-12",
+        "typical=1e-12",
+        "typical=0.999999",
+        "epsilon=0.999999",
+        "epsilon=1e-12",
+        "eta=0.999999",
+        "eta=1e-12",
+        "top_n_sigma=1e-12",
+        f"top_n_sigma={HUGE}",
+        "min_tokens_to_keep=1000000000",
+        f"temperature={TINY},top_p=0.9,min_p=0.5",
+        f"temperature={HUGE},top_k=2,typical=0.5",
+        "temperature=1e-6,eta=0.999999,epsilon=0.999999,min_tokens_to_keep=2",
+        "top_n_sigma=1e-12,top_k=3,top_p=1e-12",
+    ],
+    "mirostat": [
+        "mirostat",
+        f"mirostat:tau={TINY}",
+        f"mirostat:tau={HUGE}",
+        f"mirostat:eta={HUGE}",
+        f"mirostat:tau={TINY},eta={HUGE}",
+        "mirostat:mu=0",
+        f"mirostat:mu={HUGE}",
+        f"mirostat:temperature={TINY}",
+        f"mirostat:temperature={F32_TINY}",
+        f"mirostat:temperature={HUGE}",
+    ],
+    "edt": [
+        "edt",
+        f"edt:t0={TINY}",
+        f"edt:t0={HUGE}",
+        "edt:theta=0",
+        f"edt:theta={HUGE}",
+        f"edt:n={TINY}",
+        "edt:n=0.9999999999",
+        f"edt:t0={HUGE},theta={HUGE},n=0.9999999999",
+    ],
+    "calibrated": [
+        "calibrated",
+        "calibrated:scale=0",
+        f"calibrated:scale={HUGE}",
+        f"calibrated:strength={HUGE},threshold=-{HUGE}",
+        f"calibrated:threshold={HUGE}",
+        "calibrated:strength=0",
+    ],
+    "lookahead": [],  # runs the model per candidate: its contract is tested in test_calibrators
+}
+MODEL_BOUND = {"calibrated", "lookahead"}
+SMOLLM2_VOCAB = 49152
+
+
+def _method(spec: str) -> str:
+    name = spec.split(":", 1)[0]
+    return name if name in EXTREMES else "chain"
+
+
+ROW_SPECS = [s for m, specs in EXTREMES.items() if m not in MODEL_BOUND for s in specs]
+BOUND_SPECS = [s for m in MODEL_BOUND for s in EXTREMES[m]]
+
+
+def test_every_registered_method_is_covered():
+    assert set(methods()) <= set(EXTREMES), set(methods()) - set(EXTREMES)
+
+
+@pytest.mark.parametrize("spec", ROW_SPECS + BOUND_SPECS)
+def test_spec_round_trips(spec):
+    d = parse(spec)
+    again = parse(str(d))
+    assert str(again) == str(d)
+
+
+# ---- inputs --------------------------------------------------------------------------------
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@st.composite
+def logits_rows(draw, vocab: int | None = None, max_batch: int = 4):
+    """A batch of finite-or--inf logits in one of the three float dtypes, with the hard cases:
+    huge magnitudes (±60000 fits float16), ties at the top, one finite token, all -inf rows."""
+    dtype = draw(st.sampled_from(DTYPES))
+    top = {torch.float16: 6.0e4, torch.bfloat16: 1e30, torch.float32: 1e30}[dtype]
+    v = vocab or draw(st.integers(1, 48))
+    n = draw(st.integers(1, max_batch))
+    rows = []
+    for _ in range(n):
+        kind = draw(st.sampled_from(["normal", "scaled", "huge", "ties", "one", "dead", "peaked"]))
+        seed = draw(st.integers(0, 2**31 - 1))
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(v, generator=g, dtype=torch.float64)
+        if kind == "scaled":
+            x = x * draw(st.sampled_from([1e-6, 0.1, 3.0, 30.0, 300.0]))
+        elif kind == "huge":
+            x = x.clamp(-1, 1) * top
+        elif kind == "ties":
+            x[: max(1, v // 2)] = x.max()
+        elif kind == "one":
+            x = torch.full((v,), -math.inf, dtype=torch.float64)
+            x[int(torch.randint(v, (1,), generator=g))] = draw(st.sampled_from([0.0, -top, top]))
+        elif kind == "dead":
+            x = torch.full((v,), -math.inf, dtype=torch.float64)
+        elif kind == "peaked":
+            x[int(torch.randint(v, (1,), generator=g))] = x.max() + 40.0
+        if kind not in ("one", "dead") and v > 2 and draw(st.booleans()):
+            x[int(torch.randint(v, (1,), generator=g))] = -math.inf  # a masked token
+        rows.append(x)
+    return torch.stack(rows).to(dtype)
+
+
+def _check_contract(spec: str, x: torch.Tensor, out: torch.Tensor) -> None:
+    assert out.dtype == torch.float32 and out.shape == x.shape, spec
+    assert not torch.isnan(out).any(), f"{spec}: NaN in {out}"
+    assert not (out == math.inf).any(), f"{spec}: +inf in {out}"
+    dead_in = (x.float() == -math.inf).all(-1)
+    dead_out = (out == -math.inf).all(-1)
+    assert torch.equal(dead_in, dead_out), f"{spec}: rows emptied {dead_out & ~dead_in}"
+    # a peaked row (top token >= 40 nats above the rest) keeps its argmax
+    xf = x.float()
+    top2 = xf.topk(min(2, xf.shape[-1]), dim=-1).values
+    if xf.shape[-1] >= 2:
+        peaked = (top2[:, 0] - top2[:, 1] >= 40.0) & torch.isfinite(top2[:, 0])
+        if peaked.any():
+            arg = xf.argmax(-1)
+            kept = out.gather(-1, arg[:, None]).squeeze(-1) > -math.inf
+            assert bool(kept[peaked].all()), f"{spec}: argmax of a peaked row removed"
+
+
+def _steps(decoder, x: torch.Tensor, n_steps: int = 3):
+    """Apply ``decoder`` for a few steps on the same rows (stateful ones observe the argmax)."""
+    decoder.reset(x.shape[0])
+    outs = []
+    for _ in range(n_steps):
+        out = decoder(x)
+        outs.append(out)
+        decoder.observe(out.argmax(-1))
+    return outs
+
+
+@pytest.mark.parametrize("spec", ROW_SPECS)
+@given(x=logits_rows())
+def test_row_decoders_keep_the_contract(spec, x):
+    for out in _steps(parse(spec), x):
+        _check_contract(spec, x, out)
+
+
+@pytest.mark.parametrize("spec", BOUND_SPECS)
+@settings(max_examples=8)
+@given(x=logits_rows(vocab=SMOLLM2_VOCAB, max_batch=3))
+def test_model_bound_decoders_keep_the_contract(spec, x):
+    for out in _steps(parse(spec), x, n_steps=2):
+        _check_contract(spec, x, out)
+
+
+@pytest.mark.parametrize("spec", ROW_SPECS[:: max(1, len(ROW_SPECS) // 12)] + BOUND_SPECS[:2])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_and_inf_input_is_an_error_naming_the_row(spec, bad):
+    v = SMOLLM2_VOCAB if _method(spec) in MODEL_BOUND else 8
+    x = torch.randn(3, v)
+    x[1, 2] = bad
+    d = parse(spec)
+    d.reset(3)
+    with pytest.raises(ValueError, match=r"row"):
+        d(x)
+    with pytest.raises(ValueError, match=r"row"):
+        apply_rows(x, [d, d, d])
+
+
+@given(
+    specs=st.lists(st.sampled_from(ROW_SPECS), min_size=2, max_size=5),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_mixed_batch_rows_equal_each_row_alone(specs, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(specs), 32, generator=g) * 3.0
+    decoders = [parse(s) for s in specs]
+    alone_decoders = [parse(s) for s in specs]
+    for d in decoders + alone_decoders:
+        d.reset(1)
+    for _ in range(3):  # stateful decoders advance the same way in both
+        mixed = apply_rows(x, decoders)
+        alone = torch.cat([d(x[i : i + 1]) for i, d in enumerate(alone_decoders)])
+        torch.testing.assert_close(mixed, alone, rtol=0, atol=0, equal_nan=False)
+        tokens = alone.argmax(-1)
+        for i, (d, e) in enumerate(zip(decoders, alone_decoders, strict=True)):
+            d.observe(tokens[i : i + 1])
+            e.observe(tokens[i : i + 1])
+
+
+@pytest.mark.parametrize("spec", ["temperature=0.5,top_p=0.9", "mirostat", "edt", "typical=0.5"])
+def test_large_batch_and_large_vocabulary(spec):
+    """Batch 257 and vocabulary 262144 (Gemma 3's) in float16 and bfloat16."""
+    for n, v in ((257, 64), (2, 262144)):
+        for dtype in (torch.float16, torch.bfloat16):
+            x = (torch.randn(n, v) * 8).to(dtype)
+            x[0] = 6.0e4 if dtype == torch.float16 else 1e30
+            x[0, 1:] = -6.0e4 if dtype == torch.float16 else -1e30
+            for out in _steps(parse(spec), x, n_steps=2):
+                _check_contract(spec, x, out)
+
+
+# ---- the reported cases, with their right values -------------------------------------------
+
+
+def test_temperature_underflow_is_greedy_not_nan():
+    """issue 13, case 1: temperature=1e-300 on [0, 1, -1] gave [nan, inf, -inf]."""
+    inf = math.inf
+    for spec in ("temperature=1e-300", "mirostat:temperature=1e-300"):
+        d = parse(spec)
+        d.reset(1)
+        out = d(torch.tensor([[0.0, 1.0, -1.0]]))
+        assert out.tolist() == [[-inf, 0.0, -inf]], spec
+    out = parse(f"temperature={2.0**-126!r}")(torch.tensor([[2.0, 4.0, 3.0]]))
+    assert out.tolist() == [[-inf, 0.0, -inf]]
+
+
+def test_temperature_keeps_the_distribution_where_it_does_not_overflow():
+    x = torch.tensor([[1e30, 1e30 - 1e24, 0.0], [2.0, 4.0, 3.0]])
+    out = parse("temperature=1e-9")(x)
+    assert out[0].tolist()[0] == 0.0 and out[0, 2] == -math.inf
+    # the second row is safe: plain division, bit for bit transformers' warper
+    assert torch.equal(out[1], x[1] / 1e-9)
+
+
+def test_all_inf_row_stays_all_inf_through_calibrated():
+    """issue 13, case 3 (issue 12): calibrated on an all -inf row gave all NaN."""
+    x = torch.randn(3, SMOLLM2_VOCAB)
+    x[1] = -math.inf
+    d = parse("calibrated")
+    d.reset(3)
+    out = d(x)
+    assert (out[1] == -math.inf).all() and torch.isfinite(out[[0, 2]]).all()
+    d2 = parse("calibrated")
+    d2.reset(3)
+    out2 = apply_rows(x, [d2, d2, d2])
+    assert (out2[1] == -math.inf).all()
