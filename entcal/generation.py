@@ -9,6 +9,11 @@ vocabulary has 262144 entries):
 * ``logprob`` / ``entropy`` / ``varentropy``: of the *sampling* distribution (after the decoder);
 * ``raw_logprob`` / ``raw_entropy`` / ``raw_varentropy``: of the raw model distribution.
 
+Sampling is per sequence: the token of sample ``j`` of a prompt at step ``t`` is drawn by
+inverting the CDF of its distribution at a uniform that depends only on ``(seed, the prompt's
+token ids, j, t)`` (a counter-based hash), so a prompt's generations depend on the seed, the
+prompt and the decoder, never on the other prompts in the call or its ``batch_size``.
+
 All in nats. EOS: by default generation does *not* stop at EOS (``stop_at_eos=False``), so every
 sequence has exactly ``max_new_tokens`` tokens (what evaluation needs); with ``stop_at_eos=True`` a
 sequence ends with its first EOS (included in its tokens and statistics).
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,6 +69,61 @@ class Generation:
         return out
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = (
+    _signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+)
+
+
+def _shr(z: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic on negative values)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _splitmix64(z: Tensor) -> Tensor:
+    """SplitMix64's finalizer (Steele, Lea & Flood 2014) on int64 tensors, wrapping mod 2^64."""
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def sequence_uniforms(seed: int, keys: Tensor, step: int) -> Tensor:
+    """Uniforms in ``[0, 1)`` (float64 ``[N]``), one per sequence, a function of
+    ``(seed, keys[i], step)`` only: ``keys`` ``[N, 2]`` int64 holds (prompt key, sample index).
+
+    >>> k = torch.tensor([[0, 0], [3, 1]])
+    >>> torch.equal(sequence_uniforms(7, k, 5)[1:], sequence_uniforms(7, k[1:], 5))
+    True
+    """
+    z = torch.full((keys.shape[0],), _signed(seed & _MASK64), dtype=torch.int64)
+    for part in (keys[:, 0].long().cpu(), keys[:, 1].long().cpu(), torch.full_like(z, step)):
+        z = _splitmix64(z + _GOLDEN + part * _GOLDEN)
+    return _shr(z, 11).double() * 2.0**-53
+
+
+def prompt_keys(input_ids: Tensor, mask: Tensor) -> Tensor:
+    """A 63-bit key ``[N]`` per prompt row, a hash of its (unpadded) token ids."""
+    keys = []
+    for row, m in zip(input_ids.cpu(), mask.cpu().bool(), strict=True):  # once per prompt
+        digest = hashlib.blake2b(row[m].numpy().astype("<i8").tobytes(), digest_size=8).digest()
+        keys.append(int.from_bytes(digest, "little") >> 1)
+    return torch.tensor(keys, dtype=torch.int64)
+
+
+def sample_rows(logits: Tensor, u: Tensor) -> Tensor:
+    """The token ``[N]`` whose CDF interval under ``softmax(logits)`` holds ``u`` ``[N]``
+    (inverse-CDF sampling; tokens of probability 0 are never drawn)."""
+    cdf = torch.softmax(logits.float(), dim=-1).double().cumsum_(-1)
+    x = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+
+
 class _Recorder:
     """LogitsProcessor that applies the decoder and records per-step statistics.
 
@@ -71,10 +132,14 @@ class _Recorder:
     the log-probs of the token that was sampled from them and drops them.
     """
 
-    def __init__(self, decoder: Decoder, prompt_len: int, eos: set[int] | None) -> None:
+    def __init__(
+        self, decoder: Decoder, prompt_len: int, eos: set[int] | None, seed: int, keys: Tensor
+    ) -> None:
         self.decoder = decoder
         self.prompt_len = prompt_len
         self.eos = eos
+        self.seed = seed
+        self.keys = keys  # [N, 2]: (prompt index, sample index) of each row
         self.steps: list[dict[str, Tensor]] = []
         self._pending: tuple[Tensor, Tensor] | None = None
 
@@ -116,7 +181,12 @@ class _Recorder:
             }
         )
         self._pending = (logp, raw_logp)
-        return processed
+        # Draw this step's tokens per sequence and hand transformers a one-point distribution:
+        # its sampler then returns exactly these tokens, whatever its own RNG does.
+        u = sequence_uniforms(self.seed, self.keys, len(self.steps) - 1)
+        tokens = sample_rows(processed, u)
+        choice = torch.full_like(processed, float("-inf"))
+        return choice.scatter_(-1, tokens.view(-1, 1), 0.0)
 
 
 def _left_pad(
@@ -183,7 +253,8 @@ def generate(
         prompts: strings (tokenized with the tokenizer's special tokens) or lists of token ids
             (used as given); left-padded internally.
         decoder: a spec (see :func:`entcal.decoding.parse`) or a Decoder.
-        seed: seeds a private copy of torch's RNG (the caller's global RNG is left as it was).
+        seed: with the prompt's token ids, the only source of randomness of its samples (the
+            caller's global torch RNG is neither used nor changed).
         n: continuations per prompt; results are ordered prompt-major (``i * n + j``).
         stop_at_eos: stop a sequence at its first EOS (default: always ``max_new_tokens``).
         batch_size: prompts per ``generate`` call (default: all at once).
@@ -219,7 +290,7 @@ def generate(
             results.extend(
                 _generate_chunk(
                     model, tokenizer, chunk, start, dec, max_new_tokens, n, stop_at_eos,
-                    eos_list, pad_id, device,
+                    eos_list, pad_id, device, seed,
                 )
             )  # fmt: skip
     return results
@@ -237,12 +308,15 @@ def _generate_chunk(
     eos_list: list[int],
     pad_id: int,
     device: torch.device,
+    seed: int,
 ) -> list[Generation]:
     from transformers import GenerationConfig, LogitsProcessorList
 
     input_ids, mask = _left_pad(prompts, tokenizer, pad_id)
     input_ids, mask = input_ids.to(device), mask.to(device)
-    rec = _Recorder(dec, input_ids.shape[1], set(eos_list) if stop_at_eos else None)
+    rows = torch.arange(len(prompts) * n)
+    keys = torch.stack([prompt_keys(input_ids, mask)[rows // n], rows % n], dim=1)  # prompt-major
+    rec = _Recorder(dec, input_ids.shape[1], set(eos_list) if stop_at_eos else None, seed, keys)
     eos = eos_list if (stop_at_eos and eos_list) else None
     config = GenerationConfig(
         do_sample=True,

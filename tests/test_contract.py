@@ -291,3 +291,82 @@ def test_all_inf_row_stays_all_inf_through_calibrated():
     d2.reset(3)
     out2 = apply_rows(x, [d2, d2, d2])
     assert (out2[1] == -math.inf).all()
+
+
+def test_mirostat_state_does_not_leak_into_the_next_generate():
+    """issue 13, case 2: a reused hf processor saw a new prompt one token longer than its last
+    sequence as a continuation (mu carried over, the prompt's last token observed)."""
+    from entcal.decoding import hf
+
+    proc = hf.logits_processor("mirostat:tau=3.0,eta=0.5")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 32, (2, 5), generator=g)
+    for _ in range(6):
+        out = proc(ids, torch.randn(2, 32, generator=g) * 4)
+        ids = torch.cat([ids, torch.multinomial(out.softmax(-1), 1, generator=g)], 1)
+    assert not torch.allclose(proc.decoder.mu_, torch.full((2,), 6.0, dtype=torch.float64))
+    new_prompt = torch.randint(0, 32, (2, ids.shape[1] + 1), generator=g)  # one token longer
+    scores = torch.randn(2, 32, generator=g) * 4
+    fresh = hf.logits_processor("mirostat:tau=3.0,eta=0.5")
+    assert torch.equal(proc(new_prompt, scores), fresh(new_prompt, scores))
+    assert proc.decoder.mu_.tolist() == [6.0, 6.0]  # 2·tau: a fresh generation
+    # a true continuation (the ids extend the last ones) keeps the state
+    cont = torch.cat([new_prompt, torch.tensor([[1], [2]])], 1)
+    proc(cont, scores)
+    assert proc.decoder.mu_.tolist() != [6.0, 6.0]
+
+
+# ---- seeded results never depend on the batch (issue 13, case 4) ----------------------------
+
+
+def test_a_prompts_generation_does_not_depend_on_its_batch():
+    from entcal import generate
+    from entcal.synthetic import MarkovChain
+
+    chain = MarkovChain.random(vocab_size=16, seed=0)
+    model, tok = chain.as_model()
+    a, b = chain.sample(2, 6, seed=1).tolist()
+    for spec in ("ancestral", "top_p=0.8", "mirostat:tau=1.5"):
+        alone = generate(model, tok, [a], spec, max_new_tokens=24, seed=0, n=2)
+        behind = generate(model, tok, [b, a], spec, max_new_tokens=24, seed=0, n=2)
+        split = generate(model, tok, [b, a], spec, max_new_tokens=24, seed=0, n=2, batch_size=1)
+        for i in range(2):
+            assert alone[i].token_ids == behind[2 + i].token_ids == split[2 + i].token_ids
+            assert torch.equal(alone[i].logprob, behind[2 + i].logprob)
+        assert alone[0].token_ids != alone[1].token_ids  # the samples of a prompt differ
+        other = generate(model, tok, [a], spec, max_new_tokens=24, seed=1, n=2)
+        assert other[0].token_ids != alone[0].token_ids  # and the seed matters
+
+
+def test_sampling_by_inverse_cdf_has_the_right_distribution():
+    from entcal.generation import sample_rows, sequence_uniforms
+
+    logits = torch.tensor([[0.0, math.log(3.0), -math.inf, math.log(6.0)]]).expand(20000, 4)
+    keys = torch.stack([torch.arange(20000), torch.zeros(20000, dtype=torch.long)], 1)
+    tokens = sample_rows(logits, sequence_uniforms(0, keys, step=0))
+    freq = torch.bincount(tokens, minlength=4).double() / 20000
+    assert freq[2] == 0  # a masked token is never drawn
+    torch.testing.assert_close(
+        freq, torch.tensor([0.1, 0.3, 0.0, 0.6], dtype=torch.float64), atol=0.012, rtol=0
+    )
+
+
+def test_compare_results_do_not_depend_on_batch_size(tmp_path):
+    from entcal.eval.compare import CompareConfig, run_compare
+    from entcal.synthetic import MarkovChain
+
+    chain = MarkovChain.random(8, seed=1)
+    model, tok = chain.as_model()
+    prompts = chain.sample(6, 4, seed=0)
+    human = chain.sample(6, 12, start=prompts[:, -1], seed=1)
+    results = []
+    for bs in (1, 32):
+        cfg = CompareConfig(
+            out=tmp_path / f"bs{bs}", model="markov-8", decoders="ancestral; mirostat:tau=1.5",
+            n=6, length=12, prompt_tokens=4, batch_size=bs, progress=False, plots=False,
+        )  # fmt: skip
+        res = run_compare(cfg, model=model, tokenizer=tok, pairs=(prompts.tolist(), human.tolist()))
+        res.pop("timing")
+        res.pop("config", None)
+        results.append(res)
+    assert results[0] == results[1]

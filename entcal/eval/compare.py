@@ -335,15 +335,19 @@ def _generate_all(model, tokenizer, prompts, decoders, config, base_key, cache, 
     try:
         for spec, dec in decoders.items():
             parts = []
-            for b, (s, e) in enumerate(batches):
-                key = _digest({**base_key, "decoder": spec, "rows": [s, e], "what": "gen"})
+            for s, e in batches:
+                # "sampler": generations drawn per sequence (batch-independent); older cache
+                # entries, drawn from one RNG per batch, are not reused.
+                key = _digest(
+                    {**base_key, "decoder": spec, "rows": [s, e], "what": "gen", "sampler": 2}
+                )
                 path = cache / f"gen-{key}.pt"
                 data = _load_cached(path)
                 if data is None:
                     bar.set_postfix_str(spec)
                     gens = generate(
                         model, tokenizer, prompts[s:e], decoder=dec, n=config.samples,
-                        max_new_tokens=config.length, seed=config.seed * 1_000_003 + b,
+                        max_new_tokens=config.length, seed=config.seed,
                     )  # fmt: skip
                     data = {k: torch.stack([getattr(g, k) for g in gens]) for k in keys}
                     data["tokens"] = torch.tensor([g.token_ids for g in gens], dtype=torch.long)
