@@ -370,3 +370,28 @@ def test_compare_results_do_not_depend_on_batch_size(tmp_path):
         res.pop("config", None)
         results.append(res)
     assert results[0] == results[1]
+
+
+def test_apply_rows_names_bad_rows_and_isolated_keeps_the_rest():
+    from entcal.decoding import apply_rows_isolated
+
+    x = torch.randn(4, 16)
+    x[2, 5] = math.nan
+    decoders = [parse("top_p=0.5"), parse("min_p=0.1"), parse("top_p=0.5"), None]
+    with pytest.raises(ValueError, match=r"row.*\b2\b"):
+        apply_rows(x, decoders)
+    out, failed = apply_rows_isolated(x, decoders)
+    assert list(failed) == [2] and "NaN" in failed[2]
+    alone = [parse("top_p=0.5")(x[[0]]), parse("min_p=0.1")(x[[1]])]
+    assert torch.equal(out[0], alone[0][0]) and torch.equal(out[1], alone[1][0])
+    assert torch.equal(out[3], x[3]) and torch.isnan(out[2, 5])
+
+    class Broken(type(parse("mirostat"))):
+        @classmethod
+        def _apply_group(cls, decoders, logits, input_ids):
+            raise RuntimeError("boom")
+
+    y = torch.randn(3, 16)
+    out, failed = apply_rows_isolated(y, [parse("top_p=0.5"), Broken(), None])
+    assert list(failed) == [1] and "boom" in failed[1]
+    assert torch.equal(out[0], parse("top_p=0.5")(y[[0]])[0]) and torch.equal(out[1], y[1])

@@ -258,6 +258,26 @@ def test_v1_untouched_when_no_entcal_rows():
     assert proc.is_argmax_invariant() is False
 
 
+def test_v1_a_poisoned_row_stays_in_its_own_request(caplog):
+    """One request's row holds NaN: the other rows still get their decoders (issue 13, case 5);
+    the poisoned request is left raw from then on, with an error logged naming its row."""
+    proc = EntcalV1LogitsProcessor(None, CPU, False)
+    specs = ["top_p=0.5", "mirostat:tau=2.0", "min_p=0.2", None]
+    added = [(i, _params(sp), [1, 2], []) for i, sp in enumerate(specs)]
+    proc.update_state(BatchUpdate(4, [], added, []))
+    logits = torch.randn(4, VOCAB) * 2
+    logits[1, 7] = float("nan")
+    with caplog.at_level("ERROR"):
+        out = proc.apply(logits.clone())
+    assert "batch row 1 failed" in caplog.text and "NaN" in caplog.text
+    expect = _expected(logits, ["top_p=0.5", None, "min_p=0.2", None])
+    assert _same(out[[0, 2, 3]], expect[[0, 2, 3]])
+    assert torch.isnan(out[1, 7]) and proc.failures == 1
+    clean = torch.randn(4, VOCAB)
+    out = proc.apply(clean.clone())  # next step: row 1 raw, the rest as before
+    assert _same(out, _expected(clean, ["top_p=0.5", None, "min_p=0.2", None]))
+
+
 # ------------------------------------------------------------------------------- Model Runner V2
 
 
@@ -346,6 +366,22 @@ def test_v2_adapter_through_vllm_context_classes(seed):
             seq_len[s] += 1
             if s in refs and slot_spec[s] and "mirostat" in slot_spec[s]:
                 refs[s].observe(torch.tensor([tok]))
+
+
+def test_v2_a_poisoned_row_stays_in_its_own_request(caplog):
+    proc = EntcalLogitsProcessor(None, _req_states(4))
+    for slot, spec in enumerate(["top_p=0.5", "typical=0.8", "min_p=0.2"]):
+        proc.add_request(slot, _params(spec))
+    logits = torch.randn(3, VOCAB) * 2
+    logits[1, 3] = float("inf")  # row 1 holds slot 0
+    with caplog.at_level("ERROR"):
+        out = proc.apply(logits.clone(), _ctx([2, 0, 1], [3, 3, 3], [1, 1, 1]))
+    assert "slot 0 failed" in caplog.text
+    expect = _expected(logits, ["min_p=0.2", None, "typical=0.8"])
+    assert _same(out[[0, 2]], expect[[0, 2]]) and out[1, 3] == float("inf")
+    clean = torch.randn(3, VOCAB)
+    out = proc.apply(clean.clone(), _ctx([2, 0, 1], [4, 4, 4], [1, 1, 1]))
+    assert _same(out, _expected(clean, ["min_p=0.2", None, "typical=0.8"]))
 
 
 def test_v2_declines_rows_without_spec():

@@ -5,7 +5,8 @@
 * :func:`register_method` adds named methods; installed packages declare theirs as
   ``entcal.decoders`` entry points (entcal's own ``calibrated`` and ``lookahead`` included),
   loaded on first use.
-* :func:`apply_rows` processes a batch that mixes decoders, one vectorized pass per kind.
+* :func:`apply_rows` processes a batch that mixes decoders, one vectorized pass per kind;
+  :func:`apply_rows_isolated` does the same for a serving loop, keeping a fault in its own rows.
 * :mod:`entcal.decoding.ops`: the pure per-row tensor functions.
 * :mod:`entcal.decoding.hf`: ``logits_processor(spec)`` for transformers' ``generate``.
 """
@@ -17,7 +18,7 @@ from entcal.decoding.adaptive import EDTDecoder, MirostatDecoder
 from entcal.decoding.base import Decoder
 from entcal.decoding.chain import CHAIN_KEYS, ChainDecoder
 from entcal.decoding.list_decoder import ListDecoder, ListDecodeResult
-from entcal.decoding.rows import apply_rows
+from entcal.decoding.rows import apply_rows, apply_rows_isolated
 from entcal.decoding.spec import methods, parse, parse_options, register_method
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "ListDecoder",
     "MirostatDecoder",
     "apply_rows",
+    "apply_rows_isolated",
     "methods",
     "ops",
     "parse",

@@ -10,7 +10,7 @@ from torch import Tensor
 from entcal.decoding.base import Decoder
 from entcal.decoding.ops import check_logits
 
-__all__ = ["apply_rows"]
+__all__ = ["apply_rows", "apply_rows_isolated"]
 
 
 def apply_rows(
@@ -22,8 +22,48 @@ def apply_rows(
     parameter tensors (the chain: one pass with neutral values, e.g. ``top_p=1``, for rows that do
     not use a stage; mirostat: the state rows of all its instances stacked). There is no Python
     loop over rows on the tensor path. Returns a new float32 tensor; the input is not modified.
+
+    Raises ``ValueError`` naming the rows that hold NaN or ``+inf`` (see
+    :func:`apply_rows_isolated` for a batch that must go on without them).
     """
     check_logits(logits)
+    out, failed = _apply(logits, decoders, input_ids, isolate=False)
+    assert not failed
+    return out
+
+
+def apply_rows_isolated(
+    logits: Tensor, decoders: Sequence[Decoder | None], input_ids: Tensor | None = None
+) -> tuple[Tensor, dict[int, str]]:
+    """:func:`apply_rows` for a serving loop: a fault stays in its own rows.
+
+    A row whose logits hold NaN or ``+inf``, and the rows of a decoder kind whose processing
+    raised, are returned unchanged; every other row gets its own decoder. Returns
+    ``(logits [N, V] float32, {row: reason})`` for the rows left unprocessed. Their decoders did
+    not run this step, so a stateful one is out of step with its sequence: callers should stop
+    applying it (the vLLM adapters leave that request's rows raw from then on, and log it).
+    """
+    if logits.dim() != 2 or not logits.is_floating_point():
+        check_logits(logits)  # shape and dtype errors concern the whole batch
+    mx = logits.amax(dim=-1)
+    bad = torch.isnan(mx) | (mx == float("inf"))
+    failed: dict[int, str] = {}
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        failed = {i: "NaN or +inf logits" for i in rows if decoders[i] is not None}
+        decoders = [None if bad_i else d for d, bad_i in zip(decoders, bad.tolist(), strict=True)]
+    out, more = _apply(logits, decoders, input_ids, isolate=True)
+    failed.update(more)
+    return out, failed
+
+
+def _apply(
+    logits: Tensor,
+    decoders: Sequence[Decoder | None],
+    input_ids: Tensor | None,
+    *,
+    isolate: bool,
+) -> tuple[Tensor, dict[int, str]]:
     n = logits.shape[0]
     if len(decoders) != n:
         raise ValueError(f"apply_rows: {len(decoders)} decoders for {n} logits rows")
@@ -35,20 +75,27 @@ def apply_rows(
         if not isinstance(d, Decoder):
             raise ValueError(f"apply_rows: row {i} has {type(d).__name__}, expected a Decoder")
         groups.setdefault(type(d), []).append(i)
-    if len(groups) == 1:
+    failed: dict[int, str] = {}
+    if len(groups) == 1 and not isolate:
         ((cls, idx),) = groups.items()
         if len(idx) == n:
             with torch.no_grad():
-                return cls._apply_group([decoders[i] for i in idx], x, input_ids)  # type: ignore[misc]
+                return cls._apply_group([decoders[i] for i in idx], x, input_ids), failed  # type: ignore[misc]
     out = x.clone()
     with torch.no_grad():
         for cls, idx in groups.items():
             rows_t = torch.tensor(idx, device=x.device)
             sub_ids = None if input_ids is None else input_ids.index_select(0, rows_t)
-            res = cls._apply_group(
-                [decoders[i] for i in idx],  # type: ignore[misc]
-                x.index_select(0, rows_t),
-                sub_ids,
-            )
+            try:
+                res = cls._apply_group(
+                    [decoders[i] for i in idx],  # type: ignore[misc]
+                    x.index_select(0, rows_t),
+                    sub_ids,
+                )
+            except Exception as exc:
+                if not isolate:
+                    raise
+                failed.update({i: f"{cls.__name__} raised {exc!r}" for i in idx})
+                continue
             out.index_copy_(0, rows_t, res)
-    return out
+    return out, failed

@@ -26,7 +26,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from entcal.decoding.base import Decoder
-from entcal.decoding.rows import apply_rows
+from entcal.decoding.rows import apply_rows_isolated
 from entcal.decoding.vllm_processor import _Base, new_request_decoder, validate_request
 
 __all__ = ["EntcalV1LogitsProcessor", "RowEntry", "RowTable"]
@@ -172,7 +172,7 @@ class EntcalV1LogitsProcessor(_Base, LogitsProcessor):
             return logits
         try:
             return self._apply(logits)
-        except Exception as exc:  # never stop the engine loop; leave the rows untouched
+        except Exception as exc:  # a whole-batch fault (not one row's): leave the rows untouched
             self.failures += 1
             _log.exception("entcal: processing a batch failed (%s); rows left untouched", exc)
             return logits
@@ -228,6 +228,24 @@ class EntcalV1LogitsProcessor(_Base, LogitsProcessor):
         if self._stateful:
             self._observe()
         if self._rows is None:
-            return apply_rows(logits, self._decoders)
-        sub = apply_rows(logits.index_select(0, self._rows), self._decoders)
-        return logits.index_copy_(0, self._rows, sub.to(logits.dtype))
+            out, failed = apply_rows_isolated(logits, self._decoders)
+        else:
+            sub, failed = apply_rows_isolated(logits.index_select(0, self._rows), self._decoders)
+            out = logits.index_copy_(0, self._rows, sub.to(logits.dtype))
+        if failed:
+            rows = failed if self._rows is None else {
+                int(self._rows[i]): why for i, why in failed.items()
+            }  # fmt: skip
+            self._retire(rows)
+        return out
+
+    def _retire(self, rows: dict[int, str]) -> None:
+        """A request whose row failed is left raw from now on (its decoder missed a step)."""
+        self.failures += 1
+        for row, why in rows.items():
+            _log.error(
+                "entcal: batch row %d failed (%s); that request is sampled from the raw "
+                "distribution from now on, every other row keeps its decoder", row, why,
+            )  # fmt: skip
+            self.table.entries.pop(row, None)
+        self.table.version += 1

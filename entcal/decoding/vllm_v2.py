@@ -32,7 +32,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import (
 )
 
 from entcal.decoding.base import Decoder
-from entcal.decoding.rows import apply_rows
+from entcal.decoding.rows import apply_rows_isolated
 from entcal.decoding.vllm_processor import _Base, new_request_decoder, validate_request
 
 __all__ = ["EntcalV2LogitsProcessor"]
@@ -82,7 +82,7 @@ class EntcalV2LogitsProcessor(_Base, LogitsProcessor):
             return logits
         try:
             return self._apply(logits, ctx, slots_np)
-        except Exception as exc:  # never stop the engine loop; leave the rows untouched
+        except Exception as exc:  # a whole-batch fault (not one row's): leave the rows untouched
             self.failures += 1
             _log.exception("entcal: processing a batch failed (%s); rows left untouched", exc)
             return logits
@@ -102,9 +102,27 @@ class EntcalV2LogitsProcessor(_Base, LogitsProcessor):
         if not expanded and self._stateful[slots_np].any():
             self._observe(ctx, slots_np)
         if rows is None:
-            return apply_rows(logits, decoders)
-        sub = apply_rows(logits.index_select(0, rows), decoders)
-        return logits.index_copy_(0, rows, sub.to(logits.dtype))
+            out, failed = apply_rows_isolated(logits, decoders)
+        else:
+            sub, failed = apply_rows_isolated(logits.index_select(0, rows), decoders)
+            out = logits.index_copy_(0, rows, sub.to(logits.dtype))
+        if failed:
+            positions = failed if rows is None else {int(rows[i]): w for i, w in failed.items()}
+            self._retire({int(row_slots[pos]): why for pos, why in positions.items()})
+        return out
+
+    def _retire(self, slots: dict[int, str]) -> None:
+        """A request whose row failed is left raw from now on (its decoder missed a step)."""
+        self.failures += 1
+        for slot, why in slots.items():
+            _log.error(
+                "entcal: the row of request slot %d failed (%s); that request is sampled from "
+                "the raw distribution from now on, every other row keeps its decoder", slot, why,
+            )  # fmt: skip
+            self._decoder[slot] = None
+            self._uses[slot] = False
+            self._stateful[slot] = False
+        self._version += 1
 
     def _make_plan(self, row_slots: np.ndarray) -> tuple[list[Decoder], torch.Tensor | None]:
         """Per-row decoders for this row layout; rebuilt only when the layout or slots change."""
