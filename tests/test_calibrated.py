@@ -393,7 +393,7 @@ def test_hf_processor_state_does_not_leak_into_the_next_generate(tmp_path):
 # ------------------------------------------------------------------ the recipe
 
 
-def test_train_recipe_end_to_end_and_resume(tmp_path, smollm2_tokenizer):
+def test_train_recipe_end_to_end_and_resume(tmp_path, smollm2_tokenizer, capsys):
     """The whole recipe on a tiny random model with the real tokenizer and corpus, via the CLI."""
     from entcal.cli import main
     from entcal.decoding import parse
@@ -426,6 +426,13 @@ def test_train_recipe_end_to_end_and_resume(tmp_path, smollm2_tokenizer):
     first = (out / "predictor" / "predictor.safetensors").read_bytes()
     # resume: everything cached is reused; same seed, same predictor
     assert main(args) == 0
+    assert (out / "predictor" / "predictor.safetensors").read_bytes() == first
+    # a cache file cut short (or corrupted) is reported and computed again: the same predictor
+    cache = out / "data" / "rollouts.safetensors"
+    cache.write_bytes(cache.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "rollouts.safetensors is unreadable" in capsys.readouterr().err
     assert (out / "predictor" / "predictor.safetensors").read_bytes() == first
     # a different config refuses to mix into the same folder
     assert main([*args[:-2], "--batch-size", "2"]) == 2

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -149,11 +150,20 @@ def future_excess(entropy: Tensor, level: Tensor, horizon: int, steps: int) -> T
 
 
 def _cached(path: Path, compute):
-    """Tensors ``{name: tensor}`` computed once and kept in ``path`` (safetensors)."""
+    """Tensors ``{name: tensor}`` computed once and kept in ``path`` (safetensors).
+
+    Written to a temporary file and renamed, so an interrupted run never leaves a partial file
+    under ``path``; a file that cannot be read anyway (cut short or corrupted by other means) is
+    reported and computed again.
+    """
     from safetensors.torch import load_file, save_file
 
     if path.exists():
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            print(f"entcal train: cache {path} is unreadable ({exc}); computing it again",
+                  file=sys.stderr, flush=True)  # fmt: skip
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

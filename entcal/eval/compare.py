@@ -143,7 +143,9 @@ def _load_cached(path: Path) -> Any | None:
         return None
     try:
         return torch.load(path, weights_only=True)
-    except Exception:  # a file cut short by an interruption: compute again
+    except Exception as exc:  # cut short or corrupted (writes are atomic, so not by a kill)
+        print(f"entcal compare: cache {path} is unreadable ({exc}); computing it again",
+              file=sys.stderr, flush=True)  # fmt: skip
         return None
 
 
