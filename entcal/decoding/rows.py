@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor
 from entcal.decoding.base import Decoder
 from entcal.decoding.ops import check_logits
 
-__all__ = ["apply_rows", "apply_rows_isolated"]
+__all__ = ["apply_rows", "apply_rows_at", "apply_rows_isolated"]
 
 
 def apply_rows(
@@ -55,6 +56,27 @@ def apply_rows_isolated(
     out, more = _apply(logits, decoders, input_ids, isolate=True)
     failed.update(more)
     return out, failed
+
+
+def apply_rows_at(
+    logits: Tensor, rows: Tensor | None, decoders: Sequence[Decoder]
+) -> tuple[Tensor, dict[int, str]]:
+    """:func:`apply_rows_isolated` on the batch rows ``rows`` (``None``: all) of an engine's
+    logits, written back in place in their dtype; failures keyed by batch row."""
+    if rows is None:
+        return apply_rows_isolated(logits, decoders)
+    sub, failed = apply_rows_isolated(logits.index_select(0, rows), decoders)
+    out = logits.index_copy_(0, rows, sub.to(logits.dtype))
+    return out, {int(rows[i]): why for i, why in failed.items()}
+
+
+def log_failed_rows(log: logging.Logger, failed: dict[int, str], what: str) -> None:
+    """One error per failed row, saying what happens to its request (the adapters' wording)."""
+    for key, why in failed.items():
+        log.error(
+            "entcal: %s %d failed (%s); that request is sampled from the raw distribution "
+            "from now on, every other row keeps its decoder", what, key, why,
+        )  # fmt: skip
 
 
 def _apply(

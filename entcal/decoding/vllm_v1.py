@@ -26,7 +26,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from entcal.decoding.base import Decoder
-from entcal.decoding.rows import apply_rows_isolated
+from entcal.decoding.rows import apply_rows_at, log_failed_rows
 from entcal.decoding.vllm_processor import _Base, new_request_decoder, validate_request
 
 __all__ = ["EntcalV1LogitsProcessor", "RowEntry", "RowTable"]
@@ -227,25 +227,15 @@ class EntcalV1LogitsProcessor(_Base, LogitsProcessor):
             return logits
         if self._stateful:
             self._observe()
-        if self._rows is None:
-            out, failed = apply_rows_isolated(logits, self._decoders)
-        else:
-            sub, failed = apply_rows_isolated(logits.index_select(0, self._rows), self._decoders)
-            out = logits.index_copy_(0, self._rows, sub.to(logits.dtype))
+        out, failed = apply_rows_at(logits, self._rows, self._decoders)
         if failed:
-            rows = failed if self._rows is None else {
-                int(self._rows[i]): why for i, why in failed.items()
-            }  # fmt: skip
-            self._retire(rows)
+            self._retire(failed)
         return out
 
     def _retire(self, rows: dict[int, str]) -> None:
         """A request whose row failed is left raw from now on (its decoder missed a step)."""
         self.failures += 1
-        for row, why in rows.items():
-            _log.error(
-                "entcal: batch row %d failed (%s); that request is sampled from the raw "
-                "distribution from now on, every other row keeps its decoder", row, why,
-            )  # fmt: skip
+        log_failed_rows(_log, rows, "batch row")
+        for row in rows:
             self.table.entries.pop(row, None)
         self.table.version += 1

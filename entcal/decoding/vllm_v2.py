@@ -32,7 +32,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import (
 )
 
 from entcal.decoding.base import Decoder
-from entcal.decoding.rows import apply_rows_isolated
+from entcal.decoding.rows import apply_rows_at, log_failed_rows
 from entcal.decoding.vllm_processor import _Base, new_request_decoder, validate_request
 
 __all__ = ["EntcalV2LogitsProcessor"]
@@ -101,24 +101,16 @@ class EntcalV2LogitsProcessor(_Base, LogitsProcessor):
         decoders, rows = self._plan
         if not expanded and self._stateful[slots_np].any():
             self._observe(ctx, slots_np)
-        if rows is None:
-            out, failed = apply_rows_isolated(logits, decoders)
-        else:
-            sub, failed = apply_rows_isolated(logits.index_select(0, rows), decoders)
-            out = logits.index_copy_(0, rows, sub.to(logits.dtype))
+        out, failed = apply_rows_at(logits, rows, decoders)
         if failed:
-            positions = failed if rows is None else {int(rows[i]): w for i, w in failed.items()}
-            self._retire({int(row_slots[pos]): why for pos, why in positions.items()})
+            self._retire({int(row_slots[pos]): why for pos, why in failed.items()})
         return out
 
     def _retire(self, slots: dict[int, str]) -> None:
         """A request whose row failed is left raw from now on (its decoder missed a step)."""
         self.failures += 1
-        for slot, why in slots.items():
-            _log.error(
-                "entcal: the row of request slot %d failed (%s); that request is sampled from "
-                "the raw distribution from now on, every other row keeps its decoder", slot, why,
-            )  # fmt: skip
+        log_failed_rows(_log, slots, "the row of request slot")
+        for slot in slots:
             self._decoder[slot] = None
             self._uses[slot] = False
             self._stateful[slot] = False
