@@ -209,6 +209,25 @@ def test_model_bound_decoders_keep_the_contract(spec, x):
         _check_contract(spec, x, out)
 
 
+@pytest.mark.parametrize("spec", ROW_SPECS + BOUND_SPECS[:2])
+@settings(max_examples=6)
+@given(data=st.data())
+def test_hf_processor_keeps_the_contract_over_repeated_generates(spec, data):
+    """The transformers adapter, reused for several generate calls (unrelated prompts)."""
+    from entcal.decoding import hf
+
+    vocab = SMOLLM2_VOCAB if _method(spec) in MODEL_BOUND else None
+    x = data.draw(logits_rows(vocab=vocab, max_batch=3))
+    proc = hf.logits_processor(spec)
+    n = x.shape[0]
+    for call in range(2):
+        ids = torch.full((n, 3 + call), 7 + call, dtype=torch.long)  # never extends the last
+        for _ in range(2):
+            out = proc(ids, x)
+            _check_contract(spec, x, out)
+            ids = torch.cat([ids, out.argmax(-1, keepdim=True)], 1)
+
+
 @pytest.mark.parametrize("spec", ROW_SPECS[:: max(1, len(ROW_SPECS) // 12)] + BOUND_SPECS[:2])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_nan_and_inf_input_is_an_error_naming_the_row(spec, bad):

@@ -19,6 +19,8 @@ import torch
 
 pytest.importorskip("vllm")
 
+from hypothesis import given, settings
+from test_contract import ROW_SPECS, _check_contract, logits_rows
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import (
     BatchUpdate,
@@ -278,6 +280,26 @@ def test_v1_a_poisoned_row_stays_in_its_own_request(caplog):
     assert _same(out, _expected(clean, ["top_p=0.5", None, "min_p=0.2", None]))
 
 
+@pytest.mark.parametrize("spec", ROW_SPECS)
+@settings(max_examples=6)
+@given(x=logits_rows(vocab=VOCAB, max_batch=5))
+def test_v1_adapter_keeps_the_contract(spec, x):
+    """Every row of a batch through the V1 adapter (vLLM hands processors float32 logits)."""
+    x = x.float()
+    proc = EntcalV1LogitsProcessor(None, CPU, False)
+    n = x.shape[0]
+    outputs = [[] for _ in range(n)]
+    proc.update_state(
+        BatchUpdate(n, [], [(i, _params(spec), [1, 2], outputs[i]) for i in range(n)], [])
+    )
+    for _ in range(2):
+        out = proc.apply(x.clone())
+        _check_contract(spec, x, out)
+        for i, t in enumerate(out.argmax(-1).tolist()):
+            outputs[i].append(t)
+        proc.update_state(None)
+
+
 # ------------------------------------------------------------------------------- Model Runner V2
 
 
@@ -382,6 +404,21 @@ def test_v2_a_poisoned_row_stays_in_its_own_request(caplog):
     clean = torch.randn(3, VOCAB)
     out = proc.apply(clean.clone(), _ctx([2, 0, 1], [4, 4, 4], [1, 1, 1]))
     assert _same(out, _expected(clean, ["min_p=0.2", None, "typical=0.8"]))
+
+
+@pytest.mark.parametrize("spec", ROW_SPECS)
+@settings(max_examples=6)
+@given(x=logits_rows(vocab=VOCAB, max_batch=4))
+def test_v2_adapter_keeps_the_contract(spec, x):
+    x = x.float()
+    n = x.shape[0]
+    proc = EntcalLogitsProcessor(None, _req_states(8))
+    for slot in range(n):
+        proc.add_request(slot, _params(spec))
+    slots = list(range(n))[::-1]
+    for step in range(2):
+        out = proc.apply(x.clone(), _ctx(slots, [3 + step] * n, [1] * n))
+        _check_contract(spec, x, out)
 
 
 def test_v2_declines_rows_without_spec():
