@@ -221,3 +221,54 @@ def test_observer_adds_binoculars(tmp_path):
         run_compare(
             cfg, model=model, tokenizer=tok, pairs=(prompts.tolist(), human.tolist()), observer=bad
         )
+
+
+@pytest.mark.slow
+def test_compare_killed_at_any_point_resumes_to_the_same_results(tmp_path, smollm2_tokenizer):
+    """SIGKILL an `entcal compare` process several times at different points (some in the
+    middle of writing a cache file); each rerun resumes, and the final results equal those of
+    an uninterrupted run (cache files are written to a temporary name and renamed)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = smollm2_tokenizer
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+    )  # fmt: skip
+    folder = tmp_path / "tiny"
+    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+    def command(out):
+        return [
+            sys.executable, "-m", "entcal.cli", "compare", "--model", str(folder), "--n", "12",
+            "--length", "24", "--prompt-tokens", "16", "--batch-size", "2", "--no-progress",
+            "--decoders", "ancestral; top_p=0.9; mirostat:tau=3", "--out", str(out),
+        ]  # fmt: skip
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = tmp_path / "whole"
+    subprocess.run(command(whole), check=True, env=env, capture_output=True)
+    cut = tmp_path / "cut"
+    for n_files in (2, 9, 17):  # kill once a few, then more, cache files exist
+        proc = subprocess.Popen(command(cut), env=env, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and len(list((cut / "cache").glob("*.pt"))) < n_files:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (cut / "results.json").exists() or proc.returncode == 0
+    subprocess.run(command(cut), check=True, env=env, capture_output=True)
+    a = json.loads((whole / "results.json").read_text())
+    b = json.loads((cut / "results.json").read_text())
+    for r in (a, b):
+        r.pop("timing", None)
+        r.pop("out", None)
+    assert a == b
