@@ -12,7 +12,8 @@ vocabulary has 262144 entries):
 Sampling is per sequence: the token of sample ``j`` of a prompt at step ``t`` is drawn by
 inverting the CDF of its distribution at a uniform that depends only on ``(seed, the prompt's
 token ids, j, t)`` (a counter-based hash), so a prompt's generations depend on the seed, the
-prompt and the decoder, never on the other prompts in the call or its ``batch_size``.
+prompt and the decoder, never on the other prompts in the call or its ``batch_size``. A prompt
+repeated in the list gets fresh samples at each repeat (the repeat count joins the hash).
 
 All in nats. EOS: by default generation does *not* stop at EOS (``stop_at_eos=False``), so every
 sequence has exactly ``max_new_tokens`` tokens (what evaluation needs); with ``stop_at_eos=True`` a
@@ -26,8 +27,8 @@ Example::
     ...                max_new_tokens=20, seed=0, n=2)
     >>> len(out), len(out[0].token_ids), out[0].logprob.shape   # prompt-major, 20 tokens each
     (2, 20, torch.Size([20]))
-    >>> out[0].text[:6]
-    ' Paris'
+    >>> out[0].text == tok.decode(out[0].token_ids)
+    True
 """
 
 from __future__ import annotations
@@ -107,11 +108,16 @@ def sequence_uniforms(seed: int, keys: Tensor, step: int) -> Tensor:
     return _shr(z, 11).double() * 2.0**-53
 
 
-def prompt_keys(input_ids: Tensor, mask: Tensor) -> Tensor:
-    """A 63-bit key ``[N]`` per prompt row, a hash of its (unpadded) token ids."""
+def prompt_keys(prompts: Sequence[Sequence[int]]) -> Tensor:
+    """A 63-bit key ``[P]`` per prompt: a hash of its token ids and of how many equal prompts
+    come before it in the list (so repeated prompts get their own samples, and a prompt's key
+    does not depend on the other, different prompts)."""
+    seen: dict[bytes, int] = {}
     keys = []
-    for row, m in zip(input_ids.cpu(), mask.cpu().bool(), strict=True):  # once per prompt
-        digest = hashlib.blake2b(row[m].numpy().astype("<i8").tobytes(), digest_size=8).digest()
+    for ids in prompts:  # once per prompt, not per step
+        raw = b"".join(int(t).to_bytes(8, "little", signed=True) for t in ids)
+        k = seen[raw] = seen.get(raw, -1) + 1
+        digest = hashlib.blake2b(raw + k.to_bytes(8, "little"), digest_size=8).digest()
         keys.append(int.from_bytes(digest, "little") >> 1)
     return torch.tensor(keys, dtype=torch.int64)
 
@@ -164,6 +170,9 @@ class _Recorder:
             self.decoder.observe(last)
         processed = self.decoder(scores, input_ids)
         finite = processed.amax(-1)
+        if bool(torch.isnan(finite).any()):
+            rows_ = torch.isnan(finite).nonzero().flatten().tolist()
+            raise ValueError(f"decoder {self.decoder.spec!r} returned NaN in row(s) {rows_[:10]}")
         if bool((finite == float("-inf")).any()):
             rows_ = (finite == float("-inf")).nonzero().flatten().tolist()
             raise ValueError(
@@ -189,9 +198,7 @@ class _Recorder:
         return choice.scatter_(-1, tokens.view(-1, 1), 0.0)
 
 
-def _left_pad(
-    prompts: Sequence[str] | Sequence[Sequence[int]], tokenizer: Any, pad_id: int
-) -> tuple[Tensor, Tensor]:
+def _token_ids(prompts: Sequence[str] | Sequence[Sequence[int]], tokenizer: Any) -> list[list[int]]:
     if all(isinstance(p, str) for p in prompts):
         ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     else:
@@ -204,7 +211,7 @@ def _left_pad(
             ids.append(list(p))
     if any(len(x) == 0 for x in ids):
         raise ValueError("prompts: every prompt needs at least one token")
-    return left_pad(ids, pad_id)
+    return ids
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -282,15 +289,16 @@ def generate(
         pad_id = eos_list[0] if eos_list else 0
     device = next(model.parameters()).device
     bs = batch_size or len(prompts)
+    ids = _token_ids(prompts, tokenizer)
+    keys = prompt_keys(ids)
     results: list[Generation] = []
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), bs):
-            chunk = prompts[start : start + bs]
             results.extend(
                 _generate_chunk(
-                    model, tokenizer, chunk, start, dec, max_new_tokens, n, stop_at_eos,
-                    eos_list, pad_id, device, seed,
+                    model, tokenizer, ids[start : start + bs], keys[start : start + bs], start,
+                    dec, max_new_tokens, n, stop_at_eos, eos_list, pad_id, device, seed,
                 )
             )  # fmt: skip
     return results
@@ -299,7 +307,8 @@ def generate(
 def _generate_chunk(
     model: Any,
     tokenizer: Any,
-    prompts: Sequence[Any],
+    prompts: list[list[int]],
+    prompt_key: Tensor,
     offset: int,
     dec: Decoder,
     max_new_tokens: int,
@@ -312,10 +321,12 @@ def _generate_chunk(
 ) -> list[Generation]:
     from transformers import GenerationConfig, LogitsProcessorList
 
-    input_ids, mask = _left_pad(prompts, tokenizer, pad_id)
+    input_ids, mask = left_pad(prompts, pad_id)
     input_ids, mask = input_ids.to(device), mask.to(device)
     rows = torch.arange(len(prompts) * n)
-    keys = torch.stack([prompt_keys(input_ids, mask)[rows // n], rows % n], dim=1)  # prompt-major
+    keys = torch.stack(
+        [prompt_key[rows // n], rows % n], dim=1
+    )  # prompt-major, as generate expands
     rec = _Recorder(dec, input_ids.shape[1], set(eos_list) if stop_at_eos else None, seed, keys)
     eos = eos_list if (stop_at_eos and eos_list) else None
     config = GenerationConfig(

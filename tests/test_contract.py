@@ -355,6 +355,9 @@ def test_a_prompts_generation_does_not_depend_on_its_batch():
         assert alone[0].token_ids != alone[1].token_ids  # the samples of a prompt differ
         other = generate(model, tok, [a], spec, max_new_tokens=24, seed=1, n=2)
         assert other[0].token_ids != alone[0].token_ids  # and the seed matters
+        twice = generate(model, tok, [a, b, a], spec, max_new_tokens=24, seed=0)
+        assert twice[0].token_ids == alone[0].token_ids  # the first occurrence is "a"
+        assert twice[2].token_ids != twice[0].token_ids  # a repeat gets its own sample
 
 
 def test_sampling_by_inverse_cdf_has_the_right_distribution():

@@ -194,12 +194,11 @@ def _rollouts(model, tokenizer, prompts, length, seed, batch_size, progress) -> 
     from entcal.generation import generate
 
     out = []
-    for b, (s, e) in enumerate(_batches(len(prompts), batch_size)):
+    for s, e in _batches(len(prompts), batch_size):
         if progress:
             print(f"entcal train: rollouts {s}-{e} of {len(prompts)}", flush=True)
         gens = generate(
-            model, tokenizer, prompts[s:e], "ancestral", max_new_tokens=length,
-            seed=seed * 1_000_003 + b,
+            model, tokenizer, prompts[s:e], "ancestral", max_new_tokens=length, seed=seed,
         )  # fmt: skip
         out.append(torch.tensor([g.token_ids for g in gens], dtype=torch.long))
     return torch.cat(out)

@@ -92,7 +92,7 @@ def rows(value: float | int | Tensor, n: int, device: torch.device, dtype: torch
             raise ValueError(f"per-row parameter has shape {tuple(t.shape)}, expected ({n},)")
         return t
     if dtype.is_floating_point and abs(value) > torch.finfo(dtype).max:
-        value = math.copysign(math.inf, value)  # e.g. top_n_sigma=1e300 in float32: inf (off)
+        value = math.inf if value > 0 else -math.inf  # e.g. top_n_sigma=1e300: inf (off)
     return torch.full((n,), value, device=device, dtype=dtype)
 
 
@@ -173,36 +173,44 @@ def temperature(logits: Tensor, t: float | Tensor) -> Tensor:
 
     Where that division would overflow (``|max logit| / T`` beyond the dtype's range, or ``T``
     itself not representable, e.g. ``T = 1e-300``), the row is computed as
-    ``(logits - max) * min(1/T, dtype max)`` instead, with tokens whose probability is then exactly
-    0 in the dtype written as ``-inf``: the same distribution as the exact ``softmax(x / T)``, so
-    in the limit ``T -> 0`` the argmax (and its ties) at 0 and every other token at ``-inf``,
-    never NaN or ``+inf``. All-``-inf`` rows stay all ``-inf``.
+    ``(logits - max) * min(1/T, float32 max)`` instead (in float32 at least), with tokens whose
+    probability is then exactly 0 in the dtype written as ``-inf``: the same distribution as the
+    exact ``softmax(x / T)``, so in the limit ``T -> 0`` the argmax (and its ties) at 0 and every
+    other token at ``-inf``, never NaN or ``+inf``. All-``-inf`` rows stay all ``-inf``.
 
     >>> temperature(torch.tensor([[0.0, 1.0, -1.0]]), 1e-300)
     tensor([[-inf, 0., -inf]])
     """
-    finfo = torch.finfo(logits.dtype)
+    # torch divides half-precision tensors by a Python scalar in float32: limits are float32's
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    amax = torch.finfo(acc).max
     if not isinstance(t, Tensor):
-        if t >= 1.0:  # |x / t| <= |x|: nothing can overflow (T beyond the dtype: -inf/inf = NaN)
-            return logits / min(t, finfo.max)
+        if t >= 1.0:  # |x / t| <= |x|: nothing can overflow (T beyond float32: -inf/inf = NaN)
+            return logits / min(t, amax)
         plain = logits / t  # a float32 division by the same float32 value as below
     else:
-        tt = rows(t, logits.shape[0], logits.device, logits.dtype).clamp(max=finfo.max)
+        tt = rows(t, logits.shape[0], logits.device, logits.dtype).clamp(
+            max=torch.finfo(logits.dtype).max
+        )
         plain = logits / tt.view(-1, 1)
     # Overflow check (one reduction): the row is safe iff its largest |logit| / T is in range.
+    out_max = torch.finfo(logits.dtype).max
     t64 = rows(t, logits.shape[0], logits.device, torch.float64)
     top = logits.amax(-1).to(torch.float64)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     low = torch.where(torch.isinf(logits), torch.zeros_like(logits), logits).amin(-1).double()
     reach = torch.maximum(top.abs(), low.abs()) / t64
-    safe = (reach <= finfo.max) & (t64 >= finfo.tiny)
+    safe = (reach <= out_max) & (t64 >= torch.finfo(acc).tiny)
+    if isinstance(t, Tensor):  # the per-row T itself must be representable in the dtype
+        safe &= t64 >= torch.finfo(logits.dtype).tiny
     if bool(safe.all()):
         return plain
-    inv = (1.0 / t64).clamp(max=finfo.max).to(logits.dtype).view(-1, 1)
-    shifted = (logits - top.to(logits.dtype).view(-1, 1)) * inv
+    inv = (1.0 / t64).clamp(max=amax).to(acc).view(-1, 1)
+    shifted = (logits.to(acc) - top.to(acc).view(-1, 1)) * inv
     # (x - max) <= 0 and 0 * inv = 0: the argmax stays finite. Below 2·log(tiny) a token's
     # probability is exactly 0 in this dtype (subnormals included), so it is written as -inf.
-    shifted = shifted.masked_fill(shifted < 2.0 * math.log(finfo.tiny), float("-inf"))
+    tiny = torch.finfo(logits.dtype).tiny
+    shifted = shifted.masked_fill(shifted < 2.0 * math.log(tiny), float("-inf")).to(logits.dtype)
     return torch.where(safe.view(-1, 1), plain, shifted)
 
 
