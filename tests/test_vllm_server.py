@@ -196,3 +196,84 @@ def test_bad_spec_is_http_400_and_server_keeps_serving(server):
     )
     assert ok.status_code == 200, ok.text
     assert ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_server_under_faults_keeps_every_request_its_own(server):
+    """One burst of 64 concurrent requests mixing valid specs, bad specs (400), prompts longer
+    than the context (400), clients that hang up mid-stream and n=4 with a stateful decoder;
+    afterwards the server still answers correctly, and no request's decoder reached another's
+    rows (top_k=1 rows have log-prob 0 at every token; rows without a spec do not)."""
+    import httpx
+
+    long_prompt = "word " * 400  # > max-model-len 256
+
+    def body(i: int) -> tuple[str, dict]:
+        kind = ["greedy", "plain", "bad", "long", "hangup", "n4", "greedy", "plain"][i % 8]
+        b = {"model": MODEL, "prompt": f"Item {i}: the", "max_tokens": 8, "seed": i,
+             "logprobs": 1, "ignore_eos": True}  # fmt: skip
+        if kind == "greedy":
+            b["vllm_xargs"] = {"entcal": "top_k=1"}
+        elif kind == "bad":
+            b["vllm_xargs"] = {"entcal": ["top_p=2", "frobnicate", "mirostat:tau=-1"][i % 3]}
+        elif kind == "long":
+            b["prompt"] = long_prompt
+            b["vllm_xargs"] = {"entcal": "min_p=0.1"}
+        elif kind == "hangup":
+            b.update(stream=True, max_tokens=64, vllm_xargs={"entcal": "mirostat:tau=2.5"})
+        elif kind == "n4":
+            b.update(n=4, vllm_xargs={"entcal": "mirostat:tau=2.0"})
+            b.pop("seed")  # four independent samples
+        return kind, b
+
+    async def one(client, i):
+        kind, b = body(i)
+        if kind == "hangup":
+            async with client.stream("POST", "/v1/completions", json=b) as res:
+                assert res.status_code == 200
+                async for _ in res.aiter_lines():
+                    break  # read one event, then hang up mid-stream
+            return kind, None
+        res = await client.post("/v1/completions", json=b)
+        return kind, res
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server, timeout=300) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    results = asyncio.run(burst())
+    seen = set()
+    for kind, res in results:
+        seen.add(kind)
+        if kind == "hangup":
+            continue
+        if kind in ("bad", "long"):
+            assert res.status_code == 400, (kind, res.text)
+            assert res.json()["error"]["message"]
+            continue
+        assert res.status_code == 200, (kind, res.text)
+        choices = res.json()["choices"]
+        assert len(choices) == (4 if kind == "n4" else 1)
+        for ch in choices:
+            lps = ch["logprobs"]["token_logprobs"]
+            assert len(lps) == 8
+            if kind == "greedy":
+                assert all(abs(lp) < 1e-4 for lp in lps), lps
+            elif kind == "plain":
+                assert min(lps) < -1e-2, lps  # sampled from the model, no one's top_k=1
+        if kind == "n4":
+            assert len({tuple(ch["logprobs"]["tokens"]) for ch in choices}) > 1
+    assert seen == {"greedy", "plain", "bad", "long", "hangup", "n4"}
+    # the server is still healthy and answers a normal request correctly
+    ok = httpx.post(
+        server + "/v1/completions",
+        json={
+            "model": MODEL,
+            "prompt": "The capital of France is",
+            "max_tokens": 6,
+            "logprobs": 1,
+            "vllm_xargs": {"entcal": "top_k=1"},
+        },
+        timeout=120,
+    )
+    assert ok.status_code == 200, ok.text
+    assert all(abs(lp) < 1e-4 for lp in ok.json()["choices"][0]["logprobs"]["token_logprobs"])
