@@ -439,3 +439,51 @@ def test_train_recipe_end_to_end_and_resume(tmp_path, smollm2_tokenizer, capsys)
     d = parse(f"calibrated:predictor={out / 'predictor'}").bind(model)
     d.reset(2)
     assert torch.allclose(d(torch.randn(2, len(tok))).softmax(-1).sum(-1), torch.ones(2))
+
+
+@pytest.mark.slow
+def test_train_killed_at_any_point_resumes_to_the_same_predictor(tmp_path, smollm2_tokenizer):
+    """SIGKILL `entcal train` at several points (some mid-write); each rerun resumes from its
+    caches, and the final predictor is byte-identical to an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tok = smollm2_tokenizer
+    model = tiny_llama(vocab=len(tok), hidden=32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    folder = tmp_path / "tiny-model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+    def command(out):
+        return [
+            sys.executable, "-m", "entcal.cli", "train", "--model", str(folder), "--out",
+            str(out), "--quiet", "--fit-docs", "4", "--gate-docs", "2", "--prompt-tokens", "16",
+            "--length", "24", "--horizon", "6", "--projection-dim", "4",
+            "--threshold-quantiles", "0.5,0.9", "--bucket-edges", "12", "--gate-rounds", "2",
+            "--batch-size", "4",
+        ]  # fmt: skip
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command(tmp_path / "whole"), check=True, env=env, capture_output=True)
+    cut = tmp_path / "cut"
+    for n_files in (1, 3, 4):  # data/ caches written so far
+        proc = subprocess.Popen(command(cut), env=env, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and len(list((cut / "data").glob("*.safetensors"))) < n_files:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    subprocess.run(command(cut), check=True, env=env, capture_output=True)
+    for name in ("predictor.safetensors", "predictor.json"):
+        a = (tmp_path / "whole" / "predictor" / name).read_bytes()
+        b = (cut / "predictor" / name).read_bytes()
+        if name == "predictor.json":
+            a, b = json.loads(a), json.loads(b)
+            for m in (a, b):
+                m.pop("seconds", None)
+                m.get("report", {}).pop("seconds", None)
+        assert a == b, name

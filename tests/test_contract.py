@@ -101,9 +101,15 @@ EXTREMES: dict[str, list[str]] = {
         f"calibrated:threshold={HUGE}",
         "calibrated:strength=0",
     ],
-    "lookahead": [],  # runs the model per candidate: its contract is tested in test_calibrators
+    "lookahead": [  # runs a model on its top-k candidates: bound to a tiny random Llama here
+        "lookahead:alpha=0",
+        "lookahead:alpha=-0.999999",
+        f"lookahead:alpha={HUGE}",
+        "lookahead:alpha=0.5,k=1",
+        "lookahead:alpha=0.5,k=1000000",
+    ],
 }
-MODEL_BOUND = {"calibrated", "lookahead"}
+MODEL_BOUND = ("calibrated", "lookahead")
 SMOLLM2_VOCAB = 49152
 
 
@@ -113,14 +119,15 @@ def _method(spec: str) -> str:
 
 
 ROW_SPECS = [s for m, specs in EXTREMES.items() if m not in MODEL_BOUND for s in specs]
-BOUND_SPECS = [s for m in MODEL_BOUND for s in EXTREMES[m]]
+BOUND_SPECS = list(EXTREMES["calibrated"])  # bound to the shipped predictor by vocabulary
+LOOKAHEAD_SPECS = list(EXTREMES["lookahead"])
 
 
 def test_every_registered_method_is_covered():
     assert set(methods()) <= set(EXTREMES), set(methods()) - set(EXTREMES)
 
 
-@pytest.mark.parametrize("spec", ROW_SPECS + BOUND_SPECS)
+@pytest.mark.parametrize("spec", ROW_SPECS + BOUND_SPECS + LOOKAHEAD_SPECS)
 def test_spec_round_trips(spec):
     d = parse(spec)
     again = parse(str(d))
@@ -207,6 +214,31 @@ def test_row_decoders_keep_the_contract(spec, x):
 def test_model_bound_decoders_keep_the_contract(spec, x):
     for out in _steps(parse(spec), x, n_steps=2):
         _check_contract(spec, x, out)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("spec", LOOKAHEAD_SPECS)
+@settings(max_examples=6)
+@given(x=logits_rows(vocab=40, max_batch=3), seed=st.integers(0, 1000))
+def test_lookahead_keeps_the_contract(tiny_lm, spec, x, seed):
+    ids = torch.randint(0, 40, (x.shape[0], 4), generator=torch.Generator().manual_seed(seed))
+    d = parse(spec).bind(tiny_lm)
+    d.reset(x.shape[0])
+    for _ in range(2):
+        out = d(x, ids)
+        _check_contract(spec, x, out)
+        ids = torch.cat([ids, out.argmax(-1, keepdim=True)], 1)
 
 
 @pytest.mark.parametrize("spec", ROW_SPECS + BOUND_SPECS[:2])

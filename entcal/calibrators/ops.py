@@ -63,6 +63,9 @@ def check_alpha(alpha: Tensor) -> None:
         raise ValueError("alpha must be > -1 (the exponent 1 + alpha of p must stay positive)")
 
 
+_ALPHA_CAP = 1e6
+
+
 def adjusted_logprobs(logprobs: Tensor, phi: Tensor, alpha: Tensor | float) -> Tensor:
     """``log p_α = log_softmax(log p + α·φ)`` with per-row ``alpha`` (shape ``(N,)`` or scalar).
 
@@ -73,6 +76,9 @@ def adjusted_logprobs(logprobs: Tensor, phi: Tensor, alpha: Tensor | float) -> T
     if alpha_t.ndim == 1:
         alpha_t = alpha_t[:, None]
     check_alpha(alpha_t)
+    # Beyond ~1e6 the distribution is already the argmax of φ (to float32 resolution); the cap
+    # keeps α·φ finite for any accepted α (α = 1e300 would give inf·0 = NaN).
+    alpha_t = alpha_t.clamp(max=_ALPHA_CAP)
     finite = torch.isfinite(logprobs)
     z = torch.where(finite, logprobs + alpha_t * torch.where(finite, phi, 0.0), logprobs)
     return torch.log_softmax(z, dim=-1)
