@@ -198,8 +198,8 @@ def temperature(logits: Tensor, t: float | Tensor) -> Tensor:
     t64 = rows(t, logits.shape[0], logits.device, torch.float64)
     top = logits.amax(-1).to(torch.float64)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    low = torch.where(torch.isinf(logits), torch.zeros_like(logits), logits).amin(-1).double()
-    reach = torch.maximum(top.abs(), low.abs()) / t64
+    # Only the top logit matters: a lower one that overflows to -inf had probability 0 anyway.
+    reach = top.abs() / t64
     safe = (reach <= out_max) & (t64 >= torch.finfo(acc).tiny)
     if isinstance(t, Tensor):  # the per-row T itself must be representable in the dtype
         safe &= t64 >= torch.finfo(logits.dtype).tiny
