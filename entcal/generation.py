@@ -145,7 +145,7 @@ class _Recorder:
         self.prompt_len = prompt_len
         self.eos = eos
         self.seed = seed
-        self.keys = keys  # [N, 2]: (prompt index, sample index) of each row
+        self.keys = keys  # [N, 2]: (prompt key, sample index) of each row
         self.steps: list[dict[str, Tensor]] = []
         self._pending: tuple[Tensor, Tensor] | None = None
 
@@ -323,10 +323,9 @@ def _generate_chunk(
 
     input_ids, mask = left_pad(prompts, pad_id)
     input_ids, mask = input_ids.to(device), mask.to(device)
+    # rows are prompt-major, as generate expands num_return_sequences
     rows = torch.arange(len(prompts) * n)
-    keys = torch.stack(
-        [prompt_key[rows // n], rows % n], dim=1
-    )  # prompt-major, as generate expands
+    keys = torch.stack([prompt_key[rows // n], rows % n], dim=1)
     rec = _Recorder(dec, input_ids.shape[1], set(eos_list) if stop_at_eos else None, seed, keys)
     eos = eos_list if (stop_at_eos and eos_list) else None
     config = GenerationConfig(

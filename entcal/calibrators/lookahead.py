@@ -174,11 +174,7 @@ class LookaheadDecoder(Decoder):
             h = lookahead_entropy(self.model, self._cache, self._mask, cand.to(self._mask.device))
             h = h.to(lp.device)
             phi = fill_phi(lp, cand, torch.isfinite(lp.gather(-1, cand)), h)
-            out = adjusted_logprobs(lp, phi, self.alpha)
-            dead = lp[:, 0].isnan() | (logits.amax(-1) == float("-inf"))
-            if bool(dead.any()):  # an all -inf row stays all -inf (its softmax is NaN)
-                out = out.masked_fill(dead[:, None], float("-inf"))
-            return out
+            return adjusted_logprobs(lp, phi, self.alpha)
 
 
 def _generator(seed: int, *parts: int) -> torch.Generator:

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from entcal.decoding.ops import check_logits
+from entcal.decoding.ops import check_logits, keep_dead_rows
 
 __all__ = ["Decoder", "format_value", "parse_float", "parse_int"]
 
@@ -33,9 +33,9 @@ class Decoder:
     requires_history: ClassVar[bool] = False
 
     def __call__(self, logits: Tensor, input_ids: Tensor | None = None) -> Tensor:
-        check_logits(logits)
+        row_max = check_logits(logits)
         with torch.no_grad():
-            return self._process(logits.float(), input_ids)
+            return keep_dead_rows(self._process(logits.float(), input_ids), row_max)
 
     def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
         raise NotImplementedError

@@ -48,6 +48,8 @@ __all__ = [
     "entropy_stats",
     "epsilon_mask",
     "eta_mask",
+    "faulty_rows",
+    "keep_dead_rows",
     "min_p_mask",
     "mirostat_mask",
     "rows",
@@ -96,11 +98,10 @@ def rows(value: float | int | Tensor, n: int, device: torch.device, dtype: torch
     return torch.full((n,), value, device=device, dtype=dtype)
 
 
-def check_logits(logits: Tensor) -> Tensor:
-    """Validate ``[N, V]`` logits and return their row maxima ``[N]``.
+def faulty_rows(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """``(row maxima [N], rows holding NaN or +inf [N] bool)`` of ``[N, V]`` logits.
 
-    Raises ``ValueError`` naming the rows that contain NaN or ``+inf`` (a softmax over them is
-    undefined). Rows that are entirely ``-inf`` are allowed (every op leaves them unchanged).
+    Raises ``ValueError`` if the tensor is not 2-D floating point (a fault of the whole batch).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D [batch, vocab], got shape {tuple(logits.shape)}")
@@ -108,7 +109,26 @@ def check_logits(logits: Tensor) -> Tensor:
         raise ValueError(f"logits must be a floating-point tensor, got {logits.dtype}")
     # amax propagates NaN, so one reduction finds both NaN and +inf rows.
     mx = logits.amax(dim=-1)
-    bad = torch.isnan(mx) | (mx == float("inf"))
+    return mx, torch.isnan(mx) | (mx == float("inf"))
+
+
+def keep_dead_rows(out: Tensor, row_max: Tensor) -> Tensor:
+    """Rows whose input was all ``-inf`` (``row_max`` ``-inf``) come back all ``-inf``, whatever
+    a decoder computed for them (a softmax over such a row is NaN): the contract every decoder
+    keeps, enforced by :meth:`Decoder.__call__` and :func:`entcal.decoding.apply_rows`."""
+    dead = row_max == float("-inf")
+    if bool(dead.any()):
+        out = out.masked_fill(dead.to(out.device)[:, None], float("-inf"))
+    return out
+
+
+def check_logits(logits: Tensor) -> Tensor:
+    """Validate ``[N, V]`` logits and return their row maxima ``[N]``.
+
+    Raises ``ValueError`` naming the rows that contain NaN or ``+inf`` (a softmax over them is
+    undefined). Rows that are entirely ``-inf`` are allowed (every op leaves them unchanged).
+    """
+    mx, bad = faulty_rows(logits)
     if bool(bad.any()):
         idx = bad.nonzero().flatten().tolist()
         nan_rows = [i for i in idx if bool(torch.isnan(logits[i]).any())]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from entcal.decoding.base import Decoder
-from entcal.decoding.ops import check_logits
+from entcal.decoding.ops import check_logits, faulty_rows, keep_dead_rows
 
 __all__ = ["apply_rows", "apply_rows_at", "apply_rows_isolated"]
 
@@ -27,8 +27,8 @@ def apply_rows(
     Raises ``ValueError`` naming the rows that hold NaN or ``+inf`` (see
     :func:`apply_rows_isolated` for a batch that must go on without them).
     """
-    check_logits(logits)
-    out, failed = _apply(logits, decoders, input_ids, isolate=False)
+    row_max = check_logits(logits)
+    out, failed = _apply(logits, decoders, input_ids, row_max, isolate=False)
     assert not failed
     return out
 
@@ -44,16 +44,13 @@ def apply_rows_isolated(
     not run this step, so a stateful one is out of step with its sequence: callers should stop
     applying it (the vLLM adapters leave that request's rows raw from then on, and log it).
     """
-    if logits.dim() != 2 or not logits.is_floating_point():
-        check_logits(logits)  # shape and dtype errors concern the whole batch
-    mx = logits.amax(dim=-1)
-    bad = torch.isnan(mx) | (mx == float("inf"))
+    row_max, bad = faulty_rows(logits)  # shape and dtype errors concern the whole batch
     failed: dict[int, str] = {}
     if bool(bad.any()):
         rows = bad.nonzero().flatten().tolist()
         failed = {i: "NaN or +inf logits" for i in rows if decoders[i] is not None}
         decoders = [None if bad_i else d for d, bad_i in zip(decoders, bad.tolist(), strict=True)]
-    out, more = _apply(logits, decoders, input_ids, isolate=True)
+    out, more = _apply(logits, decoders, input_ids, row_max, isolate=True)
     failed.update(more)
     return out, failed
 
@@ -83,6 +80,7 @@ def _apply(
     logits: Tensor,
     decoders: Sequence[Decoder | None],
     input_ids: Tensor | None,
+    row_max: Tensor,
     *,
     isolate: bool,
 ) -> tuple[Tensor, dict[int, str]]:
@@ -102,7 +100,8 @@ def _apply(
         ((cls, idx),) = groups.items()
         if len(idx) == n:
             with torch.no_grad():
-                return cls._apply_group([decoders[i] for i in idx], x, input_ids), failed  # type: ignore[misc]
+                out = cls._apply_group([decoders[i] for i in idx], x, input_ids)  # type: ignore[misc]
+            return keep_dead_rows(out, row_max), failed
     out = x.clone()
     with torch.no_grad():
         for cls, idx in groups.items():
@@ -120,4 +119,4 @@ def _apply(
                 failed.update({i: f"{cls.__name__} raised {exc!r}" for i in idx})
                 continue
             out.index_copy_(0, rows_t, res)
-    return out, failed
+    return keep_dead_rows(out, row_max), failed
