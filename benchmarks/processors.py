@@ -27,6 +27,7 @@ from transformers.generation.logits_process import (
     EtaLogitsWarper,
     MinPLogitsWarper,
     TemperatureLogitsWarper,
+    TopHLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
     TypicalLogitsWarper,
@@ -48,7 +49,15 @@ METHODS = {
     "top_n_sigma": ("top_n_sigma=1.0", None),
     "mirostat": ("mirostat:tau=3.0", None),
     "edt": ("edt:theta=1.0", None),
+    "top_h": ("top_h=0.4", lambda: TopHLogitsWarper(0.4)),
+    "smoothing": ("smoothing_factor=0.3", None),
+    "dynatemp": ("temperature=0.9,dynatemp_range=0.4", None),
+    "xtc": ("xtc:threshold=0.1,probability=1", None),
+    "mirostat_v1": ("mirostat:version=1,tau=3.0", None),
+    "dry": ("dry:multiplier=0.8", None),  # over a context of DRY_CONTEXT tokens
 }
+#: Context length DRY is timed with (token ids with many repeats: its worst case).
+DRY_CONTEXT = 512
 
 
 def real_logits(model_name: str, rows: int) -> torch.Tensor:
@@ -137,7 +146,10 @@ def run(args: argparse.Namespace) -> dict:
                 budget = args.budget * (4 if b * v <= 32 * 49152 else 1)
                 for name, (spec, make_ref) in METHODS.items():
                     dec = parse(spec)
-                    ours_ms = timeit(lambda d=dec, x=x: d(x), budget)
+                    ids = None
+                    if name == "dry":
+                        ids = torch.randint(0, 8, (b, DRY_CONTEXT))
+                    ours_ms = timeit(lambda d=dec, x=x, i=ids: d(x, i), budget)
                     row = {"method": name, "spec": spec, "batch": b, "vocab": v,
                            "source": source, "entcal_ms": round(ours_ms, 3)}  # fmt: skip
                     if make_ref is not None:

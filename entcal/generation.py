@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from entcal.decoding import Decoder, ops, parse
+from entcal.decoding.rng import sequence_uniforms
 
 __all__ = ["Generation", "generate"]
 
@@ -68,44 +69,6 @@ class Generation:
             v = getattr(self, f.name)
             out[f.name] = v.tolist() if isinstance(v, Tensor) else v
         return out
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def _signed(c: int) -> int:
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-_GOLDEN, _MIX1, _MIX2 = (
-    _signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
-)
-
-
-def _shr(z: Tensor, k: int) -> Tensor:
-    """Logical right shift of int64 (torch's ``>>`` is arithmetic on negative values)."""
-    return (z >> k) & ((1 << (64 - k)) - 1)
-
-
-def _splitmix64(z: Tensor) -> Tensor:
-    """SplitMix64's finalizer (Steele, Lea & Flood 2014) on int64 tensors, wrapping mod 2^64."""
-    z = (z ^ _shr(z, 30)) * _MIX1
-    z = (z ^ _shr(z, 27)) * _MIX2
-    return z ^ _shr(z, 31)
-
-
-def sequence_uniforms(seed: int, keys: Tensor, step: int) -> Tensor:
-    """Uniforms in ``[0, 1)`` (float64 ``[N]``), one per sequence, a function of
-    ``(seed, keys[i], step)`` only: ``keys`` ``[N, 2]`` int64 holds (prompt key, sample index).
-
-    >>> k = torch.tensor([[0, 0], [3, 1]])
-    >>> torch.equal(sequence_uniforms(7, k, 5)[1:], sequence_uniforms(7, k[1:], 5))
-    True
-    """
-    z = torch.full((keys.shape[0],), _signed(seed & _MASK64), dtype=torch.int64)
-    for part in (keys[:, 0].long().cpu(), keys[:, 1].long().cpu(), torch.full_like(z, step)):
-        z = _splitmix64(z + _GOLDEN + part * _GOLDEN)
-    return _shr(z, 11).double() * 2.0**-53
 
 
 def prompt_keys(prompts: Sequence[Sequence[int]]) -> Tensor:

@@ -70,6 +70,16 @@ EXTREMES: dict[str, list[str]] = {
         f"temperature={HUGE},top_k=2,typical=0.5",
         "temperature=1e-6,eta=0.999999,epsilon=0.999999,min_tokens_to_keep=2",
         "top_n_sigma=1e-12,top_k=3,top_p=1e-12",
+        "top_h=1e-12",
+        "top_h=1",
+        f"smoothing_factor={TINY}",
+        f"smoothing_factor={HUGE}",
+        f"smoothing_factor=0.5,smoothing_curve={HUGE}",
+        "dynatemp_range=1e-12",
+        f"dynatemp_range={HUGE}",
+        f"temperature=0.5,dynatemp_range=0.5,dynatemp_exponent={TINY}",
+        f"temperature=0.5,dynatemp_range=0.5,dynatemp_exponent={HUGE}",
+        f"temperature={TINY},dynatemp_range={TINY},smoothing_factor=1,top_h=0.5",
     ],
     "mirostat": [
         "mirostat",
@@ -82,6 +92,26 @@ EXTREMES: dict[str, list[str]] = {
         f"mirostat:temperature={TINY}",
         f"mirostat:temperature={F32_TINY}",
         f"mirostat:temperature={HUGE}",
+        "mirostat:version=1",
+        f"mirostat:version=1,tau={TINY},m=2",
+        f"mirostat:version=1,tau={HUGE},m=1000000000",
+        f"mirostat:version=1,mu={HUGE},eta={HUGE}",
+        "mirostat:surprise=model",
+    ],
+    "xtc": [
+        "xtc",
+        "xtc:threshold=0,probability=1",
+        "xtc:threshold=1,probability=1",
+        "xtc:threshold=0.5,probability=1,min_keep=1000000000",
+        "xtc:threshold=1e-12,probability=1e-12,seed=18446744073709551615",
+    ],
+    "dry": [
+        "dry",
+        f"dry:multiplier={HUGE},base={HUGE},allowed_length=1",
+        "dry:multiplier=0,allowed_length=1000000000",
+        "dry:multiplier=1,base=1,penalty_last_n=1,breakers=7+8",
+        f"dry:multiplier={HUGE} | xtc:threshold=0,probability=1 | temperature={TINY}",
+        f"min_p=1 | top_p=1e-12 | mirostat:version=1,tau={TINY} | top_h=1e-12",
     ],
     "edt": [
         "edt",
@@ -179,10 +209,11 @@ def _check_contract(spec: str, x: torch.Tensor, out: torch.Tensor) -> None:
     dead_in = (x.float() == -math.inf).all(-1)
     dead_out = (out == -math.inf).all(-1)
     assert torch.equal(dead_in, dead_out), f"{spec}: rows emptied {dead_out & ~dead_in}"
-    # a peaked row (top token >= 40 nats above the rest) keeps its argmax
+    # a peaked row (top token >= 40 nats above the rest) keeps its argmax, except under XTC,
+    # whose rule is to remove the top choices
     xf = x.float()
     top2 = xf.topk(min(2, xf.shape[-1]), dim=-1).values
-    if xf.shape[-1] >= 2:
+    if xf.shape[-1] >= 2 and "xtc" not in spec:
         peaked = (top2[:, 0] - top2[:, 1] >= 40.0) & torch.isfinite(top2[:, 0])
         if peaked.any():
             arg = xf.argmax(-1)
@@ -359,10 +390,11 @@ def test_mirostat_state_does_not_leak_into_the_next_generate():
     new_prompt = torch.randint(0, 32, (2, ids.shape[1] + 1), generator=g)  # one token longer
     scores = torch.randn(2, 32, generator=g) * 4
     fresh = hf.logits_processor("mirostat:tau=3.0,eta=0.5")
-    assert torch.equal(proc(new_prompt, scores), fresh(new_prompt, scores))
+    out = proc(new_prompt, scores)
+    assert torch.equal(out, fresh(new_prompt, scores))
     assert proc.decoder.mu_.tolist() == [6.0, 6.0]  # 2·tau: a fresh generation
-    # a true continuation (the ids extend the last ones) keeps the state
-    cont = torch.cat([new_prompt, torch.tensor([[1], [2]])], 1)
+    # a true continuation (the ids extend the last ones by kept tokens) keeps the state
+    cont = torch.cat([new_prompt, out.argmax(-1, keepdim=True)], 1)
     proc(cont, scores)
     assert proc.decoder.mu_.tolist() != [6.0, 6.0]
 

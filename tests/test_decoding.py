@@ -258,21 +258,26 @@ def _dist(probs):
     return torch.tensor([probs]).log()
 
 
-def test_mirostat_v2_known_answer():
+@pytest.mark.parametrize("surprise", ["truncated", "model"])
+def test_mirostat_v2_known_answer(surprise):
     # surprises -log2 p = 1, 2, 3, 4, 4 bits
     x = _dist([0.5, 0.25, 0.125, 0.0625, 0.0625])
-    d = MirostatDecoder(tau=3.0, eta=0.1)
+    d = MirostatDecoder(tau=3.0, eta=0.1, surprise=surprise)
     d.reset(1)
     assert d.mu_.tolist() == [6.0]  # mu starts at 2·tau
     assert int((d(x) > NEG).sum()) == 5
     d.mu_ = torch.tensor([2.5], dtype=torch.float64)
     assert (d(x) > NEG).flatten().tolist() == [True, True, False, False, False]
-    d.observe(torch.tensor([1]))  # surprise 2 bits -> mu = 2.5 - 0.1·(2 - 3)
-    assert d.mu_.item() == pytest.approx(2.6, abs=1e-6)
+    d.observe(torch.tensor([1]))
+    # llama.cpp: surprise under the kept set renormalized, q = .25/.75 -> log2(3) bits;
+    # under the model's distribution: 2 bits
+    s = math.log2(3.0) if surprise == "truncated" else 2.0
+    assert d.mu_.item() == pytest.approx(2.5 - 0.1 * (s - 3.0), abs=1e-6)
     d.mu_ = torch.tensor([0.2], dtype=torch.float64)  # below every surprise: keep the top token
     assert (d(x) > NEG).flatten().tolist() == [True, False, False, False, False]
     d.observe(torch.tensor([0]))
-    assert d.mu_.item() == pytest.approx(0.2 - 0.1 * (1.0 - 3.0))
+    s = 0.0 if surprise == "truncated" else 1.0
+    assert d.mu_.item() == pytest.approx(0.2 - 0.1 * (s - 3.0))
 
 
 def test_mirostat_state_is_per_row_and_uses_the_tempered_distribution():
@@ -338,14 +343,17 @@ def test_apply_rows_equals_each_decoder_on_its_row():
 def test_apply_rows_mirostat_instances_share_one_pass():
     x = torch.randn(4, 200) * 3
     a, b = parse("mirostat:tau=1"), parse("mirostat:tau=4")
+    x[0, 7] = x[0].max() + 0.1  # tokens 7 and 9 top their rows: kept, finite surprises
+    x[2, 9] = x[2].max() + 0.1
     out = apply_rows(x, [a, parse("top_k=3"), b, None])
     ref_a = MirostatDecoder(tau=1.0)(x[0:1])
     ref_b = MirostatDecoder(tau=4.0)(x[2:3])
     assert torch.equal(out[0:1], ref_a) and torch.equal(out[2:3], ref_b)
     a.observe(torch.tensor([7]))
     b.observe(torch.tensor([9]))
-    s_a = -float(torch.log_softmax(x[0].double(), -1)[7]) / math.log(2)
-    s_b = -float(torch.log_softmax(x[2].double(), -1)[9]) / math.log(2)
+    # surprise under each row's kept set, renormalized (llama.cpp's measure)
+    s_a = -float(torch.log_softmax(ref_a[0].double(), -1)[7]) / math.log(2)
+    s_b = -float(torch.log_softmax(ref_b[0].double(), -1)[9]) / math.log(2)
     assert a.mu_.item() == pytest.approx(2.0 - 0.1 * (s_a - 1.0), abs=1e-5)
     assert b.mu_.item() == pytest.approx(8.0 - 0.1 * (s_b - 4.0), abs=1e-5)
 

@@ -29,7 +29,16 @@ DECODERS = [
     "temperature=0.8,top_p=0.95",
     "mirostat:tau=3",
     "edt:theta=1.0",
+    "top_h=0.5",
+    "temperature=0.9,dynatemp_range=0.4",
+    "smoothing_factor=0.3",
+    "mirostat:version=1,tau=3",
+    "xtc:threshold=0.1,probability=0.5",
+    "dry:multiplier=0.8",
+    "dry:multiplier=0.8 | min_p=0.05 | xtc:threshold=0.1,probability=0.5 | temperature=0.8",
 ]
+#: Decoders that may lower the sampled token's probability (not pure truncations).
+RESHAPING = ("temperature", "edt", "mirostat:tau=3", "smoothing", "xtc", "dry")
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +62,7 @@ def test_generate_with_each_decoder(runs, smollm2, spec):
             v = getattr(g, key)
             assert v.shape == (8,) and bool(torch.isfinite(v).all()), key
         # truncation only raises the sampled token's probability
-        assert bool((g.logprob >= g.raw_logprob - 1e-4).all()) or spec.startswith(
-            ("temperature", "edt", "mirostat:tau=3")
-        )
+        assert bool((g.logprob >= g.raw_logprob - 1e-4).all()) or spec.startswith(RESHAPING)
         assert bool((g.entropy >= -1e-5).all()) and bool((g.varentropy >= -1e-5).all())
     if spec == "ancestral":  # the sampling distribution is the model's
         for g in out:
@@ -96,6 +103,49 @@ def test_top_k_1_equals_greedy_and_seed_is_reproducible(smollm2):
     c = generate(model, tok, PROMPTS[:1], decoder="min_p=0.05", max_new_tokens=6, seed=6, n=3)
     assert a[0].token_ids == b[0].token_ids
     assert len({tuple(x.token_ids) for x in c + a}) > 1
+
+
+def _extends_a_repeat(ids: list[int], start: int, n: int) -> list[int]:
+    """Positions t >= start whose token ends an n-gram already seen earlier in ``ids``."""
+    out = []
+    for t in range(max(start, n - 1), len(ids)):
+        gram = ids[t - n + 1 : t + 1]
+        if any(ids[j - n + 1 : j + 1] == gram for j in range(n - 1, t)):
+            out.append(t)
+    return out
+
+
+def test_dry_in_hf_generate_stops_greedy_repetition(smollm2):
+    """Greedy SmolLM2 loops on a repetitive prompt; with a strong DRY penalty (allowed length 2)
+    no generated token extends a repeat of 2 tokens, i.e. closes a 3-gram seen before."""
+    model, tok = smollm2
+    ids = tok(["one two three one two three one two three one two"], return_tensors="pt")
+    n = ids["input_ids"].shape[1]
+    runs = {}
+    for name, procs in (("plain", []), ("dry", [hf.logits_processor(
+            "dry:multiplier=1000,base=1,allowed_length=2")])):  # fmt: skip
+        with torch.inference_mode():
+            out = model.generate(**ids, do_sample=False, max_new_tokens=30, top_k=None,
+                                 top_p=None, logits_processor=procs)  # fmt: skip
+        runs[name] = out[0].tolist()
+    assert len(_extends_a_repeat(runs["plain"], n, 3)) > 10  # the baseline repeats
+    assert _extends_a_repeat(runs["dry"], n, 3) == []
+
+
+def test_hf_adapter_reproduces_transformers_top_h(smollm2):
+    """top_h through entcal's adapter samples exactly what transformers' own top_h samples."""
+    model, tok = smollm2
+    ids = tok(PROMPTS[:1], return_tensors="pt")
+    with torch.inference_mode():
+        torch.manual_seed(4)
+        ours = model.generate(
+            **ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=10,
+            logits_processor=[hf.logits_processor("top_h=0.4")],
+        )  # fmt: skip
+        torch.manual_seed(4)
+        ref = model.generate(**ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                             top_h=0.4, max_new_tokens=10)  # fmt: skip
+    assert torch.equal(ours, ref)
 
 
 def test_hf_adapter_reproduces_transformers_top_p(smollm2):

@@ -253,3 +253,47 @@ def test_bad_request_is_rejected_and_engine_keeps_serving(engine):
     assert err.value.parameter == "temperature"
     out = engine.generate(["Hello"], _params("top_k=1", 4, 0))
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+#: The samplers added for issue 15, each in a request of its own, batched with plain rows:
+#: per-request state (DRY's context from the prompt, XTC's coin, mirostat v1's mu) must follow
+#: each request through the engine's persistent batch.
+NEW_SAMPLERS = [
+    "top_h=0.6",
+    "temperature=0.9,dynatemp_range=0.4,smoothing_factor=0.2",
+    "xtc:threshold=0.05,probability=0.5,seed=3",
+    "dry:multiplier=2,base=1.75,allowed_length=2",
+    "mirostat:version=1,tau=3",
+    "dry:multiplier=0.8 | min_p=0.05 | xtc:threshold=0.1,probability=0.7 | temperature=0.8",
+]
+
+
+def test_new_samplers_per_request_equal_transformers_scoring(engine, smollm2):
+    """Each request's processed log-probs in vLLM equal entcal's teacher-forced replay of the
+    same spec along the same tokens (transformers' logits; stateful decoders stepped along the
+    tokens), so the engine applied each sampler, with its own state, to its own request."""
+    from entcal.decoding import parse
+    from entcal.eval import scoring
+
+    model, _ = smollm2
+    prompt = "one two three one two three one two"  # DRY has repeats to act on
+    params = [_params(s, 14 + 3 * i, 90 + i, logprobs=0) for i, s in enumerate(NEW_SAMPLERS)]
+    params += [_params(None, 10, 99, temperature=0.8)]  # a plain vLLM row in the same batch
+    outputs = engine.generate([prompt] * len(params), params)
+    mismatched = []
+    for spec, sp, res in zip(NEW_SAMPLERS, params, outputs, strict=False):
+        out = res.outputs[0]
+        gen = list(out.token_ids)
+        assert len(gen) == sp.max_tokens
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # beside the engine's processes (see _raw_logprobs)
+        try:
+            s = scoring.score(model, [res.prompt_token_ids], [gen], {"d": parse(spec)})
+        finally:
+            torch.set_num_threads(threads)
+        expect = s.processed["d"].logprob[0]
+        got = torch.tensor([out.logprobs[t][tok].logprob for t, tok in enumerate(gen)])
+        # a token on a kept-set boundary (vLLM's logits differ by ~1e-5) may flip: rare
+        mismatched.append(int(((got - expect).abs() > 1e-2).sum()))
+        assert mismatched[-1] <= 1, (spec, got, expect)
+    assert sum(mismatched) <= 2, mismatched

@@ -1,7 +1,8 @@
 """entcal.decoding: sampling processors as batched tensor ops, with HF and vLLM adapters.
 
-* :func:`parse` turns a spec (``"temperature=0.8,top_p=0.95"``, ``"mirostat:tau=3"``) into a
-  :class:`Decoder`; ``str(decoder)`` is the canonical spec.
+* :func:`parse` turns a spec (``"temperature=0.8,top_p=0.95"``, ``"mirostat:tau=3"``,
+  ``"dry:multiplier=0.8 | min_p=0.05 | xtc:threshold=0.1"``) into a :class:`Decoder`;
+  ``str(decoder)`` is the canonical spec.
 * :func:`register_method` adds named methods; installed packages declare theirs as
   ``entcal.decoders`` entry points (entcal's own ``calibrated`` and ``lookahead`` included),
   loaded on first use.
@@ -17,18 +18,24 @@ from entcal.decoding import ops
 from entcal.decoding.adaptive import EDTDecoder, MirostatDecoder
 from entcal.decoding.base import Decoder
 from entcal.decoding.chain import CHAIN_KEYS, ChainDecoder
+from entcal.decoding.dry import DRYDecoder
 from entcal.decoding.list_decoder import ListDecoder, ListDecodeResult
+from entcal.decoding.pipeline import PipelineDecoder
 from entcal.decoding.rows import apply_rows, apply_rows_isolated
 from entcal.decoding.spec import methods, parse, parse_options, register_method
+from entcal.decoding.xtc import XTCDecoder
 
 __all__ = [
     "CHAIN_KEYS",
     "ChainDecoder",
+    "DRYDecoder",
     "Decoder",
     "EDTDecoder",
     "ListDecodeResult",
     "ListDecoder",
     "MirostatDecoder",
+    "PipelineDecoder",
+    "XTCDecoder",
     "apply_rows",
     "apply_rows_isolated",
     "methods",

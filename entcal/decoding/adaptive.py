@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from entcal.decoding import ops
-from entcal.decoding.base import Decoder, check_known, format_value, parse_float
+from entcal.decoding.base import Decoder, check_known, format_value, parse_float, parse_int
 from entcal.decoding.spec import register_method
 
 __all__ = ["EDTDecoder", "MirostatDecoder"]
@@ -19,18 +19,27 @@ _LN2 = math.log(2.0)
 
 
 class MirostatDecoder(Decoder):
-    """Mirostat v2 (Basu et al., ICLR 2021, arXiv 2007.14966; v2 as in llama.cpp).
+    """Mirostat (Basu et al., ICLR 2021, arXiv 2007.14966), versions 1 and 2 as in llama.cpp.
 
-    Each sequence keeps a threshold ``mu`` (bits), initially ``2·tau``. A step removes tokens
-    whose surprise ``-log2 p(v)`` exceeds ``mu`` (the most probable token is always kept); after
-    the token ``x`` is sampled, ``mu <- mu - eta · (s(x) - tau)`` with ``s(x) = -log2 p(x)`` under
-    the distribution entering the mirostat step (the model's, after ``temperature``), as in the
-    paper's reference code. llama.cpp instead measures ``s(x)`` under the truncated, renormalized
-    distribution; with the paper's choice the *model* surprise of the generated text is what
-    converges to ``tau``.
+    Each sequence keeps a threshold ``mu`` (bits), initially ``2·tau``, and truncates:
 
-    Spec: ``mirostat[:tau=3.0,eta=0.1,mu=6.0,temperature=1.0]`` (defaults tau 3.0 bits,
-    eta 0.1, mu 2·tau, temperature 1).
+    * **v2** (default): remove tokens whose surprise ``-log2 p(v)`` exceeds ``mu`` (the most
+      probable token is always kept);
+    * **v1**: keep the ``k`` most probable tokens, ``k`` from the Zipf exponent estimated on the
+      ``m`` most probable ones (see :func:`entcal.decoding.ops.mirostat_v1_k`).
+
+    After the token ``x`` is sampled, ``mu <- mu - eta · (s(x) - tau)``, with ``s(x) = -log2 q(x)``
+    under the *truncated, renormalized* distribution ``q`` of the mirostat step, as llama.cpp and
+    text-generation-webui measure it (``surprise=truncated``, the default; in a pipeline, later
+    stages may cut further: ``q`` is the mirostat stage's output). ``surprise=model`` measures it
+    under the distribution entering the step, as the authors' reference code does (and entcal
+    did before; ``mirostat:tau=3`` now follows llama.cpp), which makes the model surprise of
+    the text, rather than the sampler's, track ``tau``. v1's ``k`` is llama.cpp's
+    ``max(int(k), 1)`` (the authors round and add one); tokens tied with the k-th are kept.
+
+    Spec: ``mirostat[:version=2,tau=3.0,eta=0.1,mu=6.0,m=100,temperature=1.0,
+    surprise=truncated]`` (defaults version 2, tau 3.0 bits, eta 0.1, mu 2·tau, m 100 (v1 only),
+    temperature 1).
 
     Example::
 
@@ -46,15 +55,34 @@ class MirostatDecoder(Decoder):
     """
 
     requires_history: ClassVar[bool] = True
-    OPTIONS = ("tau", "eta", "mu", "temperature")
+    OPTIONS = ("version", "tau", "eta", "mu", "m", "temperature", "surprise")
+    SURPRISE = ("truncated", "model")
 
     def __init__(
-        self, tau: float = 3.0, eta: float = 0.1, mu: float | None = None, temperature: float = 1.0
+        self,
+        tau: float = 3.0,
+        eta: float = 0.1,
+        mu: float | None = None,
+        temperature: float = 1.0,
+        *,
+        version: int = 2,
+        m: int = 100,
+        surprise: str = "truncated",
     ) -> None:
+        self.version = parse_int("version", version, lo=1, range_text="1 or 2")
+        if self.version not in (1, 2):
+            raise ValueError(f"version={version} is out of range; version must be 1 or 2")
         self.tau = parse_float("tau", tau, lo=0.0, lo_open=True)
         self.eta = parse_float("eta", eta, lo=0.0, lo_open=True)
         self.mu = None if mu is None else parse_float("mu", mu, lo=0.0)
+        self.m = parse_int("m", m, lo=2, range_text="an integer >= 2")
         self.temperature = parse_float("temperature", temperature, lo=0.0, lo_open=True)
+        if surprise not in self.SURPRISE:
+            raise ValueError(
+                f"surprise={surprise!r} is out of range; surprise must be one of "
+                f"{', '.join(self.SURPRISE)}"
+            )
+        self.surprise = surprise
         self.mu_: Tensor | None = None  # [N] float64, bits
         self._last: tuple[Tensor, Tensor] | None = None  # (tempered logits, lse) of last call
 
@@ -65,15 +93,30 @@ class MirostatDecoder(Decoder):
     @classmethod
     def from_options(cls, options: dict[str, str]) -> MirostatDecoder:
         check_known("mirostat", options, cls.OPTIONS)
-        return cls(**{k: float(parse_float(k, v)) for k, v in options.items()})
+        kwargs: dict = {}
+        for k, v in options.items():
+            if k == "surprise":
+                kwargs[k] = v
+            elif k in ("version", "m"):
+                kwargs[k] = parse_int(k, v, lo=1 if k == "version" else 2,
+                                      range_text="1 or 2" if k == "version" else "an integer >= 2")  # fmt: skip
+            else:
+                kwargs[k] = float(parse_float(k, v))
+        return cls(**kwargs)
 
     @property
     def spec(self) -> str:
         parts = [f"tau={format_value(self.tau)}", f"eta={format_value(self.eta)}"]
+        if self.version != 2:
+            parts.insert(0, f"version={self.version}")
         if self.mu is not None:
             parts.append(f"mu={format_value(self.mu)}")
+        if self.version == 1 and self.m != 100:
+            parts.append(f"m={self.m}")
         if self.temperature != 1.0:
             parts.append(f"temperature={format_value(self.temperature)}")
+        if self.surprise != "truncated":
+            parts.append(f"surprise={self.surprise}")
         return "mirostat:" + ",".join(parts)
 
     def reset(self, batch_size: int) -> None:
@@ -86,10 +129,32 @@ class MirostatDecoder(Decoder):
             self.reset(n)
         assert self.mu_ is not None
         self.mu_ = self.mu_.to(logits.device)
-        x = ops.temperature(logits, self.temperature) if self.temperature != 1.0 else logits
-        remove, lse = ops.mirostat_mask(x, self.mu_)
-        self._last = (x, lse)
-        return x.masked_fill(remove, float("-inf"))
+        return self._step([self], logits, self.mu_, self.temperature, None)
+
+    def _step(
+        self,
+        owners: Sequence[MirostatDecoder],
+        logits: Tensor,
+        mu: Tensor,
+        temperature: float | Tensor,
+        index: dict[int, Tensor] | None,
+    ) -> Tensor:
+        """Truncate rows with their ``mu`` and remember what ``observe`` needs, per owner."""
+        x = ops.temperature(logits, temperature) if not _is_one(temperature) else logits
+        if self.version == 2:
+            remove, lse = ops.mirostat_mask(x, mu)
+        else:
+            k = ops.mirostat_v1_k(x, mu, self.m)
+            remove, lse = ops.top_k_mask(x, k), torch.logsumexp(x, dim=-1)
+        out = x.masked_fill(remove, float("-inf"))
+        if self.surprise == "truncated":  # the sampled-from distribution: removed tokens at -inf
+            x, lse = out, torch.logsumexp(out, dim=-1)
+        if index is None:
+            self._last = (x, lse)
+        else:
+            for key, d in zip(index, owners, strict=True):
+                d._last = (x.index_select(0, index[key]), lse.index_select(0, index[key]))
+        return out
 
     def observe(self, tokens: Tensor) -> None:
         if self._last is None or self.mu_ is None:
@@ -101,7 +166,7 @@ class MirostatDecoder(Decoder):
         surprise = torch.where(
             torch.isfinite(surprise), surprise, torch.full_like(surprise, self.tau)
         )
-        self.mu_ = self.mu_ - self.eta * (surprise - self.tau)
+        self.mu_ = self.mu_.to(surprise.device) - self.eta * (surprise - self.tau)
         self._last = None
 
     @classmethod
@@ -109,7 +174,14 @@ class MirostatDecoder(Decoder):
         cls, decoders: Sequence[Decoder], logits: Tensor, input_ids: Tensor | None
     ) -> Tensor:
         # One vectorized pass over rows that belong to different mirostat instances (vLLM: one
-        # instance per request). Row i takes the next state row of its instance.
+        # instance per request) of the same version, m and surprise measure. Row i takes the
+        # next state row of its instance.
+        kinds: dict[tuple, list[int]] = {}
+        for i, d in enumerate(decoders):
+            assert isinstance(d, MirostatDecoder)
+            kinds.setdefault((d.version, d.m, d.surprise), []).append(i)
+        if len(kinds) > 1:
+            return super()._apply_group(decoders, logits, input_ids)
         insts: dict[int, MirostatDecoder] = {}
         rows_of: dict[int, list[int]] = {}
         for i, d in enumerate(decoders):
@@ -123,15 +195,17 @@ class MirostatDecoder(Decoder):
         for key, d in insts.items():
             if d.mu_ is None or d.mu_.shape[0] != len(rows_of[key]):
                 d.reset(len(rows_of[key]))
+            d.mu_ = d.mu_.to(dev)  # type: ignore[union-attr]  # state lives with the logits
             idx = torch.tensor(rows_of[key], device=dev)
             index[key] = idx
             mu.index_copy_(0, idx, d.mu_.to(dev))  # type: ignore[union-attr]
             temp.index_fill_(0, idx, d.temperature)
-        x = ops.temperature(logits, temp)
-        remove, lse = ops.mirostat_mask(x, mu)
-        for key, d in insts.items():
-            d._last = (x.index_select(0, index[key]), lse.index_select(0, index[key]))
-        return x.masked_fill(remove, float("-inf"))
+        first = next(iter(insts.values()))
+        return first._step(list(insts.values()), logits, mu, temp, index)
+
+
+def _is_one(t: float | Tensor) -> bool:
+    return bool((t == 1.0).all()) if isinstance(t, Tensor) else t == 1.0
 
 
 class EDTDecoder(Decoder):

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from entcal.decoding.ops import check_logits, keep_dead_rows
 
-__all__ = ["Decoder", "format_value", "parse_float", "parse_int"]
+__all__ = ["Decoder", "format_value", "instance_rows", "parse_float", "parse_int"]
 
 
 class Decoder:
@@ -55,6 +55,12 @@ class Decoder:
 
     def observe(self, tokens: Tensor) -> None:
         """Tell the decoder which tokens ``[N]`` were sampled (or teacher-forced) this step."""
+
+    def prime(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Tell the decoder the prompt tokens of each sequence of the last :meth:`reset`.
+
+        Only adapters that pass no ``input_ids`` call it (vLLM, when a request is added);
+        decoders that read the context (DRY) use it, the others ignore it."""
 
     # ---- identity -------------------------------------------------------------------------
     @property
@@ -102,6 +108,15 @@ class Decoder:
                 0, rows_t, owners[key]._process(logits.index_select(0, rows_t), sub_ids)
             )
         return out
+
+
+def instance_rows(decoders: Sequence[Decoder]) -> list[tuple[Decoder, list[int]]]:
+    """The distinct decoder instances of a mixed batch, each with its rows (in first-seen
+    order): stateful kinds vectorize over instances, each holding the state of its rows."""
+    out: dict[int, tuple[Decoder, list[int]]] = {}
+    for i, d in enumerate(decoders):
+        out.setdefault(id(d), (d, []))[1].append(i)
+    return list(out.values())
 
 
 # ---- option parsing helpers (used by every decoder's factory) -----------------------------

@@ -1,12 +1,16 @@
 """The built-in chain: temperature, then the truncation rules, in transformers' order.
 
-Order (as transformers' ``generate`` appends its warpers, with top-nσ, which transformers lacks,
-first after temperature as in llama.cpp; its kept set does not depend on temperature)::
+Order (as transformers' ``generate`` appends its warpers; of the keys transformers lacks,
+dynamic temperature replaces the temperature as llama.cpp's ``temp_ext`` does, smoothing follows
+it as in text-generation-webui's fallback order, and top-nσ comes first among the truncations,
+as in llama.cpp; text-generation-webui's preset order puts top-nσ before the temperature)::
 
-    temperature -> top_n_sigma -> top_k -> top_p -> min_p -> typical -> epsilon -> eta
+    temperature (or dynatemp) -> smoothing -> top_n_sigma -> top_h -> top_k -> top_p -> min_p
+        -> typical -> epsilon -> eta
 
 Each stage sees the output of the previous one (masked tokens at ``-inf``), exactly as a
-``LogitsProcessorList`` of transformers' warpers does.
+``LogitsProcessorList`` of transformers' warpers does. For another order write the stages as a
+pipeline, ``"min_p=0.05 | top_p=0.9"`` (see :mod:`entcal.decoding.pipeline`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,12 @@ __all__ = ["CHAIN_KEYS", "KEY_ALIASES", "ChainDecoder"]
 # key -> (neutral value, valid range text)
 CHAIN_KEYS: dict[str, tuple[Any, str]] = {
     "temperature": (1.0, "> 0 (use top_k=1 or 'greedy' for greedy decoding)"),
+    "dynatemp_range": (0.0, ">= 0 (0 = off)"),
+    "dynatemp_exponent": (1.0, "> 0"),
+    "smoothing_factor": (0.0, ">= 0 (0 = off)"),
+    "smoothing_curve": (1.0, ">= 1"),
     "top_n_sigma": (float("inf"), "> 0"),
+    "top_h": (0.0, "in [0, 1] (0 = off)"),
     "top_k": (0, "an integer >= 0 (0 = off)"),
     "top_p": (1.0, "in [0, 1] (1 = off)"),
     "min_p": (0.0, "in [0, 1] (0 = off)"),
@@ -35,6 +44,8 @@ CHAIN_KEYS: dict[str, tuple[Any, str]] = {
     "eta": (0.0, "in [0, 1) (0 = off)"),
     "min_tokens_to_keep": (1, "an integer >= 1"),
 }
+#: Keys that only modify another key's stage (alone they change nothing).
+_MODIFIERS = ("min_tokens_to_keep", "dynatemp_exponent", "smoothing_curve")
 #: transformers' GenerationConfig names accepted as aliases.
 KEY_ALIASES = {"typical_p": "typical", "epsilon_cutoff": "epsilon", "eta_cutoff": "eta"}
 
@@ -43,14 +54,18 @@ def _validate(key: str, value: Any) -> Any:
     rng = CHAIN_KEYS[key][1]
     if key in ("top_k", "min_tokens_to_keep"):
         return parse_int(key, value, lo=0 if key == "top_k" else 1, range_text=rng)
-    if key == "temperature":
+    if key in ("temperature", "dynatemp_exponent"):
         return parse_float(key, value, lo=0.0, lo_open=True, range_text=rng)
+    if key in ("dynatemp_range", "smoothing_factor"):
+        return parse_float(key, value, lo=0.0, range_text=rng)
+    if key == "smoothing_curve":
+        return parse_float(key, value, lo=1.0, range_text=rng)
     if key == "top_n_sigma":
         v = float(value) if not isinstance(value, str) else None
         if v == float("inf"):
             return v
         return parse_float(key, value, lo=0.0, lo_open=True, range_text=rng)
-    if key in ("top_p", "min_p"):
+    if key in ("top_p", "min_p", "top_h"):
         return parse_float(key, value, lo=0.0, hi=1.0, range_text=rng)
     if key == "typical":
         return parse_float(key, value, lo=0.0, hi=1.0, lo_open=True, range_text=rng)
@@ -65,7 +80,16 @@ class ChainDecoder(Decoder):
     Rules (``p = softmax(logits / temperature)``):
 
     * ``temperature``: ``logits / T``.
+    * ``dynatemp_range``, ``dynatemp_exponent`` (llama.cpp, koboldcpp): ``T`` from the
+      normalized entropy, between ``max(0, T - range)`` and ``T + range``
+      (:func:`entcal.decoding.ops.dynatemp_temperature`).
+    * ``smoothing_factor``, ``smoothing_curve`` (text-generation-webui's quadratic sampling):
+      ``l' = max l - k·f·d² + s·f·d³`` with ``d = l - max l``
+      (:func:`entcal.decoding.ops.quadratic_smoothing`).
     * ``top_n_sigma`` (Tang et al. 2024, arXiv 2411.07641): keep ``l >= max l - n·σ(l)``.
+    * ``top_h`` (Potraghloo et al. 2025, arXiv 2509.02510; transformers' TopH): among the 100
+      most probable tokens, the longest head whose cumulative entropy stays within
+      ``top_h · H`` (:func:`entcal.decoding.ops.top_h_mask`).
     * ``top_k``: keep the ``k`` largest logits (ties with the k-th kept).
     * ``top_p`` (Holtzman et al. 2020, arXiv 1904.09751): smallest most-probable set with mass
       ``>= top_p``.
@@ -86,7 +110,12 @@ class ChainDecoder(Decoder):
     """
 
     temperature: float = 1.0
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    smoothing_factor: float = 0.0
+    smoothing_curve: float = 1.0
     top_n_sigma: float = float("inf")
+    top_h: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
@@ -126,9 +155,6 @@ class ChainDecoder(Decoder):
         ]
         if not parts:
             return "ancestral"
-        if len(parts) == 1 and self.min_tokens_to_keep != 1:
-            # min_tokens_to_keep alone changes nothing; keep it so the spec round-trips.
-            return parts[0]
         return ",".join(parts)
 
     def is_identity(self) -> bool:
@@ -136,7 +162,7 @@ class ChainDecoder(Decoder):
         return all(
             getattr(self, n) == neutral
             for n, (neutral, _) in CHAIN_KEYS.items()
-            if n != "min_tokens_to_keep"
+            if n not in _MODIFIERS
         )
 
     __hash__ = Decoder.__hash__
@@ -179,11 +205,19 @@ def chain_apply(logits: Tensor, params: Mapping[str, Any]) -> Tensor:
     owned = False  # whether x is our own tensor (then masks are applied in place)
     mk = params.get("min_tokens_to_keep", 1)
     t = params.get("temperature", 1.0)
+    spread = params.get("dynatemp_range", 0.0)
+    if not _neutral(spread, 0.0):
+        t = ops.dynatemp_temperature(x, t, spread, params.get("dynatemp_exponent", 1.0))
     if not _neutral(t, 1.0):
         x = ops.temperature(x, t)
         owned = True
+    factor = params.get("smoothing_factor", 0.0)
+    if not _neutral(factor, 0.0):
+        x = ops.quadratic_smoothing(x, factor, params.get("smoothing_curve", 1.0))
+        owned = True
     stages = (
         ("top_n_sigma", lambda z, v: ops.top_n_sigma_mask(z, v)),
+        ("top_h", lambda z, v: ops.top_h_mask(z, v)),
         ("top_k", lambda z, v: ops.top_k_mask(z, v, mk)),
         ("top_p", lambda z, v: ops.top_p_mask(z, v, mk)),
         ("min_p", lambda z, v: ops.min_p_mask(z, v, mk)),

@@ -2,7 +2,8 @@
 
 Grammar::
 
-    spec    := name | chain | name ":" options
+    spec    := stage ("|" stage)*                      # a pipeline: stages in the order written
+    stage   := name | chain | name ":" options
     chain   := key "=" value ("," key "=" value)*      # the built-in chain (see ChainDecoder)
     options := key "=" value ("," key "=" value)*      # the named method's own options
 
@@ -11,10 +12,14 @@ Grammar::
   under the ``entcal.decoders`` entry-point group (entcal itself declares ``calibrated`` and
   ``lookahead`` there; they are imported on first use), or anything added with
   :func:`register_method`;
-* ``temperature=0.8,top_p=0.95`` is the chain; keys: ``temperature``, ``top_n_sigma``,
+* ``temperature=0.8,top_p=0.95`` is the chain; keys: ``temperature``, ``dynatemp_range``,
+  ``dynatemp_exponent``, ``smoothing_factor``, ``smoothing_curve``, ``top_n_sigma``, ``top_h``,
   ``top_k``, ``top_p``, ``min_p``, ``typical`` (alias ``typical_p``), ``epsilon`` (alias
   ``epsilon_cutoff``), ``eta`` (alias ``eta_cutoff``), ``min_tokens_to_keep``;
-* ``mirostat:tau=3.0,eta=0.1`` and ``edt:theta=1.0`` are named methods with options.
+* ``mirostat:tau=3.0,eta=0.1``, ``edt:theta=1.0``, ``xtc:threshold=0.1`` and
+  ``dry:multiplier=0.8`` are named methods with options;
+* ``min_p=0.1 | top_p=0.9`` applies its stages in the order written (see
+  :mod:`entcal.decoding.pipeline`; the chain alone always uses transformers' order).
 
 Whitespace around keys and values is ignored. ``str(parse(s))`` is the canonical spec and parses
 back to an equal decoder. Every error is a ``ValueError`` naming the key and its valid range.
@@ -91,6 +96,19 @@ def parse(spec: str | Decoder) -> Decoder:
     text = spec.strip()
     if not text:
         raise ValueError("empty decoder spec; use 'ancestral' for plain sampling")
+    if "|" in text:
+        from entcal.decoding.pipeline import PipelineDecoder
+
+        parts = [p.strip() for p in text.split("|")]
+        for i, part in enumerate(parts):
+            if not part:
+                raise ValueError(f"malformed decoder spec {spec!r}: stage {i + 1} is empty")
+        return PipelineDecoder([_parse_stage(p) for p in parts])
+    return _parse_stage(text)
+
+
+def _parse_stage(text: str) -> Decoder:
+    spec = text
     name, colon, rest = text.partition(":")
     name = name.strip()
     if colon or ("=" not in text and "," not in text):

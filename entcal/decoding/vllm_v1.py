@@ -185,7 +185,10 @@ class EntcalV1LogitsProcessor(_Base, LogitsProcessor):
         decoder = new_request_decoder(params, self.model_config)
         if decoder is None:
             return None
-        return RowEntry(decoder, output_ids, bool(getattr(decoder, "requires_history", False)))
+        stateful = decoder.requires_history
+        if stateful and prompt_ids:
+            decoder.prime([prompt_ids])  # context-reading decoders (DRY) start from the prompt
+        return RowEntry(decoder, output_ids, stateful)
 
     def _plan(self, n_rows: int) -> None:
         """Rebuild the per-row decoder list after a batch change (not on every step)."""
