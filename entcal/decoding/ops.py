@@ -181,6 +181,19 @@ def _kth_largest(logits: Tensor, k: Tensor) -> Tensor:
     return vals.gather(-1, (k - 1).view(-1, 1))
 
 
+def _largest(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``torch.topk(logits, k, sorted=True)`` by way of the k blocks with the largest maxima
+    (those hold the k largest values; one reduction over blocks replaces a full-row top-k)."""
+    v = logits.shape[-1]
+    if v % BLOCK or 4 * k * BLOCK > v:
+        return torch.topk(logits, k, dim=-1, largest=True, sorted=True)
+    kb = logits.view(logits.shape[0], -1, BLOCK)
+    blocks = kb.amax(-1).topk(k, dim=-1, sorted=False).indices  # [N, k]
+    gathered = kb.gather(1, blocks.unsqueeze(-1).expand(-1, -1, BLOCK)).flatten(1)
+    values, pos = gathered.topk(k, dim=-1, largest=True, sorted=True)
+    return values, blocks.gather(1, pos // BLOCK) * BLOCK + pos % BLOCK
+
+
 def _min_keep_guard(logits: Tensor, min_keep: int | Tensor) -> Tensor:
     """``[N, V]`` bool: True for tokens *outside* the top ``min_keep`` (ties at the edge kept)."""
     n = logits.shape[0]
@@ -426,33 +439,51 @@ def _block_boundary(
     kb = _blocks(key, worst)
     ref = best.view(-1, 1)
     cap = min(depth, MAX_DEPTH)
-    block_dist = (ref - kb.amax(-1)) if largest else (kb.amin(-1) - ref)
-    rb, bi = (block_dist <= cap).nonzero(as_tuple=True)  # rows ascending
-    kg = kb[rb, bi]  # [n_blocks, BLOCK]
-    # the candidate tokens (rows ascending); the same test as the blocks', on the gathered keys
-    ref_g = ref.index_select(0, rb)
-    cand = (ref_g - kg <= cap) if largest else (kg - ref_g <= cap)
-    gi, gj = cand.nonzero(as_tuple=True)
-    rows_t = rb.index_select(0, gi)
-    cols_t = bi.index_select(0, gi) * BLOCK + gj
-    k_t = kg[gi, gj]
-    ref_t = best.index_select(0, rows_t)
-    d_t = (ref_t - k_t) if largest else (k_t - ref_t)
-    w_t = weight.reshape(-1).index_select(0, rows_t * v + cols_t).double()
-    # float64 histogram over 1/64-nat buckets of the distance; sort only the crossing bucket
     nbk = int(cap * BUCKETS_PER_NAT) + 1
-    bucket = (d_t * BUCKETS_PER_NAT).long()
-    mass = torch.zeros(r * nbk, dtype=f64, device=dev)
-    mass.scatter_add_(0, rows_t * nbk + bucket, w_t)
-    raw_cum = mass.view(r, nbk).cumsum(-1)
+    block_dist = (ref - kb.amax(-1)) if largest else (kb.amin(-1) - ref)
+    near = block_dist <= cap
+    if 2 * int(near.sum()) > near.numel():
+        # Flat rows: most blocks are candidates, so gathering them token by token (nonzero,
+        # index_select over nearly the whole batch) costs more than dense passes over it. Every
+        # token enters the histogram; those deeper than MAX_DEPTH (and masked ones) share the
+        # last bucket, which decides only if it is small enough to sort.
+        nbk = int(MAX_DEPTH * BUCKETS_PER_NAT) + 1
+        dist = ((ref - key) if largest else (key - ref)).clamp(max=MAX_DEPTH)
+        bucket = (dist * BUCKETS_PER_NAT).long().clamp_(max=nbk - 1)
+        w = weight.double()
+        mass = torch.zeros(r, nbk, dtype=f64, device=dev).scatter_add_(1, bucket, w)
+        raw_cum = mass.cumsum(-1)
+        base = raw_cum[:, -1:]
+        rows_in = None
+    else:
+        rb, bi = near.nonzero(as_tuple=True)  # rows ascending
+        kg = kb[rb, bi]  # [n_blocks, BLOCK]
+        # the candidate tokens (rows ascending); the same test as the blocks', on the keys
+        ref_g = ref.index_select(0, rb)
+        cand = (ref_g - kg <= cap) if largest else (kg - ref_g <= cap)
+        gi, gj = cand.nonzero(as_tuple=True)
+        rows_t = rb.index_select(0, gi)
+        cols_t = bi.index_select(0, gi) * BLOCK + gj
+        k_t = kg[gi, gj]
+        ref_t = best.index_select(0, rows_t)
+        d_t = (ref_t - k_t) if largest else (k_t - ref_t)
+        w_t = weight.reshape(-1).index_select(0, rows_t * v + cols_t).double()
+        # float64 histogram over 1/64-nat buckets of the distance; sort the crossing bucket
+        bucket_t = (d_t * BUCKETS_PER_NAT).long()
+        mass = torch.zeros(r * nbk, dtype=f64, device=dev)
+        mass.scatter_add_(0, rows_t * nbk + bucket_t, w_t)
+        raw_cum = mass.view(r, nbk).cumsum(-1)
+        base = raw_cum[:, -1:]
+        if normalize:
+            wb = _blocks(weight, 0.0)
+            block_sum = wb.sum(-1)
+            block_sum[rb, bi] = 0.0
+            rest = block_sum.double().sum(-1)  # blocks not gathered (float32 sums of 32)
+            rest.index_add_(0, rb, torch.where(cand, 0.0, wb[rb, bi]).double().sum(-1))
+            base = (rest + raw_cum[:, -1]).view(-1, 1)
+        rows_in = rows_t
     cum = raw_cum
     if normalize:
-        wb = _blocks(weight, 0.0)
-        block_sum = wb.sum(-1)
-        block_sum[rb, bi] = 0.0
-        rest = block_sum.double().sum(-1)  # blocks not gathered (float32 sums of 32 tokens)
-        rest.index_add_(0, rb, torch.where(cand, 0.0, wb[rb, bi]).double().sum(-1))
-        base = (rest + raw_cum[:, -1]).view(-1, 1)
         total = base.clamp(min=1e-300)
 
         def share(c: Tensor) -> Tensor:  # 1 - tail / Σp, the tail summed directly
@@ -468,8 +499,13 @@ def _block_boundary(
         torch.zeros((), dtype=f64, device=dev),
     )  # [r, 1]
     before = (share(raw_before) if normalize else raw_before).flatten()
-    (sel,) = (bucket == bstar.index_select(0, rows_t)).nonzero(as_tuple=True)
-    rows_c = rows_t.index_select(0, sel)
+    # the tokens of each row's crossing bucket: rows ascending, their keys and masses
+    if rows_in is None:
+        rows_c, cols_c = (bucket == bstar.view(-1, 1)).nonzero(as_tuple=True)
+        k_c, w_c = key[rows_c, cols_c], w[rows_c, cols_c]
+    else:
+        (sel,) = (bucket_t == bstar.index_select(0, rows_in)).nonzero(as_tuple=True)
+        rows_c, k_c, w_c = rows_in[sel], k_t[sel], w_t[sel]
     count = torch.bincount(rows_c, minlength=r)
     ok = reached & (count > 0) & (count <= MAX_BUCKET)
     kc = max(1, int(count[ok].max())) if bool(ok.any()) else 1
@@ -477,11 +513,11 @@ def _block_boundary(
         0, rows_c
     )
     keep = ok.index_select(0, rows_c)
-    sel, rows_c, pos = sel[keep], rows_c[keep], pos[keep]
+    rows_c, pos, k_c, w_c = rows_c[keep], pos[keep], k_c[keep], w_c[keep]
     pad_key = torch.full((r, kc), worst, dtype=key.dtype, device=dev)
-    pad_key[rows_c, pos] = k_t.index_select(0, sel)
+    pad_key[rows_c, pos] = k_c
     pad_w = torch.zeros((r, kc), dtype=f64, device=dev)
-    pad_w[rows_c, pos] = w_t.index_select(0, sel)
+    pad_w[rows_c, pos] = w_c
     vals, order = pad_key.sort(dim=-1, descending=largest)
     cum_in = raw_before + pad_w.gather(-1, order).cumsum(-1)
     if normalize:
@@ -525,12 +561,14 @@ def _decide(
     return thr, ok
 
 
-def _top_p_exact(x: Tensor, top_p: Tensor) -> Tensor:
-    """transformers' TopP arithmetic on rows ``x``: number of tokens it keeps (no min_keep)."""
+def _top_p_exact(x: Tensor, top_p: Tensor) -> tuple[Tensor, Tensor]:
+    """transformers' TopP arithmetic on rows ``x``: ``(number of tokens it keeps, the smallest
+    kept logit)`` per row (no min_keep)."""
     sorted_logits = torch.sort(x, dim=-1, descending=False).values
     cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     remove = cum <= (1.0 - top_p).to(torch.float32).view(-1, 1)
-    return x.shape[-1] - remove.sum(-1)
+    dropped = remove.sum(-1).clamp(max=x.shape[-1] - 1)
+    return x.shape[-1] - dropped, sorted_logits.gather(-1, dropped.view(-1, 1)).flatten()
 
 
 def top_p_mask(
@@ -589,9 +627,8 @@ def top_p_mask(
         pending = torch.ones_like(m, dtype=torch.bool)
     if bool(pending.any()):  # transformers' arithmetic
         sub = pending.nonzero().flatten()
-        xs = x.index_select(0, sub)
-        kept = _top_p_exact(xs, target.index_select(0, sub))
-        thr.index_copy_(0, sub, _kth_largest(xs, kept).flatten())
+        _, smallest_kept = _top_p_exact(x.index_select(0, sub), target.index_select(0, sub))
+        thr.index_copy_(0, sub, smallest_kept)
     # min_tokens_to_keep: the threshold is at most the min_keep-th largest logit
     mkt = mk.index_select(0, todo)
     if bool((mkt > 1).any()):
@@ -761,15 +798,18 @@ def top_h_mask(logits: Tensor, top_h: float | Tensor) -> Tensor:
     cumulative entropy terms ``Σ_{j<=i} -q_j log q_j`` stay ``<= top_h · H(q)`` (the most probable
     token is always kept); every other token is removed. ``top_h`` in ``(0, 1]`` per row; ``0``
     leaves the row untouched. Computed with transformers' float32 operations in its order, so
-    the kept sets are identical (its ties at the 100th token follow ``torch.topk``'s order too).
-    ``min_tokens_to_keep`` does not apply (transformers ignores it as well).
+    the kept sets are identical. The 100 candidates come from the 100 blocks of ``BLOCK`` tokens
+    with the largest maxima (they hold the row's 100 largest logits), so no full-row ``topk``
+    runs: with exact ties at the 100th logit, which of the tied tokens is a candidate may differ
+    from ``torch.topk``'s choice on the full row. ``min_tokens_to_keep`` does not apply
+    (transformers ignores it as well).
     """
     n, v = logits.shape
     th = rows(top_h, n, logits.device, logits.dtype)
     active = th > 0
     if not bool(active.any()):
         return torch.zeros_like(logits, dtype=torch.bool)
-    top, idx = torch.topk(logits, min(TOP_H_CANDIDATES, v), dim=-1, largest=True, sorted=True)
+    top, idx = _largest(logits, min(TOP_H_CANDIDATES, v))
     # torch.distributions.Categorical(logits=top): normalized logits, softmax, clamped entropy
     norm = top - top.logsumexp(dim=-1, keepdim=True)
     probs = torch.softmax(norm, dim=-1)
