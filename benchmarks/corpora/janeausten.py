@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import struct
-import subprocess
-import tempfile
 import zlib
 from pathlib import Path
+
+from debpkg import package_file
 
 _RDB = "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
 
@@ -81,11 +81,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["apt-get", "download", "r-cran-janeaustenr"], cwd=tmp, check=True)
-        (deb,) = Path(tmp).glob("*.deb")
-        subprocess.run(["dpkg", "-x", str(deb), str(Path(tmp) / "x")], check=True)
-        docs = documents((Path(tmp) / "x" / _RDB).read_bytes())
+    docs = documents(package_file("r-cran-janeaustenr", _RDB))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n\n".join(docs) + "\n")
     print(f"{args.out}: {len(docs)} documents")

@@ -20,9 +20,9 @@ import argparse
 import gzip
 import json
 import re
-import subprocess
-import tempfile
 from pathlib import Path
+
+from debpkg import package_file
 
 from entcal import corpora
 
@@ -58,11 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["apt-get", "download", "jargon-text"], cwd=tmp, check=True)
-        (deb,) = Path(tmp).glob("*.deb")
-        subprocess.run(["dpkg", "-x", str(deb), str(Path(tmp) / "x")], check=True)
-        text = gzip.decompress((Path(tmp) / "x" / _JARGON).read_bytes()).decode("utf-8")
+    text = gzip.decompress(package_file("jargon-text", _JARGON)).decode("utf-8")
     pydoc = list(corpora.default_corpus().split("train").documents)
     every = jargon_documents(text)
     # Evenly spaced over the alphabet rather than the first letters only.

@@ -11,7 +11,14 @@ from torch import Tensor
 
 from entcal.decoding.ops import check_logits, keep_dead_rows
 
-__all__ = ["Decoder", "format_value", "instance_rows", "parse_float", "parse_int"]
+__all__ = [
+    "Decoder",
+    "InstanceBatched",
+    "format_value",
+    "instance_rows",
+    "parse_float",
+    "parse_int",
+]
 
 
 class Decoder:
@@ -108,6 +115,14 @@ class Decoder:
                 0, rows_t, owners[key]._process(logits.index_select(0, rows_t), sub_ids)
             )
         return out
+
+
+class InstanceBatched(Decoder):
+    """A stateful decoder whose one implementation is the vectorized pass over the rows of all
+    its instances (:meth:`_apply_group`); a call is that pass over its own rows."""
+
+    def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
+        return type(self)._apply_group([self] * logits.shape[0], logits, input_ids)
 
 
 def instance_rows(decoders: Sequence[Decoder]) -> list[tuple[Decoder, list[int]]]:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from entcal.decoding.base import (
     Decoder,
+    InstanceBatched,
     check_known,
     format_value,
     instance_rows,
@@ -116,7 +117,7 @@ def _col(v: float | int | Tensor, n: int, dev: torch.device, dtype: torch.dtype)
     return torch.full((n, 1), float(v), device=dev, dtype=dtype)
 
 
-class DRYDecoder(Decoder):
+class DRYDecoder(InstanceBatched):
     """DRY repetition penalty (see the module docstring; :func:`dry_penalty`).
 
     The context is ``input_ids`` when the adapter passes them (``entcal.generate``, Hugging Face
@@ -223,9 +224,6 @@ class DRYDecoder(Decoder):
         return self.history_
 
     # ---- the step -------------------------------------------------------------------------
-    def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
-        return type(self)._apply_group([self] * logits.shape[0], logits, input_ids)
-
     @classmethod
     def _apply_group(
         cls, decoders: Sequence[Decoder], logits: Tensor, input_ids: Tensor | None

@@ -361,6 +361,9 @@ def top_n_sigma_mask(logits: Tensor, n_sigma: float | Tensor) -> Tensor:
 # 3. rows whose crossing lies deeper than ``depth`` are redone with every block; rows within
 #    the numerical margin of the target (top-p: EXACT_TOL, NORM_ERR), or whose crossing bucket
 #    is crowded (> MAX_BUCKET tokens), get the exact full sort.
+# When most blocks are candidates (flat rows: high entropy), gathering them token by token costs
+# more than the whole row; the histogram is then built by dense passes over every token (bucket
+# index, float64 mass, one scatter-add) and only the crossing bucket's tokens are gathered.
 
 #: Histogram buckets per nat of key distance from the row's best token.
 BUCKETS_PER_NAT = 64

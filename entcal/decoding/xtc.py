@@ -11,6 +11,7 @@ from torch import Tensor
 from entcal.decoding import ops
 from entcal.decoding.base import (
     Decoder,
+    InstanceBatched,
     check_known,
     format_value,
     instance_rows,
@@ -23,7 +24,7 @@ from entcal.decoding.spec import register_method
 __all__ = ["XTCDecoder"]
 
 
-class XTCDecoder(Decoder):
+class XTCDecoder(InstanceBatched):
     """Exclude top choices: sometimes drop the most probable tokens to break clichés.
 
     Each step, each sequence draws a uniform ``u``; if ``u < probability`` and at least two
@@ -90,9 +91,6 @@ class XTCDecoder(Decoder):
     def observe(self, tokens: Tensor) -> None:
         if self.steps_ is not None:
             self.steps_ = self.steps_ + 1
-
-    def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
-        return type(self)._apply_group([self] * logits.shape[0], logits, input_ids)
 
     @classmethod
     def _apply_group(
