@@ -96,6 +96,8 @@ def run(args: argparse.Namespace) -> dict:
                     budget = args.budget
                     floor = timeit(lambda x=x: torch.softmax(x, -1), budget)
                     for method, (spec, make_ref) in METHODS.items():
+                        if args.methods and method not in args.methods.split(","):
+                            continue
                         dec, ref = parse(spec), make_ref()
                         ours = timeit(lambda d=dec, x=x: d(x), budget)
                         theirs = timeit(lambda r=ref, x=x: r(None, x), budget)
@@ -187,8 +189,17 @@ def main() -> int:
     p.add_argument("--budget", type=float, default=0.3, help="seconds per timing (roughly)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--name", default="entropy_sweep", help="output file stem")
+    p.add_argument("--methods", default="", help="comma-separated subset (default: all)")
+    p.add_argument(
+        "--merge", action="store_true", help="replace these methods' rows in the existing JSON"
+    )
     args = p.parse_args()
     report = run(args)
+    old = Path(args.out) / f"{args.name}.json"
+    if args.merge and old.exists():
+        redone = {r["method"] for r in report["results"]}
+        kept = [r for r in json.loads(old.read_text())["results"] if r["method"] not in redone]
+        report["results"] = kept + report["results"]
     report["worst"] = worst(report)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from entcal.decoding import ops
 from entcal.decoding.base import Decoder, format_value, parse_float, parse_int
+from entcal.decoding.ops import check_logits, keep_dead_rows
 
 __all__ = ["CHAIN_KEYS", "KEY_ALIASES", "ChainDecoder"]
 
@@ -171,6 +172,15 @@ class ChainDecoder(Decoder):
     def __repr__(self) -> str:
         return f"ChainDecoder({self.spec!r})"
 
+    def __call__(self, logits: Tensor, input_ids: Tensor | None = None) -> Tensor:
+        # Decoder.__call__, handing the row maxima the validation found to the temperature
+        # stage (which needs them for its overflow check) instead of computing them twice.
+        row_max = check_logits(logits)
+        with torch.no_grad():
+            x = logits.float()
+            params = {n: getattr(self, n) for n in CHAIN_KEYS}
+            return keep_dead_rows(chain_apply(x, params, row_max=row_max), row_max)
+
     def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
         return chain_apply(logits, {n: getattr(self, n) for n in CHAIN_KEYS})
 
@@ -195,11 +205,13 @@ def _neutral(value: Any, neutral: Any) -> bool:
     return value == neutral
 
 
-def chain_apply(logits: Tensor, params: Mapping[str, Any]) -> Tensor:
+def chain_apply(
+    logits: Tensor, params: Mapping[str, Any], row_max: Tensor | None = None
+) -> Tensor:
     """Apply the chain with per-row (tensor ``[N]``) or shared (number) parameters.
 
     Rows at a stage's neutral value are untouched by that stage; a stage whose parameter is
-    neutral for every row is skipped entirely.
+    neutral for every row is skipped entirely. ``row_max`` ``[N]``: the rows' maxima, if known.
     """
     x = logits
     owned = False  # whether x is our own tensor (then masks are applied in place)
@@ -209,7 +221,7 @@ def chain_apply(logits: Tensor, params: Mapping[str, Any]) -> Tensor:
     if not _neutral(spread, 0.0):
         t = ops.dynatemp_temperature(x, t, spread, params.get("dynatemp_exponent", 1.0))
     if not _neutral(t, 1.0):
-        x = ops.temperature(x, t)
+        x = ops.temperature(x, t, row_max=row_max)
         owned = True
     factor = params.get("smoothing_factor", 0.0)
     if not _neutral(factor, 0.0):

@@ -206,7 +206,7 @@ def _min_keep_guard(logits: Tensor, min_keep: int | Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def temperature(logits: Tensor, t: float | Tensor) -> Tensor:
+def temperature(logits: Tensor, t: float | Tensor, row_max: Tensor | None = None) -> Tensor:
     """``logits / T`` per row (``T > 0``); bitwise equal to transformers' TemperatureLogitsWarper.
 
     Where that division would overflow (``|max logit| / T`` beyond the dtype's range, or ``T``
@@ -215,6 +215,8 @@ def temperature(logits: Tensor, t: float | Tensor) -> Tensor:
     probability is then exactly 0 in the dtype written as ``-inf``: the same distribution as the
     exact ``softmax(x / T)``, so in the limit ``T -> 0`` the argmax (and its ties) at 0 and every
     other token at ``-inf``, never NaN or ``+inf``. All-``-inf`` rows stay all ``-inf``.
+    ``row_max`` ``[N]``: the rows' maxima if the caller has them (:func:`check_logits` returns
+    them), which saves the pass that finds them.
 
     >>> temperature(torch.tensor([[0.0, 1.0, -1.0]]), 1e-300)
     tensor([[-inf, 0., -inf]])
@@ -222,9 +224,15 @@ def temperature(logits: Tensor, t: float | Tensor) -> Tensor:
     # torch divides half-precision tensors by a Python scalar in float32: limits are float32's
     acc = torch.promote_types(logits.dtype, torch.float32)
     amax = torch.finfo(acc).max
+    out_max = torch.finfo(logits.dtype).max
     if not isinstance(t, Tensor):
         if t >= 1.0:  # |x / t| <= |x|: nothing can overflow (T beyond float32: -inf/inf = NaN)
             return logits / min(t, amax)
+        # Overflow check before the division (a few scalar ops on the row maxima: fewer
+        # temporaries around the one full-size result)
+        top_abs = (logits.amax(-1) if row_max is None else row_max).nan_to_num(neginf=0.0).abs()
+        if t >= torch.finfo(acc).tiny and float(top_abs.max()) / t <= out_max:
+            return logits / t
         plain = logits / t  # a float32 division by the same float32 value as below
     else:
         tt = rows(t, logits.shape[0], logits.device, logits.dtype).clamp(
@@ -232,9 +240,8 @@ def temperature(logits: Tensor, t: float | Tensor) -> Tensor:
         )
         plain = logits / tt.view(-1, 1)
     # Overflow check (one reduction): the row is safe iff its largest |logit| / T is in range.
-    out_max = torch.finfo(logits.dtype).max
     t64 = rows(t, logits.shape[0], logits.device, torch.float64)
-    top = logits.amax(-1).to(torch.float64)
+    top = (logits.amax(-1) if row_max is None else row_max.to(logits.device)).to(torch.float64)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     # Only the top logit matters: a lower one that overflows to -inf had probability 0 anyway.
     reach = top.abs() / t64
