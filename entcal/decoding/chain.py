@@ -205,9 +205,7 @@ def _neutral(value: Any, neutral: Any) -> bool:
     return value == neutral
 
 
-def chain_apply(
-    logits: Tensor, params: Mapping[str, Any], row_max: Tensor | None = None
-) -> Tensor:
+def chain_apply(logits: Tensor, params: Mapping[str, Any], row_max: Tensor | None = None) -> Tensor:
     """Apply the chain with per-row (tensor ``[N]``) or shared (number) parameters.
 
     Rows at a stage's neutral value are untouched by that stage; a stage whose parameter is
