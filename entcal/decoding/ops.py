@@ -83,6 +83,7 @@ EXACT_TOL = 5e-6
 NORM_ERR = 4e-6
 
 _NEG_INF = float("-inf")
+_F32_MAX = torch.finfo(torch.float32).max
 
 #: Tokens per block of the block prefilters (top-k, top-p, typical): a reduction over blocks
 #: is cheap, and only the few blocks that can matter are gathered.
@@ -845,16 +846,20 @@ def quadratic_smoothing(logits: Tensor, factor: float | Tensor, curve: float | T
     row's result does not depend on its batch (identical at batch 1).
     """
     n = logits.shape[0]
-    # float64, and the factor applied last: huge factors or curves give ±inf, never NaN
+    dtype = logits.dtype
     f = rows(factor, n, logits.device, torch.float64).view(-1, 1)
     c = rows(curve, n, logits.device, torch.float64).view(-1, 1)
-    top = logits.amax(-1, keepdim=True).double()
+    top = logits.amax(-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    d = logits.double() - top
-    shape = d.square() * ((c - 3.0) / 2.0 + d * ((c - 1.0) / 2.0))  # one infinity at most
-    out = (top + torch.where(d == 0, 0.0, f * shape)).clamp(max=torch.finfo(logits.dtype).max)
-    keep = torch.isinf(logits) | (f == 0)  # -inf stays -inf; neutral rows are untouched
-    return torch.where(keep, logits, out.to(logits.dtype))
+    d = logits - top
+    # d²·(a + d·b) with the factor applied last: huge factors, curves or logits give ±inf (one
+    # infinity per product at most), and d = 0 (the top token) is exactly the top
+    a = ((c - 3.0) / 2.0).clamp(-_F32_MAX, _F32_MAX).to(dtype)
+    b = ((c - 1.0) / 2.0).clamp(max=_F32_MAX).to(dtype)
+    shape = d.square().mul_(d * b + a).mul_(f.clamp(max=_F32_MAX).to(dtype))
+    out = shape.add_(top).nan_to_num_(nan=_NEG_INF).clamp_(max=torch.finfo(dtype).max)
+    keep = (d == 0) | torch.isinf(logits) | (f == 0)  # -inf stays; neutral rows untouched
+    return torch.where(keep, logits, out)
 
 
 def dynatemp_temperature(
@@ -901,16 +906,20 @@ def xtc_mask(
     when newline or EOS would be removed; entcal, like llama.cpp, does not.
     """
     n = logits.shape[0]
-    thr = rows(threshold, n, logits.device, logits.dtype).view(-1, 1)
+    thr = rows(threshold, n, logits.device, torch.float64)
     mk = rows(min_keep, n, logits.device, torch.long)
-    probs = torch.softmax(logits, dim=-1)
-    above = (probs >= thr) & (logits > float("-inf"))  # masked tokens are no candidates
+    # p >= threshold  <=>  logit >= lse + log(threshold): no softmax; masked tokens never qualify
+    cut = (torch.logsumexp(logits, dim=-1).double() + thr.log()).to(logits.dtype).view(-1, 1)
+    cut = torch.maximum(cut, torch.full_like(cut, torch.finfo(logits.dtype).min))
+    above = logits >= cut
+    count = above.sum(-1)
     lowest = torch.where(above, logits, float("inf")).amin(-1, keepdim=True)
-    remove = above & (logits > lowest)
-    removed = remove.sum(-1)
-    left = torch.isfinite(logits).sum(-1) - removed
-    act = fire.to(logits.device) & (thr.view(-1) <= 0.5) & (above.sum(-1) >= 2) & (left >= mk)
-    return remove & act.view(-1, 1)
+    # what stays: the candidates below the lowest qualifying token, plus that token (and ties)
+    left = (logits <= lowest).sum(-1) - (logits == _NEG_INF).sum(-1)
+    act = fire.to(logits.device) & (thr <= 0.5) & (count >= 2) & (left >= mk)
+    if not bool(act.any()):
+        return torch.zeros_like(logits, dtype=torch.bool)
+    return (logits > lowest) & act.view(-1, 1)
 
 
 def mirostat_v1_k(logits: Tensor, mu: Tensor, m: int | Tensor) -> Tensor:
@@ -927,8 +936,8 @@ def mirostat_v1_k(logits: Tensor, mu: Tensor, m: int | Tensor) -> Tensor:
     n, v = logits.shape
     mm = rows(m, n, logits.device, torch.long)
     width = int(min(int(mm.max()), v))
-    logp = torch.log_softmax(logits.double(), dim=-1)
-    top = logp.topk(width, dim=-1, sorted=True).values
+    # log(p_i / p_{i+1}) is a logit difference: the top m logits suffice, no softmax
+    top = _largest(logits, width)[0].double()
     i = torch.arange(width - 1, device=logits.device, dtype=torch.float64)
     t = torch.log((i + 2.0) / (i + 1.0))
     b = top[:, :-1] - top[:, 1:]  # log(p_i / p_{i+1})
