@@ -10,7 +10,14 @@ import torch
 from torch import Tensor
 
 from entcal.decoding import ops
-from entcal.decoding.base import Decoder, check_known, format_value, parse_float, parse_int
+from entcal.decoding.base import (
+    Decoder,
+    check_known,
+    format_value,
+    instance_rows,
+    parse_float,
+    parse_int,
+)
 from entcal.decoding.spec import register_method
 
 __all__ = ["EDTDecoder", "MirostatDecoder"]
@@ -93,16 +100,7 @@ class MirostatDecoder(Decoder):
     @classmethod
     def from_options(cls, options: dict[str, str]) -> MirostatDecoder:
         check_known("mirostat", options, cls.OPTIONS)
-        kwargs: dict = {}
-        for k, v in options.items():
-            if k == "surprise":
-                kwargs[k] = v
-            elif k in ("version", "m"):
-                kwargs[k] = parse_int(k, v, lo=1 if k == "version" else 2,
-                                      range_text="1 or 2" if k == "version" else "an integer >= 2")  # fmt: skip
-            else:
-                kwargs[k] = float(parse_float(k, v))
-        return cls(**kwargs)
+        return cls(**options)  # type: ignore[arg-type]  # __init__ parses and checks each one
 
     @property
     def spec(self) -> str:
@@ -129,17 +127,17 @@ class MirostatDecoder(Decoder):
             self.reset(n)
         assert self.mu_ is not None
         self.mu_ = self.mu_.to(logits.device)
-        return self._step([self], logits, self.mu_, self.temperature, None)
+        return self._step(logits, self.mu_, self.temperature, None)
 
     def _step(
         self,
-        owners: Sequence[MirostatDecoder],
         logits: Tensor,
         mu: Tensor,
         temperature: float | Tensor,
-        index: dict[int, Tensor] | None,
+        owners: Sequence[tuple[MirostatDecoder, Tensor]] | None,
     ) -> Tensor:
-        """Truncate rows with their ``mu`` and remember what ``observe`` needs, per owner."""
+        """Truncate rows with their ``mu`` and remember what ``observe`` needs: for ``self``
+        (``owners`` None), or for each ``(instance, its rows)`` of a grouped pass."""
         x = ops.temperature(logits, temperature) if not _is_one(temperature) else logits
         if self.version == 2:
             remove, lse = ops.mirostat_mask(x, mu)
@@ -149,11 +147,11 @@ class MirostatDecoder(Decoder):
         out = x.masked_fill(remove, float("-inf"))
         if self.surprise == "truncated":  # the sampled-from distribution: removed tokens at -inf
             x, lse = out, torch.logsumexp(out, dim=-1)
-        if index is None:
+        if owners is None:
             self._last = (x, lse)
         else:
-            for key, d in zip(index, owners, strict=True):
-                d._last = (x.index_select(0, index[key]), lse.index_select(0, index[key]))
+            for d, idx in owners:
+                d._last = (x.index_select(0, idx), lse.index_select(0, idx))
         return out
 
     def observe(self, tokens: Tensor) -> None:
@@ -182,26 +180,20 @@ class MirostatDecoder(Decoder):
             kinds.setdefault((d.version, d.m, d.surprise), []).append(i)
         if len(kinds) > 1:
             return super()._apply_group(decoders, logits, input_ids)
-        insts: dict[int, MirostatDecoder] = {}
-        rows_of: dict[int, list[int]] = {}
-        for i, d in enumerate(decoders):
-            assert isinstance(d, MirostatDecoder)
-            insts.setdefault(id(d), d)
-            rows_of.setdefault(id(d), []).append(i)
         dev = logits.device
         mu = torch.empty(len(decoders), dtype=torch.float64, device=dev)
         temp = torch.empty(len(decoders), dtype=torch.float64, device=dev)
-        index = {}
-        for key, d in insts.items():
-            if d.mu_ is None or d.mu_.shape[0] != len(rows_of[key]):
-                d.reset(len(rows_of[key]))
+        owners: list[tuple[MirostatDecoder, Tensor]] = []
+        for d, rows in instance_rows(decoders):  # per instance, not per row
+            assert isinstance(d, MirostatDecoder)
+            if d.mu_ is None or d.mu_.shape[0] != len(rows):
+                d.reset(len(rows))
             d.mu_ = d.mu_.to(dev)  # type: ignore[union-attr]  # state lives with the logits
-            idx = torch.tensor(rows_of[key], device=dev)
-            index[key] = idx
-            mu.index_copy_(0, idx, d.mu_.to(dev))  # type: ignore[union-attr]
+            idx = torch.tensor(rows, device=dev)
+            mu.index_copy_(0, idx, d.mu_)  # type: ignore[arg-type]
             temp.index_fill_(0, idx, d.temperature)
-        first = next(iter(insts.values()))
-        return first._step(list(insts.values()), logits, mu, temp, index)
+            owners.append((d, idx))
+        return owners[0][0]._step(logits, mu, temp, owners)
 
 
 def _is_one(t: float | Tensor) -> bool:
