@@ -83,7 +83,7 @@ def main() -> None:
     from vllm import LLM
 
     from entcal import models
-    from entcal.decoding.vllm_processor import EntcalLogitsProcessor
+    from entcal.decoding.vllm.processor import EntcalLogitsProcessor
 
     t0 = time.perf_counter()
     llm = LLM(

@@ -18,7 +18,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from entcal import models
-    from entcal.decoding.vllm_processor import EntcalLogitsProcessor
+    from entcal.decoding.vllm.processor import EntcalLogitsProcessor
 
     llm = LLM(
         model=str(models.local_path("smollm2-135m")),

@@ -266,7 +266,7 @@ def test_gate_update_moves_against_each_buckets_error():
 def test_closed_gate_is_the_identity_and_an_open_one_a_temperature_on_markov_source(tmp_path):
     """α_t = 0 wherever the predicted excess is below the threshold: the sampled distribution is
     then exactly the model's; with the gate always open at α = g it is temperature 1/(1 + g)."""
-    from entcal.calibrators.decoder import CalibratedDecoder
+    from entcal.calibrators.calibrated import CalibratedDecoder
     from entcal.generation import generate
     from entcal.synthetic import MarkovChain
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entcal.calibrators.ops import adjusted_logprobs, entropy_stats, fill_phi
+from entcal.calibrators.paper_formula import adjusted_logprobs, entropy_stats, fill_phi
 
 
 def _tiny_llama(vocab: int = 48, seed: int = 0):

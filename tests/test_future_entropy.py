@@ -94,7 +94,7 @@ def test_shared_cache_rollout_equals_full_recompute():
 
 
 def test_adjusted_rollouts_sum_entropies_of_the_adjusted_model():
-    from entcal.calibrators.ops import adjusted_logprobs, entropy_stats
+    from entcal.calibrators.paper_formula import adjusted_logprobs, entropy_stats
     from entcal.synthetic import MarkovChain
 
     chain = MarkovChain.random(vocab_size=8, seed=2)
@@ -160,7 +160,7 @@ def test_batched_rollouts_equal_full_recompute(lengths):
     fast = batched_rollout_entropy(
         model, prefixes, cand, position, horizon, torch.Generator().manual_seed(7), adjust
     )
-    from entcal.calibrators.ops import entropy_stats
+    from entcal.calibrators.paper_formula import entropy_stats
 
     gen = torch.Generator().manual_seed(7)
     seqs = [[*p, int(c)] for p, row in zip(prefixes, cand) for c in row]

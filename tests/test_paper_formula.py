@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from entcal.calibrators.alpha import fit_alpha, logloss_terms
-from entcal.calibrators.ops import adjusted_logprobs, entropy_stats, fill_phi
+from entcal.calibrators.paper_formula import adjusted_logprobs, entropy_stats, fill_phi
 
 VOCAB = 64
 

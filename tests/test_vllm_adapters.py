@@ -38,14 +38,14 @@ from vllm.v1.worker.gpu.sample.logits_processor import (
 from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
 from entcal.decoding import MirostatDecoder, parse
-from entcal.decoding.vllm_processor import (
+from entcal.decoding.vllm.processor import (
     EntcalLogitsProcessor,
     EntcalPluginLogitsProcessor,
     EntcalRequestError,
     validate_request,
 )
-from entcal.decoding.vllm_v1 import EntcalV1LogitsProcessor, RowTable
-from entcal.decoding.vllm_v2 import EntcalV2LogitsProcessor
+from entcal.decoding.vllm.v1 import EntcalV1LogitsProcessor, RowTable
+from entcal.decoding.vllm.v2 import EntcalV2LogitsProcessor
 
 SPECS = [
     None,
@@ -439,7 +439,7 @@ def test_validate_accepts_and_rejects():
     assert err.value.parameter == "vllm_xargs.entcal" and "top_p" in str(err.value)
     with pytest.raises(EntcalRequestError, match="unknown decoder"):
         validate_request(_params("nonsense"))
-    import entcal.calibrators.decoder  # noqa: F401  (registers ``lookahead``)
+    import entcal.calibrators.calibrated  # noqa: F401  (registers ``lookahead``)
 
     with pytest.raises(EntcalRequestError, match="needs the token history"):
         validate_request(_params("lookahead:alpha=0.3"))  # needs input_ids: not in vLLM
@@ -478,7 +478,7 @@ def test_dispatch_by_runner_and_plugin_stands_aside():
     assert issubclass(EntcalLogitsProcessor, V2Interface)
 
     class _ModelConfig:
-        logits_processors: ClassVar[list] = ["entcal.decoding.vllm_processor:EntcalLogitsProcessor"]
+        logits_processors: ClassVar[list] = ["entcal.decoding.vllm.processor:EntcalLogitsProcessor"]
 
     class _Config:
         model_config = _ModelConfig()
@@ -498,7 +498,7 @@ def test_entry_point_is_guarded():
     """If entcal's processor cannot be imported, the entry point still loads: an inert processor
     that passes plain requests and rejects entcal requests with the reason."""
     code = (
-        "import sys; sys.modules['entcal.decoding.vllm_processor'] = None\n"
+        "import sys; sys.modules['entcal.decoding.vllm.processor'] = None\n"
         "from importlib.metadata import entry_points\n"
         "ep = [e for e in entry_points(group='vllm.logits_processors') if e.name == 'entcal'][0]\n"
         "cls = ep.load()\n"
@@ -516,7 +516,7 @@ def test_entry_point_is_guarded():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "REJECTED" in res.stdout and "failed to load" in res.stdout
-    from entcal.decoding import vllm_plugin
+    from entcal.decoding.vllm import plugin as vllm_plugin
 
     assert vllm_plugin.load_error is None
     assert vllm_plugin.plugin is EntcalPluginLogitsProcessor

@@ -243,7 +243,7 @@ def test_ancestral_and_mirostat_rows_generate(mixed):
 
 
 def test_bad_request_is_rejected_and_engine_keeps_serving(engine):
-    from entcal.decoding.vllm_processor import EntcalRequestError
+    from entcal.decoding.vllm.processor import EntcalRequestError
 
     with pytest.raises(EntcalRequestError) as err:
         engine.generate(["Hello"], _params("top_p=1.5", 4, 0))

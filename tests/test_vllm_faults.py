@@ -71,7 +71,7 @@ def engine():
     from vllm import LLM
 
     from entcal import models
-    from entcal.decoding.vllm_processor import EntcalLogitsProcessor
+    from entcal.decoding.vllm.processor import EntcalLogitsProcessor
 
     llm = LLM(
         model=str(models.local_path("smollm2-135m")),

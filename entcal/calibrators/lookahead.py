@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from entcal.calibrators.alpha import AlphaFit, fit_alpha
-from entcal.calibrators.ops import adjusted_logprobs, entropy_stats, fill_phi
+from entcal.calibrators.paper_formula import adjusted_logprobs, entropy_stats, fill_phi
 from entcal.decoding.base import Decoder, check_known, format_value, parse_float, parse_int
 from entcal.decoding.spec import register_method
 

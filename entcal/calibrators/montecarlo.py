@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from entcal.calibrators.ops import entropy_stats
+from entcal.calibrators.paper_formula import entropy_stats
 
 __all__ = [
     "StepFn",

@@ -10,7 +10,7 @@ the mean raw next-token entropy of the next ``K`` steps of the text being produc
 model's log loss on the human continuation of the same prompt (nats/token). On human text D ≈ 0;
 where a sampled generation has derailed (Cao, Valiant & Liang, arXiv 2511.11966, §4: entropy
 rises with the generation's length) D is large. The calibrated decoder
-(:mod:`entcal.calibrators.decoder`) sharpens the next-token distribution only where the
+(:mod:`entcal.calibrators.calibrated`) sharpens the next-token distribution only where the
 predicted D exceeds a threshold.
 
 Fitted with scikit-learn (ridge, or a one-hidden-layer MLP if it beats ridge on held-out

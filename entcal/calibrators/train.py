@@ -279,7 +279,7 @@ class _GateEvaluator:
         ]
 
     def __call__(self, threshold: float, strength: list[float]) -> GateEvaluation:
-        from entcal.calibrators.decoder import CalibratedDecoder
+        from entcal.calibrators.calibrated import CalibratedDecoder
         from entcal.generation import generate
 
         t0 = time.time()

@@ -5,7 +5,7 @@ vLLM argument given on the command line overrides:
 
 * the embedded ``smollm2-135m`` (converted folder from :func:`entcal.models.local_path`), served
   under its entcal name (``--served-model-name``);
-* ``--logits-processors entcal.decoding.vllm_processor:EntcalLogitsProcessor`` (added to any
+* ``--logits-processors entcal.decoding.vllm.processor:EntcalLogitsProcessor`` (added to any
   processors you list);
 * ``--logprobs-mode processed_logprobs``: returned log-probs are those of the distribution the
   token was sampled from (the entcal decoder's), not the raw model's;
@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-PROCESSOR = "entcal.decoding.vllm_processor:EntcalLogitsProcessor"
+PROCESSOR = "entcal.decoding.vllm.processor:EntcalLogitsProcessor"
 
 
 def register(sub: argparse._SubParsersAction) -> None:

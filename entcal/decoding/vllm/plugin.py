@@ -5,14 +5,14 @@ every engine it starts, and an import error there aborts the engine ("Failed to 
 LogitsProcessor plugin"). entcal registers :data:`plugin` (see ``pyproject.toml``)::
 
     [project.entry-points."vllm.logits_processors"]
-    entcal = "entcal.decoding.vllm_plugin:plugin"
+    entcal = "entcal.decoding.vllm.plugin:plugin"
 
 so that, with entcal installed, ``vllm serve MODEL`` already honours
 ``{"vllm_xargs": {"entcal": "<spec>"}}``. The guard:
 
 * if entcal's processor imports, :data:`plugin` is it (a subclass of both vLLM processor
   interfaces; the engine's model runner picks the adapter, see
-  :mod:`entcal.decoding.vllm_processor`). When the engine *also* lists entcal's processor
+  :mod:`entcal.decoding.vllm.processor`). When the engine *also* lists entcal's processor
   explicitly (``LLM(logits_processors=[...])``, ``--logits-processors``, ``entcal serve``),
   the plugin instance stands aside so the decoder is applied once, not twice.
 * if anything fails to import, :data:`plugin` is an inert processor: it leaves every logit
@@ -96,7 +96,7 @@ def _make_inert(reason: str) -> type:
 
 
 try:
-    from entcal.decoding.vllm_processor import EntcalPluginLogitsProcessor as plugin
+    from entcal.decoding.vllm.processor import EntcalPluginLogitsProcessor as plugin
 except Exception as exc:  # never let an import problem stop a vLLM engine
     load_error = f"{type(exc).__name__}: {exc}"
     _log.warning("entcal: vLLM logits processor disabled: %s", load_error)

@@ -13,7 +13,7 @@ token ``y`` is convex in α, with derivative ``E_{p_α}[φ] − φ(y)`` and seco
 Only the *candidates* (the lookahead decoder: its top-k tokens) get their own Ĥ; every other token
 gets the mass-weighted mean of the candidates' Ĥ, so the tail is tempered by ``(1 + α)`` alone
 and nothing is truncated. (The ``calibrated`` decoder uses the state-gated form with no
-per-candidate term: :mod:`entcal.calibrators.decoder`.)
+per-candidate term: :mod:`entcal.calibrators.calibrated`.)
 """
 
 from __future__ import annotations

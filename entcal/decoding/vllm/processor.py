@@ -3,7 +3,7 @@
 Usage (offline)::
 
     from vllm import LLM, SamplingParams
-    from entcal.decoding.vllm_processor import EntcalLogitsProcessor
+    from entcal.decoding.vllm.processor import EntcalLogitsProcessor
 
     llm = LLM(model=path, logits_processors=[EntcalLogitsProcessor])
     params = SamplingParams(max_tokens=64, extra_args={"entcal": "temperature=0.8,top_p=0.95"})
@@ -11,13 +11,13 @@ Usage (offline)::
 Usage (server)::
 
     entcal serve                      # or:
-    vllm serve PATH --logits-processors entcal.decoding.vllm_processor:EntcalLogitsProcessor \\
+    vllm serve PATH --logits-processors entcal.decoding.vllm.processor:EntcalLogitsProcessor \\
         --logprobs-mode processed_logprobs --generation-config vllm
 
     # request body: {"prompt": ..., "vllm_xargs": {"entcal": "min_p=0.1"}}
 
 With entcal installed, the ``vllm.logits_processors`` entry point
-(:mod:`entcal.decoding.vllm_plugin`) registers the processor in every engine even without the
+(:mod:`entcal.decoding.vllm.plugin`) registers the processor in every engine even without the
 flag; listing it explicitly is still recommended: vLLM then keeps real sampled token ids (not
 async placeholders) in the lists stateful decoders (mirostat) read.
 
@@ -25,8 +25,8 @@ async placeholders) in the lists stateful decoders (mirostat) read.
 interfaces; when an engine builds it, the constructor's arguments tell which model runner is
 asking (V1 runner: ``(vllm_config, device, is_pin_memory)``, Model Runner V2:
 ``(vllm_config, req_states)``) and it returns the matching adapter:
-:class:`entcal.decoding.vllm_v1.EntcalV1LogitsProcessor` or
-:class:`entcal.decoding.vllm_v2.EntcalV2LogitsProcessor`. vLLM on CPU always runs the V1 runner.
+:class:`entcal.decoding.vllm.v1.EntcalV1LogitsProcessor` or
+:class:`entcal.decoding.vllm.v2.EntcalV2LogitsProcessor`. vLLM on CPU always runs the V1 runner.
 
 **Neutral vLLM fields.** An entcal spec replaces vLLM's own temperature and truncation, so a
 request carrying one must leave these :class:`~vllm.SamplingParams` fields at their neutral
@@ -301,7 +301,7 @@ def _is_v1_call(args: tuple, kwargs: dict) -> bool:
 
 class EntcalLogitsProcessor(_Base, *_interfaces()):  # type: ignore[misc]
     """entcal's vLLM logits processor: register this class (or its FQCN
-    ``entcal.decoding.vllm_processor:EntcalLogitsProcessor``).
+    ``entcal.decoding.vllm.processor:EntcalLogitsProcessor``).
 
     Constructing it returns the adapter of the model runner that builds it (see the module
     docstring); :meth:`validate_params` runs at request admission in vLLM's frontend.
@@ -309,9 +309,9 @@ class EntcalLogitsProcessor(_Base, *_interfaces()):  # type: ignore[misc]
 
     def __new__(cls, *args: Any, **kwargs: Any):
         if _is_v1_call(args, kwargs):
-            from entcal.decoding.vllm_v1 import EntcalV1LogitsProcessor as impl
+            from entcal.decoding.vllm.v1 import EntcalV1LogitsProcessor as impl
         else:
-            from entcal.decoding.vllm_v2 import EntcalV2LogitsProcessor as impl
+            from entcal.decoding.vllm.v2 import EntcalV2LogitsProcessor as impl
         return impl(*args, **kwargs, active=cls._active(args, kwargs))
 
     @classmethod

@@ -6,9 +6,9 @@ lives in *request slots* (``add_request(slot, params)`` (re)initializes a recycl
 slot; several rows per request under speculative decoding) and ``ctx.idx_mapping_np`` (batch
 position -> slot, on the host). There are no moves to track. V2 calls custom processors after
 bias, penalties and bad words and before temperature, min-p and top-k/top-p: the same raw-logits
-position the V1 adapter asks for (see :mod:`entcal.decoding.vllm_processor`).
+position the V1 adapter asks for (see :mod:`entcal.decoding.vllm.processor`).
 
-Register :class:`entcal.decoding.vllm_processor.EntcalLogitsProcessor`; it returns this adapter
+Register :class:`entcal.decoding.vllm.processor.EntcalLogitsProcessor`; it returns this adapter
 when Model Runner V2 builds it.
 
 Stateful decoders (mirostat) are told the token sampled from their previous distribution: at the
@@ -33,7 +33,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import (
 
 from entcal.decoding.base import Decoder
 from entcal.decoding.rows import apply_rows_at, log_failed_rows
-from entcal.decoding.vllm_processor import _Base, new_request_decoder, validate_request
+from entcal.decoding.vllm.processor import _Base, new_request_decoder, validate_request
 
 __all__ = ["EntcalV2LogitsProcessor"]
 

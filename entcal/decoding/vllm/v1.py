@@ -1,7 +1,7 @@
 """Adapter for vLLM's V1 model runner (``vllm.v1.sample.logits_processor.LogitsProcessor``).
 
 This is the interface vLLM uses on CPU and with ``VLLM_USE_V2_MODEL_RUNNER=0``. Register
-:class:`entcal.decoding.vllm_processor.EntcalLogitsProcessor`, which builds this adapter when the
+:class:`entcal.decoding.vllm.processor.EntcalLogitsProcessor`, which builds this adapter when the
 V1 runner asks; see that module for the per-request spec, the neutral vLLM fields and where in
 the sampler the decoder runs.
 
@@ -27,7 +27,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from entcal.decoding.base import Decoder
 from entcal.decoding.rows import apply_rows_at, log_failed_rows
-from entcal.decoding.vllm_processor import _Base, new_request_decoder, validate_request
+from entcal.decoding.vllm.processor import _Base, new_request_decoder, validate_request
 
 __all__ = ["EntcalV1LogitsProcessor", "RowEntry", "RowTable"]
 
@@ -160,7 +160,7 @@ class EntcalV1LogitsProcessor(_Base, LogitsProcessor):
 
     def is_argmax_invariant(self) -> bool:
         # False: run on the raw float32 logits, before penalties and vLLM's temperature/min_p,
-        # and on all-greedy batches too. See entcal.decoding.vllm_processor.
+        # and on all-greedy batches too. See entcal.decoding.vllm.processor.
         return False
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
