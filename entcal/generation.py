@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from entcal.decoding import Decoder, ops, parse
+from entcal.decoding.base import HistoryDriver
 from entcal.decoding.rng import sequence_uniforms
 
 __all__ = ["Generation", "generate"]
@@ -111,6 +112,7 @@ class _Recorder:
         self.keys = keys  # [N, 2]: (prompt key, sample index) of each row
         self.steps: list[dict[str, Tensor]] = []
         self._pending: tuple[Tensor, Tensor] | None = None
+        self._history = HistoryDriver(decoder)
 
     def _settle(self, tokens: Tensor) -> None:
         if self._pending is None:
@@ -124,13 +126,9 @@ class _Recorder:
         self._pending = None
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        n = input_ids.shape[0]
-        if input_ids.shape[1] == self.prompt_len:
-            self.decoder.reset(n)
-        else:
-            last = input_ids[:, -1]
+        last = self._history.step(input_ids)  # the decoder's reset/observe, as in hf's adapter
+        if last is not None:
             self._settle(last)
-            self.decoder.observe(last)
         processed = self.decoder(scores, input_ids)
         finite = processed.amax(-1)
         if bool(torch.isnan(finite).any()):

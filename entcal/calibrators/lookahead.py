@@ -81,6 +81,7 @@ class LookaheadDecoder(Decoder):
     """One-step lookahead calibration (see the module docstring)."""
 
     requires_history: ClassVar[bool] = True
+    requires_input_ids: ClassVar[bool] = True  # its KV cache is fed from the history
     OPTIONS = ("alpha", "k", "model")
 
     def __init__(self, alpha: float, k: int = 8, model: str = "smollm2-135m") -> None:

@@ -13,6 +13,7 @@ from entcal.decoding.ops import check_logits, keep_dead_rows
 
 __all__ = [
     "Decoder",
+    "HistoryDriver",
     "InstanceBatched",
     "format_value",
     "instance_rows",
@@ -38,6 +39,10 @@ class Decoder:
     #: True if the result depends on ``input_ids`` or on per-sequence state (mirostat,
     #: calibrated). Stateless decoders can be applied to flattened ``[B*T, V]`` logits at once.
     requires_history: ClassVar[bool] = False
+    #: True if a call needs ``input_ids`` (the token history as a tensor) and cannot work from
+    #: ``reset``/``prime``/``observe`` alone (``lookahead`` runs its model over the history).
+    #: vLLM passes no history, so its admission check rejects such decoders.
+    requires_input_ids: ClassVar[bool] = False
 
     def __call__(self, logits: Tensor, input_ids: Tensor | None = None) -> Tensor:
         row_max = check_logits(logits)
@@ -123,6 +128,39 @@ class InstanceBatched(Decoder):
 
     def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
         return type(self)._apply_group([self] * logits.shape[0], logits, input_ids)
+
+
+class HistoryDriver:
+    """Drives a decoder's :meth:`~Decoder.reset` / :meth:`~Decoder.observe` from the ``input_ids``
+    an adapter sees at each step (transformers' ``generate`` passes the whole history).
+
+    A call continues the previous one only if its ``input_ids`` are the previous call's plus one
+    token per row (the ids themselves are compared, not only the shapes); that new token is then
+    passed to ``observe``. Any other call (a new ``generate``, even one whose prompt happens to be
+    one token longer) resets the decoder for the batch. Stateless decoders are left alone.
+    """
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+        self._last_ids: Tensor | None = None
+
+    def step(self, input_ids: Tensor) -> Tensor | None:
+        """Bring the decoder's state up to ``input_ids`` ``[N, T]``; returns the tokens ``[N]``
+        just observed, or ``None`` when the call started new sequences."""
+        last = self._last_ids
+        self._last_ids = input_ids.detach().clone()
+        if (
+            last is not None
+            and input_ids.shape == (last.shape[0], last.shape[1] + 1)
+            and torch.equal(input_ids[:, :-1], last)
+        ):
+            tokens = input_ids[:, -1]
+            if self.decoder.requires_history:
+                self.decoder.observe(tokens)
+            return tokens
+        if self.decoder.requires_history:
+            self.decoder.reset(int(input_ids.shape[0]))
+        return None
 
 
 def instance_rows(decoders: Sequence[Decoder]) -> list[tuple[Decoder, list[int]]]:

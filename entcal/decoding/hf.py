@@ -24,48 +24,37 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor
 
-from entcal.decoding.base import Decoder
+from entcal.decoding.base import Decoder, HistoryDriver
 from entcal.decoding.spec import parse
 
-__all__ = ["EntcalLogitsProcessor", "logits_processor"]
+__all__ = ["DecoderLogitsProcessor", "logits_processor"]
 
 
-class EntcalLogitsProcessor(LogitsProcessor):
+class DecoderLogitsProcessor(LogitsProcessor):
     """Wraps a :class:`~entcal.decoding.Decoder` for ``generate``.
 
-    Stateful decoders: a call continues the previous one only if its ``input_ids`` are the
-    previous call's plus one token per row (the ids themselves are compared, not only the
-    shapes); then that token is passed to ``decoder.observe`` first. Any other call (a new
-    ``generate``, even one whose prompt happens to be one token longer) resets the decoder's
-    state for the batch.
+    Stateful decoders get ``reset`` / ``observe`` from :class:`~entcal.decoding.base.HistoryDriver`:
+    a call continues the previous one only if its ``input_ids`` are the previous call's plus one
+    token per row; any other call (a new ``generate``) resets the decoder's state for the batch.
     """
 
     def __init__(self, decoder: Decoder) -> None:
         self.decoder = decoder
         self.supports_continuous_batching = not decoder.requires_history
-        self._last_ids: torch.Tensor | None = None
+        self._history = HistoryDriver(decoder)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.decoder.requires_history:
-            last = self._last_ids
-            if (
-                last is not None
-                and input_ids.shape == (last.shape[0], last.shape[1] + 1)
-                and torch.equal(input_ids[:, :-1], last)
-            ):
-                self.decoder.observe(input_ids[:, -1])
-            else:
-                self.decoder.reset(int(input_ids.shape[0]))
-            self._last_ids = input_ids.detach().clone()
+            self._history.step(input_ids)
         return self.decoder(scores, input_ids)
 
     def __repr__(self) -> str:
-        return f"EntcalLogitsProcessor({self.decoder.spec!r})"
+        return f"DecoderLogitsProcessor({self.decoder.spec!r})"
 
 
 def logits_processor(
     spec_or_decoder: str | Decoder, model: Any | None = None
-) -> EntcalLogitsProcessor:
+) -> DecoderLogitsProcessor:
     """A ``transformers.LogitsProcessor`` applying the decoder (a spec string or a Decoder).
 
     Pass ``model`` for model-aware decoders (``calibrated``, ``lookahead``): the predictor's
@@ -74,4 +63,4 @@ def logits_processor(
     decoder = parse(spec_or_decoder)
     if model is not None:
         decoder.bind(model)
-    return EntcalLogitsProcessor(decoder)
+    return DecoderLogitsProcessor(decoder)

@@ -57,6 +57,10 @@ class PipelineDecoder(Decoder):
         return any(s.requires_history for s in self.stages)
 
     @property
+    def requires_input_ids(self) -> bool:  # type: ignore[override]
+        return any(s.requires_input_ids for s in self.stages)
+
+    @property
     def spec(self) -> str:
         return " | ".join(s.spec for s in self.stages)
 

@@ -27,7 +27,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from entcal.decoding.base import Decoder
 from entcal.decoding.rows import apply_rows_at, log_failed_rows
-from entcal.decoding.vllm.processor import _Base, new_request_decoder, validate_request
+from entcal.decoding.vllm.request import VLLMProcessor, new_request_decoder, validate_request
 
 __all__ = ["EntcalV1LogitsProcessor", "RowEntry", "RowTable"]
 
@@ -124,7 +124,7 @@ class _Table(RowTable[RowEntry]):
         return entry if entry is not None and entry.output_ids is output_ids else None
 
 
-class EntcalV1LogitsProcessor(_Base, LogitsProcessor):
+class EntcalV1LogitsProcessor(VLLMProcessor, LogitsProcessor):
     """entcal decoders chosen per request, in vLLM's V1 model runner.
 
     Each step, rows whose request carries ``extra_args["entcal"]`` are processed together by one

@@ -33,14 +33,14 @@ from vllm.v1.worker.gpu.sample.logits_processor import (
 
 from entcal.decoding.base import Decoder
 from entcal.decoding.rows import apply_rows_at, log_failed_rows
-from entcal.decoding.vllm.processor import _Base, new_request_decoder, validate_request
+from entcal.decoding.vllm.request import VLLMProcessor, new_request_decoder, validate_request
 
 __all__ = ["EntcalV2LogitsProcessor"]
 
 _log = logging.getLogger(__name__)
 
 
-class EntcalV2LogitsProcessor(_Base, LogitsProcessor):
+class EntcalV2LogitsProcessor(VLLMProcessor, LogitsProcessor):
     """entcal decoders chosen per request, in vLLM's Model Runner V2."""
 
     def __init__(
@@ -71,7 +71,7 @@ class EntcalV2LogitsProcessor(_Base, LogitsProcessor):
         decoder = new_request_decoder(sampling_params, self.model_config) if self.active else None
         self._decoder[req_idx] = decoder
         self._uses[req_idx] = decoder is not None
-        self._stateful[req_idx] = bool(getattr(decoder, "requires_history", False))
+        self._stateful[req_idx] = decoder is not None and decoder.requires_history
         self._applied_len[req_idx] = 0
         self._version += 1
         return decoder is not None
