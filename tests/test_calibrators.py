@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entcal.calibrators.paper_formula import adjusted_logprobs, entropy_stats, fill_phi
+from entcal.calibrators.paper_formula import adjusted_logprobs, fill_phi
+from entcal.decoding.ops import entropy_varentropy
 
 
 def _tiny_llama(vocab: int = 48, seed: int = 0):
@@ -32,7 +33,7 @@ def _lookahead_reference(model, ids: torch.Tensor, k: int, alpha: float) -> torc
         for i in range(ids.shape[0]):
             seqs = torch.cat([ids[i].repeat(k, 1), cand[i][:, None]], dim=1)
             nxt = torch.log_softmax(model(input_ids=seqs).logits[:, -1].float(), -1)
-            h[i] = entropy_stats(nxt)[0]
+            h[i] = entropy_varentropy(nxt)[0]
         phi = fill_phi(lp, cand, torch.ones_like(cand, dtype=torch.bool), h)
         return adjusted_logprobs(lp, phi, alpha)
 

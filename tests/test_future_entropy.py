@@ -94,7 +94,8 @@ def test_shared_cache_rollout_equals_full_recompute():
 
 
 def test_adjusted_rollouts_sum_entropies_of_the_adjusted_model():
-    from entcal.calibrators.paper_formula import adjusted_logprobs, entropy_stats
+    from entcal.calibrators.paper_formula import adjusted_logprobs
+    from entcal.decoding.ops import entropy_varentropy
     from entcal.synthetic import MarkovChain
 
     chain = MarkovChain.random(vocab_size=8, seed=2)
@@ -109,7 +110,7 @@ def test_adjusted_rollouts_sum_entropies_of_the_adjusted_model():
     out = rollout_entropy(hf_step_fn(model), expand_cache(cache, 1, 8), torch.arange(8), 1,
                           adjust=adjust)  # fmt: skip
     lp = chain.log_transition().float()
-    expected = entropy_stats(adjusted_logprobs(lp, lp - phi, 0.7))[0]
+    expected = entropy_varentropy(adjusted_logprobs(lp, lp - phi, 0.7))[0]
     assert torch.allclose(out.float(), expected, atol=1e-5)
 
 
@@ -160,7 +161,7 @@ def test_batched_rollouts_equal_full_recompute(lengths):
     fast = batched_rollout_entropy(
         model, prefixes, cand, position, horizon, torch.Generator().manual_seed(7), adjust
     )
-    from entcal.calibrators.paper_formula import entropy_stats
+    from entcal.decoding.ops import entropy_varentropy
 
     gen = torch.Generator().manual_seed(7)
     seqs = [[*p, int(c)] for p, row in zip(prefixes, cand) for c in row]
@@ -173,7 +174,7 @@ def test_batched_rollouts_equal_full_recompute(lengths):
                  for q in seqs]
             )  # fmt: skip
             lp = adjust(lp, pos + 1 + s)
-            slow += entropy_stats(lp)[0].double()
+            slow += entropy_varentropy(lp)[0].double()
             if s + 1 < horizon:
                 nxt = torch.multinomial(lp.exp(), 1, generator=gen)[:, 0]
                 seqs = [[*q, int(t)] for q, t in zip(seqs, nxt)]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from entcal.calibrators.alpha import fit_alpha, logloss_terms
-from entcal.calibrators.paper_formula import adjusted_logprobs, entropy_stats, fill_phi
+from entcal.calibrators.paper_formula import adjusted_logprobs, fill_phi
+from entcal.decoding.ops import entropy_varentropy
 
 VOCAB = 64
 
@@ -59,7 +60,7 @@ def test_adjusted_keeps_masked_tokens_masked_and_rejects_alpha_le_minus_one():
 
 def test_entropy_stats_reference():
     lp = torch.log_softmax(random_logits(5).double(), -1)
-    ent, var = entropy_stats(lp)
+    ent, var = entropy_varentropy(lp)
     p = lp.exp()
     ref_h = -(p * lp).sum(-1)
     ref_v = (p * (lp + ref_h[:, None]) ** 2).sum(-1)

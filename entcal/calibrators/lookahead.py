@@ -24,8 +24,9 @@ import torch
 from torch import Tensor
 
 from entcal.calibrators.alpha import AlphaFit, fit_alpha
-from entcal.calibrators.paper_formula import adjusted_logprobs, entropy_stats, fill_phi
+from entcal.calibrators.paper_formula import adjusted_logprobs, fill_phi
 from entcal.decoding.base import Decoder, check_known, format_value, parse_float, parse_int
+from entcal.decoding.ops import entropy_varentropy
 from entcal.decoding.spec import register_method
 
 __all__ = ["LookaheadDecoder", "fit_lookahead_alpha", "lookahead_entropy"]
@@ -72,7 +73,7 @@ def lookahead_entropy(
         logits = model(
             input_ids=tok, attention_mask=m, position_ids=pos, past_key_values=sub, use_cache=True
         ).logits[:, -1]
-        ent, _ = entropy_stats(torch.log_softmax(logits.float(), -1))
+        ent, _ = entropy_varentropy(torch.log_softmax(logits.float(), -1), overwrite=True)
         out[rows] = ent.view(-1, k)
     return out
 

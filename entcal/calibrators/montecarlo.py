@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from entcal.calibrators.paper_formula import entropy_stats
+from entcal.decoding.ops import entropy_varentropy
 
 __all__ = [
     "StepFn",
@@ -91,7 +91,7 @@ def rollout_entropy(
         if adjust is not None:
             pos = torch.full_like(tokens, position + 1 + s)
             logprobs = adjust(logprobs, pos)
-        ent, _ = entropy_stats(logprobs)
+        ent, _ = entropy_varentropy(logprobs)
         total += ent.double()
         if s + 1 < horizon:
             tokens = torch.multinomial(logprobs.exp(), 1, generator=generator)[:, 0]
@@ -197,7 +197,7 @@ def batched_rollout_entropy(
         logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         if adjust is not None:
             logprobs = adjust(logprobs, position + 1 + s)
-        total += entropy_stats(logprobs)[0].double()
+        total += entropy_varentropy(logprobs)[0].double()
         if s + 1 < horizon:
             tokens = torch.multinomial(logprobs.exp(), 1, generator=generator)[:, 0]
     return total.reshape(p, c)

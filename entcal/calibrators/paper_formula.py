@@ -24,21 +24,8 @@ from torch import Tensor
 __all__ = [
     "adjusted_logprobs",
     "check_alpha",
-    "entropy_stats",
     "fill_phi",
 ]
-
-
-def entropy_stats(logprobs: Tensor) -> tuple[Tensor, Tensor]:
-    """Entropy ``H = −Σ p log p`` and varentropy ``Σ p (log p)² − H²`` of each row (nats).
-
-    ``logprobs`` must be normalized (log-softmax); ``-inf`` entries contribute 0.
-    """
-    p = logprobs.exp()
-    lp = torch.where(p > 0, logprobs, torch.zeros_like(logprobs))
-    ent = -(p * lp).sum(-1)
-    second = (p * lp * lp).sum(-1)
-    return ent, (second - ent * ent).clamp_min(0.0)
 
 
 def fill_phi(

@@ -47,6 +47,7 @@ __all__ = [
     "dynatemp_temperature",
     "edt_temperature",
     "entropy_stats",
+    "entropy_varentropy",
     "epsilon_mask",
     "eta_mask",
     "faulty_rows",
@@ -776,18 +777,30 @@ def edt_temperature(logits: Tensor, t0: Tensor, base: Tensor, theta: Tensor) -> 
     return t.clamp(min=1e-6, max=torch.finfo(logits.dtype).max).to(logits.dtype)
 
 
-def entropy_stats(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(log_probs [N, V], entropy [N], varentropy [N])`` of ``softmax(logits)``, in nats.
+def entropy_varentropy(logprobs: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
+    """Entropy and varentropy (nats) of each row of normalized log-probabilities ``[N, V]``.
 
-    ``varentropy = Var[-log p] = Σ p (log p + H)^2``; masked (``-inf``) tokens contribute 0.
+    ``H = −Σ p log p`` and ``varentropy = Var[−log p] = Σ p (log p + H)²`` (centered, so it never
+    goes negative by cancellation); tokens with ``p = 0`` (``-inf``, or underflow) contribute 0.
+    Returns ``(entropy [N], varentropy [N])``. Peak memory is three ``[N, V]`` temporaries, two
+    with ``overwrite=True`` (``logprobs`` is then used as scratch space and destroyed). This is
+    the one definition entcal uses: sampling statistics, teacher-forced scoring and the
+    calibrators all call it.
     """
-    logp = torch.log_softmax(logits, dim=-1)
-    p = logp.exp()
-    finite = p > 0
-    lp0 = torch.where(finite, logp, 0.0)
+    p = logprobs.exp()
+    lp0 = logprobs if overwrite else logprobs.clone()
+    lp0.masked_fill_(p == 0, 0.0)  # 0 · log 0 = 0
     h = -(p * lp0).sum(-1)
-    dev = torch.where(finite, lp0 + h.view(-1, 1), 0.0)
-    var = (p * dev.square()).sum(-1)
+    dev2 = lp0.add_(h.unsqueeze(-1)).square_()  # where p = 0 the product below is 0 anyway
+    var = p.mul_(dev2).sum(-1)
+    return h, var
+
+
+def entropy_stats(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(log_probs [N, V], entropy [N], varentropy [N])`` of ``softmax(logits)``, in nats
+    (see :func:`entropy_varentropy`)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    h, var = entropy_varentropy(logp)
     return logp, h, var
 
 

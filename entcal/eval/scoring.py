@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from entcal.decoding.ops import entropy_varentropy
 from entcal.generation import left_pad
 
 __all__ = [
@@ -148,13 +149,7 @@ def distribution_stats(
     if rank:
         chosen = logits.gather(-1, targets[:, None])
         ranks = (logits > chosen).sum(-1) + 1
-    p = lp.exp()
-    # 0 * log 0 = 0: clear log p where p underflows to 0 (and at -inf), in place.
-    lp.masked_fill_(p == 0, 0.0)
-    plp = p.mul_(lp)
-    entropy = -plp.sum(-1)
-    second = plp.mul_(lp).sum(-1)
-    varentropy = (second - entropy * entropy).clamp_min_(0.0)
+    entropy, varentropy = entropy_varentropy(lp, overwrite=True)  # lp is this call's scratch
     return target_lp, entropy, varentropy, ranks
 
 
