@@ -42,6 +42,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,6 +51,7 @@ __all__ = [
     "EMBEDDED",
     "EmbeddedModel",
     "cache_dir",
+    "context_length",
     "fingerprint",
     "info",
     "is_embedded",
@@ -409,6 +411,17 @@ def load(
     model.config.pad_token_id = tokenizer.pad_token_id
     model.name_or_path = name_or_path  # type: ignore[attr-defined]
     return model, tokenizer
+
+
+def context_length(model_or_config: Any) -> int | None:
+    """The longest sequence (prompt + continuation, in tokens) the model's positions cover, from
+    its config (``max_position_embeddings`` and the older names); ``None`` if it declares none."""
+    config = getattr(model_or_config, "config", model_or_config)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def fingerprint(model, name: str | None = None) -> dict:

@@ -101,3 +101,9 @@ def test_cli_models_list(capsys):
     assert "smollm2-135m (default)" in out and "gemma3-270m" in out
     assert main(["models", "info", "bogus"]) == 2
     assert "unknown model 'bogus'" in capsys.readouterr().err
+
+
+def test_cli_default_model_is_the_library_default():
+    from entcal.commands.common import DEFAULT_MODEL
+
+    assert DEFAULT_MODEL == models.DEFAULT_MODEL

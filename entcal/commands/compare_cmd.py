@@ -9,6 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from entcal.commands.common import (
+    add_corpus_argument,
+    add_model_argument,
+    add_pairs_arguments,
+    add_run_arguments,
+)
 from entcal.eval.defaults import DEFAULT_DECODERS
 
 
@@ -22,33 +28,17 @@ def register(sub: argparse._SubParsersAction) -> None:
             "so an interrupted run resumes."
         ),
     )
-    parser.add_argument("--model", default="smollm2-135m", help="model name or folder")
-    parser.add_argument(
-        "--human", default=None, help="human corpus: pydoc (default), FILE.txt, FILE.jsonl, hf:NAME"
-    )
+    add_model_argument(parser)
+    add_corpus_argument(parser)
     parser.add_argument(
         "--decoders",
         default=None,
         help=f"';'-separated decoder specs (default: {DEFAULT_DECODERS!r})",
     )
-    parser.add_argument("--n", type=int, default=None, help="number of prompts (default 32)")
-    parser.add_argument(
-        "--length", type=int, default=None, help="continuation tokens (default 256)"
-    )
-    parser.add_argument(
-        "--prompt-tokens", type=int, default=None, help="prompt tokens (default 128)"
-    )
-    parser.add_argument(
-        "--split",
-        choices=("all", "train", "test"),
-        default="all",
-        help="documents of the corpus: all (default), or its train / test split (the embedded "
-        "predictors were trained on the train split)",
-    )
+    add_pairs_arguments(parser, n=None, prompt_tokens=None, length=None, split="all")
     parser.add_argument(
         "--samples", type=int, default=1, help="continuations sampled per prompt (default 1)"
     )
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--observer", default=None, help="second model with the same tokenizer (Binoculars)"
     )
@@ -57,8 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="8 prompts of 64 tokens, 48-token continuations"
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--out", required=True, help="output folder")
+    add_run_arguments(parser)
     parser.set_defaults(func=_run)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from entcal.commands.common import add_corpus_argument, add_model_argument, add_run_arguments
+
 
 def _ints(text: str) -> list[int]:
     try:
@@ -29,10 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "OUT/results.json, OUT/report.md and PNG plots."
         ),
     )
-    parser.add_argument("--model", default="smollm2-135m", help="model name or folder")
-    parser.add_argument(
-        "--human", default=None, help="human corpus: pydoc (default), FILE.txt, FILE.jsonl, hf:NAME"
-    )
+    add_model_argument(parser)
+    add_corpus_argument(parser)
     parser.add_argument(
         "--layers", type=_ints, default=None, help="comma-separated block indices (default: all)"
     )
@@ -57,9 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--mine-steps", type=int, default=600, help="MINE steps (default 600)")
     parser.add_argument("--mine-batch", type=int, default=512, help="MINE batch (default 512)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--out", required=True, help="output folder")
+    add_run_arguments(parser)
     parser.set_defaults(func=_run)
 
 

@@ -7,6 +7,13 @@ from __future__ import annotations
 
 import argparse
 
+from entcal.commands.common import (
+    add_corpus_argument,
+    add_model_argument,
+    add_pairs_arguments,
+    add_run_arguments,
+)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -18,14 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Each family option takes comma-separated values ('' leaves the family out)."
         ),
     )
-    parser.add_argument("--model", default="smollm2-135m", help="model name or folder")
-    parser.add_argument("--human", default=None, help="human corpus (default: pydoc)")
-    parser.add_argument("--split", choices=("all", "train", "test"), default="test")
-    parser.add_argument("--n", type=int, default=32, help="number of prompts")
+    add_model_argument(parser)
+    add_corpus_argument(parser)
+    add_pairs_arguments(parser, n=32, prompt_tokens=128, length=256, split="test")
     parser.add_argument("--samples", type=int, default=1, help="continuations per prompt")
-    parser.add_argument("--length", type=int, default=256, help="continuation tokens")
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     from entcal.eval.frontier import DEFAULT_FAMILIES, FAMILIES
 
@@ -41,8 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="predictor folder of the calibrated family (default: the model's shipped one)",
     )
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--out", required=True, help="output folder")
+    add_run_arguments(parser)
     parser.set_defaults(func=_run)
 
 

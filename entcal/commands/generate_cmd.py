@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from entcal.commands.common import add_model_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -18,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("prompt", nargs="+", help="prompt text (several prompts: several args)")
-    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or folder")
+    add_model_argument(parser)
     parser.add_argument("--decoder", default="ancestral", help="decoder spec")
     parser.add_argument("--n", type=int, default=1, help="continuations per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=128)

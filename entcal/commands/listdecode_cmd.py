@@ -9,6 +9,13 @@ from __future__ import annotations
 
 import argparse
 
+from entcal.commands.common import (
+    add_corpus_argument,
+    add_model_argument,
+    add_pairs_arguments,
+    add_run_arguments,
+)
+
 DEFAULT_THETAS = "0.02,0.05,0.1,0.2,0.3,0.5"
 
 
@@ -32,19 +39,15 @@ def register(sub: argparse._SubParsersAction) -> None:
             "OUT/results.json, OUT/report.md and PNG plots."
         ),
     )
-    parser.add_argument("--model", default="smollm2-135m", help="model name or folder")
-    parser.add_argument(
-        "--human", default=None, help="human corpus: pydoc (default), FILE.txt, FILE.jsonl, hf:NAME"
-    )
+    add_model_argument(parser)
+    add_corpus_argument(parser)
     parser.add_argument(
         "--thetas",
         type=_floats,
         default=_floats(DEFAULT_THETAS),
         help=f"(default {DEFAULT_THETAS})",
     )
-    parser.add_argument("--n", type=int, default=8, help="prompts (default 8)")
-    parser.add_argument("--steps", type=int, default=16, help="decoding steps (default 16)")
-    parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt tokens (default 64)")
+    add_pairs_arguments(parser, n=8, prompt_tokens=64, length=16, length_flag="--steps")
     parser.add_argument(
         "--max-list", type=int, default=16, help="erroneous candidates kept per prompt (default 16)"
     )
@@ -55,9 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="optional bound on a candidate's total log-probability (nats, <= 0)",
     )
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--out", required=True, help="output folder")
+    add_run_arguments(parser)
     parser.set_defaults(func=_run)
 
 

@@ -11,6 +11,8 @@ import argparse
 import dataclasses
 import json
 
+from entcal.commands.common import add_corpus_argument, add_model_argument
+
 _TUPLES = {"threshold_quantiles": float, "bucket_edges": int}
 
 
@@ -29,9 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "and OUT/report.json. Interrupted runs resume."
         ),
     )
-    parser.add_argument("--model", default=defaults.model, help="embedded name or HF folder")
+    add_model_argument(parser, default=defaults.model)
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--corpus", default=None, help="corpus (default: the embedded pydoc one)")
+    add_corpus_argument(parser, "--corpus")
     for field in dataclasses.fields(TrainConfig):
         if field.name in ("model", "corpus"):
             continue

@@ -203,14 +203,6 @@ def _pairs(config: CompareConfig, tokenizer, corpus):
     return [list(p.prompt_ids) for p in pairs], [list(p.continuation_ids) for p in pairs]
 
 
-def _context_limit(model) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(model.config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def run_compare(
     config: CompareConfig,
     *,
@@ -254,7 +246,7 @@ def run_compare(
         model, tokenizer = models.load(config.model)
     elif tokenizer is None:
         raise ValueError("a model passed in needs its tokenizer")
-    limit = _context_limit(model)
+    limit = models.context_length(model)
     if limit is not None and config.prompt_tokens + config.length > limit:
         raise ValueError(
             f"--length {config.length} + {config.prompt_tokens} prompt tokens = "

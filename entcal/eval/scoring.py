@@ -42,6 +42,7 @@ from torch import Tensor
 
 from entcal.decoding.ops import entropy_varentropy
 from entcal.generation import left_pad
+from entcal.models import context_length
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
@@ -184,13 +185,6 @@ class _Runner:
         self.checked = False
         pad = getattr(self.config, "pad_token_id", None)
         self.pad_id = int(pad) if isinstance(pad, int) else 0
-
-    def max_positions(self) -> int | None:
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-            value = getattr(self.config, key, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
 
     def head_logits(self, hidden: Tensor) -> Tensor:
         logits = self.head(hidden).float()
@@ -353,7 +347,7 @@ def score_many(
         sets.append(rows)
     longest = max(len(p) for p in prompt_rows) + max(max(len(r) for r in s) for s in sets)
     for r in (runner, obs_runner):
-        limit = r.max_positions() if r is not None else None
+        limit = context_length(r.config) if r is not None else None
         if limit is not None and longest > limit:
             raise ValueError(
                 f"prompt + continuation of {longest} tokens exceeds the model's context of "
