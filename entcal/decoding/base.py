@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -47,10 +47,18 @@ class Decoder:
     def __call__(self, logits: Tensor, input_ids: Tensor | None = None) -> Tensor:
         row_max = check_logits(logits)
         with torch.no_grad():
-            return keep_dead_rows(self._process(logits.float(), input_ids), row_max)
+            return keep_dead_rows(
+                self._process_checked(logits.float(), input_ids, row_max), row_max
+            )
 
     def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
         raise NotImplementedError
+
+    def _process_checked(self, logits: Tensor, input_ids: Tensor | None, row_max: Tensor) -> Tensor:
+        """:meth:`_process` on logits the call has validated; ``row_max`` ``[N]`` holds each
+        row's maximum, which the validation computed (a decoder that needs it overrides this
+        instead of computing it again)."""
+        return self._process(logits, input_ids)
 
     # ---- the model (a no-op for decoders that do not depend on it) -----------------------
     def bind(self, model: Any) -> Decoder:
@@ -104,21 +112,14 @@ class Decoder:
         Default: one call per distinct decoder (equal specs for stateless decoders, the same
         instance for stateful ones). Subclasses override it with a single vectorized pass.
         """
-        groups: dict[Any, list[int]] = {}
-        owners: dict[Any, Decoder] = {}
-        for i, d in enumerate(decoders):
-            key = id(d) if d.requires_history else d.spec
-            groups.setdefault(key, []).append(i)
-            owners.setdefault(key, d)
+        groups = instance_rows(decoders, key=lambda d: id(d) if d.requires_history else d.spec)
         if len(groups) == 1:
             return decoders[0]._process(logits, input_ids)
         out = torch.empty_like(logits)
-        for key, idx in groups.items():
+        for owner, idx in groups:
             rows_t = torch.tensor(idx, device=logits.device)
             sub_ids = None if input_ids is None else input_ids.index_select(0, rows_t)
-            out.index_copy_(
-                0, rows_t, owners[key]._process(logits.index_select(0, rows_t), sub_ids)
-            )
+            out.index_copy_(0, rows_t, owner._process(logits.index_select(0, rows_t), sub_ids))
         return out
 
 
@@ -163,12 +164,17 @@ class HistoryDriver:
         return None
 
 
-def instance_rows(decoders: Sequence[Decoder]) -> list[tuple[Decoder, list[int]]]:
-    """The distinct decoder instances of a mixed batch, each with its rows (in first-seen
-    order): stateful kinds vectorize over instances, each holding the state of its rows."""
-    out: dict[int, tuple[Decoder, list[int]]] = {}
+def instance_rows(
+    decoders: Sequence[Decoder], key: Callable[[Decoder], Hashable] = id
+) -> list[tuple[Decoder, list[int]]]:
+    """The distinct decoders of a mixed batch, each with its rows (in first-seen order).
+
+    By default distinct means distinct instances (stateful kinds vectorize over instances, each
+    holding the state of its rows); ``key`` groups otherwise (e.g. equal specs), the first
+    decoder of each group standing for it."""
+    out: dict[Hashable, tuple[Decoder, list[int]]] = {}
     for i, d in enumerate(decoders):
-        out.setdefault(id(d), (d, []))[1].append(i)
+        out.setdefault(key(d), (d, []))[1].append(i)
     return list(out.values())
 
 

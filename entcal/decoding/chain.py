@@ -24,7 +24,6 @@ from torch import Tensor
 
 from entcal.decoding import ops
 from entcal.decoding.base import Decoder, format_value, parse_float, parse_int
-from entcal.decoding.ops import check_logits, keep_dead_rows
 
 __all__ = ["CHAIN_KEYS", "KEY_ALIASES", "ChainDecoder"]
 
@@ -172,14 +171,9 @@ class ChainDecoder(Decoder):
     def __repr__(self) -> str:
         return f"ChainDecoder({self.spec!r})"
 
-    def __call__(self, logits: Tensor, input_ids: Tensor | None = None) -> Tensor:
-        # Decoder.__call__, handing the row maxima the validation found to the temperature
-        # stage (which needs them for its overflow check) instead of computing them twice.
-        row_max = check_logits(logits)
-        with torch.no_grad():
-            x = logits.float()
-            params = {n: getattr(self, n) for n in CHAIN_KEYS}
-            return keep_dead_rows(chain_apply(x, params, row_max=row_max), row_max)
+    def _process_checked(self, logits: Tensor, input_ids: Tensor | None, row_max: Tensor) -> Tensor:
+        # The temperature stage's overflow check needs the row maxima the validation found.
+        return chain_apply(logits, {n: getattr(self, n) for n in CHAIN_KEYS}, row_max=row_max)
 
     def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
         return chain_apply(logits, {n: getattr(self, n) for n in CHAIN_KEYS})
