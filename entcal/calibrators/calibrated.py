@@ -67,7 +67,8 @@ import torch
 from torch import Tensor
 
 from entcal.calibrators.derailment import gate_alpha, sharpen
-from entcal.calibrators.predictor import FutureEntropyPredictor, shipped_predictor_for
+from entcal.calibrators.predictor import FutureEntropyPredictor
+from entcal.calibrators.predictor_file import shipped_predictor_for
 from entcal.calibrators.state import StateTracker, step_stats
 from entcal.decoding.base import Decoder, check_known, format_value, parse_float
 from entcal.decoding.spec import register_method
@@ -175,7 +176,7 @@ class CalibratedDecoder(Decoder):
     def bind(self, model) -> CalibratedDecoder:
         """Use the predictor fitted for ``model`` (a model or its config): the shipped one if no
         ``predictor=`` was given, else check that the given one fits. Raises
-        :class:`~entcal.calibrators.predictor.PredictorFileError` if none does."""
+        :class:`~entcal.calibrators.predictor_file.PredictorFileError` if none does."""
         if self.predictor_path is None:
             self._predictor = load_predictor(shipped_predictor_for(model))
         else:
