@@ -9,11 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from entcal.calibrators.predictor import (
-    FutureEntropyPredictor,
-    PredictorFileError,
-    predictor_fingerprint,
-)
+from entcal.calibrators.predictor import FutureEntropyPredictor
+from entcal.calibrators.predictor_file import PredictorFileError, predictor_fingerprint
 from entcal.calibrators.state import (
     REFERENCE_STEPS,
     WINDOWS,

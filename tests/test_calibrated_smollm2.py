@@ -9,11 +9,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_shipped_predictor_loads_and_matches_the_model(smollm2):
-    from entcal.calibrators.predictor import (
-        FutureEntropyPredictor,
-        shipped_predictor_for,
-        shipped_predictor_path,
-    )
+    from entcal.calibrators.predictor import FutureEntropyPredictor
+    from entcal.calibrators.predictor_file import shipped_predictor_for, shipped_predictor_path
 
     model, _ = smollm2
     folder = shipped_predictor_path("smollm2-135m")
@@ -62,7 +59,7 @@ def test_calibrated_generation_equals_teacher_forced_scoring(smollm2):
 def test_predictor_for_another_model_fails_before_generation(smollm2, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from entcal.calibrators.predictor import PredictorFileError, shipped_predictor_path
+    from entcal.calibrators.predictor_file import PredictorFileError, shipped_predictor_path
     from entcal.decoding import parse
     from entcal.generation import generate
 

@@ -16,6 +16,10 @@ its log loss barely changes; a sampled generation that starts to derail is pulle
 entropy stays at the human level instead of drifting up. Nothing is truncated: every token the
 model allows keeps a positive probability.
 
+The per-row math (``D̂`` from the predictor's exported weights, ``α``, the sharpening) lives in the
+pure functions of :mod:`entcal.calibrators.derailment`; this module holds the per-sequence state
+and the choice of predictor and gate.
+
 The strengths ``g_b`` and the threshold ``c`` are fitted by ``entcal train`` so that entropy
 calibration error (EntCE) is 0 in every position bucket on the training split's own generations,
 at the lowest human log-loss cost (:mod:`entcal.calibrators.strength`), and stored with the
@@ -62,12 +66,14 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from entcal.calibrators.predictor import FutureEntropyPredictor, shipped_predictor_for
+from entcal.calibrators.derailment import gate_alpha, sharpen
+from entcal.calibrators.predictor import FutureEntropyPredictor
+from entcal.calibrators.predictor_file import shipped_predictor_for
 from entcal.calibrators.state import StateTracker, step_stats
 from entcal.decoding.base import Decoder, check_known, format_value, parse_float
 from entcal.decoding.spec import register_method
 
-__all__ = ["CalibratedDecoder", "gate_alpha", "load_predictor", "sharpen"]
+__all__ = ["CalibratedDecoder", "load_predictor"]
 
 _IN_MEMORY = "<in memory>"
 _CACHE: dict[tuple[str, float], FutureEntropyPredictor] = {}
@@ -85,32 +91,6 @@ def load_predictor(path: str | Path) -> FutureEntropyPredictor:
         if key not in _CACHE:
             _CACHE[key] = FutureEntropyPredictor.load(folder)
         return _CACHE[key]
-
-
-def gate_alpha(derail: Tensor, strength: Tensor | float, threshold: Tensor | float) -> Tensor:
-    """``α = strength · max(0, derail − threshold)`` per row (``derail``: ``(N,)`` nats/token)."""
-    return (derail - threshold).clamp_min(0.0) * strength
-
-
-#: Above this α a row is sharpened as ``(1 + α)·(log p − max log p)``: the same distribution,
-#: but ``(1 + α)·log p`` of the top token could overflow to ``-inf`` and empty the row.
-_SHIFT_ABOVE = 1e3
-
-
-def sharpen(logprobs: Tensor, alpha: Tensor, out: Tensor | None = None) -> Tensor:
-    """``(1 + α)·log p`` per row: logits of ``p^(1+α)`` (``-inf`` stays ``-inf``; α ≥ 0).
-
-    ``out`` (may be ``logprobs`` itself) receives the result. For very large α (a huge
-    ``strength``) the row's top token is kept at 0 instead, so the result is finite or ``-inf``
-    and never empty: ``α -> ∞`` is greedy decoding.
-    """
-    finfo = torch.finfo(logprobs.dtype)
-    scale = (1.0 + alpha.nan_to_num(nan=0.0).clamp(0.0, finfo.max / 4))[:, None]
-    if bool((alpha > _SHIFT_ABOVE).any()):
-        top = logprobs.amax(-1, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        return torch.mul(logprobs - top, scale, out=out)
-    return torch.mul(logprobs, scale, out=out)
 
 
 def _log_softmax_keep_dead(logits: Tensor) -> Tensor:
@@ -196,7 +176,7 @@ class CalibratedDecoder(Decoder):
     def bind(self, model) -> CalibratedDecoder:
         """Use the predictor fitted for ``model`` (a model or its config): the shipped one if no
         ``predictor=`` was given, else check that the given one fits. Raises
-        :class:`~entcal.calibrators.predictor.PredictorFileError` if none does."""
+        :class:`~entcal.calibrators.predictor_file.PredictorFileError` if none does."""
         if self.predictor_path is None:
             self._predictor = load_predictor(shipped_predictor_for(model))
         else:

@@ -13,16 +13,16 @@ rises with the generation's length) D is large. The calibrated decoder
 (:mod:`entcal.calibrators.calibrated`) sharpens the next-token distribution only where the
 predicted D exceeds a threshold.
 
-Fitted with scikit-learn (ridge, or a one-hidden-layer MLP if it beats ridge on held-out
-documents), applied as torch matrix products. Saved as a folder with ``predictor.safetensors``
-(weights, the hidden-state projection) and ``predictor.json`` (kind, feature names, gate,
-training report, the fingerprint of the model it was fitted for, the SHA-256 of the tensors).
-Loading never unpickles; a missing, truncated or corrupted file, or one fitted for another model,
-raises a clear error before any generation.
+A scikit-learn-style estimator: fitted with scikit-learn (ridge, or a one-hidden-layer MLP if it
+beats ridge on held-out documents), exported as torch tensors and applied by the pure functions
+of :mod:`entcal.calibrators.derailment`. Saved as a folder with ``predictor.safetensors`` and
+``predictor.json`` (:mod:`entcal.calibrators.predictor_file`: the format, its checksum, the
+fingerprint of the model it was fitted for, the shipped predictors); loading never unpickles.
 
 Example::
 
     >>> import numpy as np
+    >>> from entcal.calibrators.predictor_file import shipped_predictor_path
     >>> rng = np.random.default_rng(0)
     >>> X = rng.normal(size=(600, 4)); y = X @ [0.5, -1.0, 0.0, 0.2] + 0.1 * rng.normal(size=600)
     >>> pred = FutureEntropyPredictor(estimator="ridge").fit(X, y, groups=np.arange(600) // 30)
@@ -39,10 +39,8 @@ model=model)`` checks that fingerprint.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -50,151 +48,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from entcal.calibrators.state import HiddenProjection, feature_names
+from entcal.calibrators import predictor_file
+from entcal.calibrators.derailment import excess_entropy_rate, fold_standardization
+from entcal.calibrators.state import HiddenProjection
 
-__all__ = [
-    "FORMAT_VERSION",
-    "FutureEntropyPredictor",
-    "PredictorFileError",
-    "predictor_fingerprint",
-    "shipped_predictor_for",
-    "shipped_predictor_path",
-    "shipped_predictors",
-]
-
-FORMAT_VERSION = 2
-_TENSORS = "predictor.safetensors"
-_META = "predictor.json"
-_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "model_type")
-
-
-class PredictorFileError(ValueError):
-    """A predictor file is missing, malformed, corrupted or made for another model."""
-
-
-# --------------------------------------------------------------------------- shipped predictors
-
-
-def _data_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "data"
-
-
-def shipped_predictor_path(model_name: str = "smollm2-135m") -> Path:
-    """Folder of the predictor shipped in the package for an embedded model."""
-    return _data_dir() / f"predictor-{model_name}"
-
-
-@functools.lru_cache(maxsize=1)
-def shipped_predictors() -> dict[str, dict]:
-    """``{embedded model name: fingerprint}`` of the predictors shipped in the package (read
-    once per process; folders of another format version are skipped)."""
-    out = {}
-    for folder in sorted(_data_dir().glob("predictor-*")):
-        try:
-            meta = json.loads((folder / _META).read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if meta.get("format_version") == FORMAT_VERSION:
-            out[folder.name.removeprefix("predictor-")] = meta.get("fingerprint") or {}
-    return out
-
-
-def shipped_predictor_for(model=None, *, vocab_size: int | None = None) -> Path:
-    """The shipped predictor of ``model`` (a model, or a config with ``vocab_size`` etc.), or of
-    the only embedded model with ``vocab_size``; :class:`PredictorFileError` if there is none."""
-    shipped = shipped_predictors()
-    if not shipped:
-        raise PredictorFileError(
-            f"no predictor of format version {FORMAT_VERSION} is shipped in {_data_dir()}; "
-            "train one with `entcal train --model NAME --out DIR` and use "
-            "calibrated:predictor=DIR/predictor"
-        )
-    if model is not None:
-        current = _fingerprint_of(model)
-        for name, fp in shipped.items():
-            if not _mismatch(fp, current):
-                return shipped_predictor_path(name)
-        what = current.get("name") or current.get("model_type")
-        raise PredictorFileError(
-            f"no predictor is shipped for model {what!r} (shipped: {', '.join(shipped)}); "
-            "train one with `entcal train --model NAME --out DIR` and use "
-            "calibrated:predictor=DIR/predictor"
-        )
-    names = [n for n, fp in shipped.items() if fp.get("vocab_size") == vocab_size]
-    if len(names) != 1:
-        listed = ", ".join(f"{n} (vocab {fp.get('vocab_size')})" for n, fp in shipped.items())
-        raise PredictorFileError(
-            f"cannot tell which shipped predictor fits logits of {vocab_size} columns "
-            f"(shipped: {listed}); "
-            "bind the decoder to the model (decoder.bind(model)) or pass predictor=PATH"
-        )
-    return shipped_predictor_path(names[0])
-
-
-# --------------------------------------------------------------------------- fingerprints
-
-
-def _lm_head_digest(model) -> list[float] | None:
-    head = getattr(model, "get_output_embeddings", None)
-    if head is None or head() is None:
-        return None
-    w = head().weight.detach().float()
-    # Cheap statistics that differ between any two trained models of the same shape.
-    return [
-        round(float(w.mean()), 7),
-        round(float(w.std()), 7),
-        round(float(w[: min(256, w.shape[0])].abs().mean()), 7),
-    ]
-
-
-def _fingerprint_of(model) -> dict:
-    """Config fields (and the LM-head digest when weights are at hand) of a model or config."""
-    config = getattr(model, "config", model)
-    text = getattr(config, "text_config", None)
-    fp: dict[str, Any] = {}
-    for key in _CONFIG_KEYS:
-        value = getattr(config, key, None)
-        if value is None and text is not None:
-            value = getattr(text, key, None)
-        fp[key] = value
-    fp["name"] = getattr(config, "_name_or_path", None)
-    head = getattr(model, "get_output_embeddings", None)
-    if head is not None and head() is not None:  # the logits' width (may exceed the config's)
-        fp["vocab_size"] = int(head().weight.shape[0])
-    fp["lm_head_digest"] = _lm_head_digest(model)
-    return fp
-
-
-def predictor_fingerprint(model, name: str | None = None) -> dict:
-    """``entcal.models.fingerprint`` plus a digest of the LM-head weights."""
-    from entcal.models import fingerprint
-
-    fp = fingerprint(model, name)
-    fp["lm_head_digest"] = _lm_head_digest(model)
-    return fp
-
-
-def _mismatch(saved: dict, current: dict) -> str | None:
-    """Why ``saved`` (a predictor's fingerprint) does not fit ``current``, or None."""
-    for key in _CONFIG_KEYS:
-        if current.get(key) is not None and saved.get(key) != current.get(key):
-            return f"{key}={saved.get(key)!r}, but this model has {key}={current.get(key)!r}"
-    a, b = saved.get("lm_head_digest"), current.get("lm_head_digest")
-    if (
-        a is not None
-        and b is not None
-        and not all(math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-6) for x, y in zip(a, b))
-    ):
-        return f"its LM-head weights differ from this model's (digest {a} vs {b})"
-    return None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+__all__ = ["FutureEntropyPredictor"]
 
 
 def _r2(y: np.ndarray, pred: np.ndarray) -> float:
@@ -212,43 +70,44 @@ def _quiet_fit(est, X, y):
         return est.fit(X, y)
 
 
-def _check_gate(gate: Any, what: str) -> dict:
-    """The gate as plain JSON (``threshold``, ``strength`` per bucket, ``bucket_edges``)."""
-    if not isinstance(gate, dict):
-        raise ValueError(f"{what} must be a dict with threshold, strength and bucket_edges")
-    try:
-        c = float(gate["threshold"])
-        g = [float(x) for x in gate["strength"]]
-        edges = [int(e) for e in gate["bucket_edges"]]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{what} lacks or garbles {exc}") from None
-    if len(g) != len(edges) + 1 or not all(math.isfinite(x) and x >= 0 for x in g):
-        raise ValueError(f"{what}: needs len(bucket_edges) + 1 strengths >= 0, got {g}")
-    if edges != sorted(set(edges)) or not math.isfinite(c):
-        raise ValueError(f"{what}: bucket_edges must increase and threshold be finite")
-    return {"threshold": c, "strength": g, "bucket_edges": edges}
-
-
-# --------------------------------------------------------------------------- the predictor
+def _export(kind: str, est) -> dict[str, Tensor]:
+    """A fitted scikit-learn ``Ridge`` or ``MLPRegressor`` as float32 tensors (the names of
+    :data:`entcal.calibrators.derailment.WEIGHT_NAMES`)."""
+    if kind == "ridge":
+        return {
+            "coef": torch.tensor(np.asarray(est.coef_), dtype=torch.float32),
+            "intercept": torch.tensor([float(est.intercept_)], dtype=torch.float32),
+        }
+    return {
+        "w0": torch.tensor(est.coefs_[0], dtype=torch.float32),
+        "b0": torch.tensor(est.intercepts_[0], dtype=torch.float32),
+        "w1": torch.tensor(est.coefs_[1][:, 0], dtype=torch.float32),
+        "b1": torch.tensor([float(est.intercepts_[1][0])], dtype=torch.float32),
+    }
 
 
 class FutureEntropyPredictor:
     """Predicts the excess future entropy rate ``D`` (nats/token) of a generation from its state.
 
+    Hyper-parameters (stored as given; checked by :meth:`fit`, which raises ``ValueError``):
+
     Args:
         estimator: ``"auto"`` (ridge, or the MLP if it beats ridge's held-out R² by more than
             0.02), ``"ridge"`` or ``"mlp"``.
-        ridge_alpha: L2 strength of the ridge model (on standardized features).
-        hidden: width of the MLP's hidden layer.
-        heldout_fraction: share of documents held out to score the estimators.
+        ridge_alpha: L2 strength of the ridge model (on standardized features), finite ``≥ 0``.
+        hidden: width of the MLP's hidden layer, an integer ``≥ 1``.
+        heldout_fraction: share of documents held out to score the estimators, in ``(0, 1)``.
         random_state: seed of the split and the MLP.
 
-    Attributes (set by ``fit`` or ``load``): ``kind_``, ``x_mean_``, ``x_scale_``, ``y_mean_``,
-    ``y_scale_``, ``weights_`` (torch tensors), ``scores_`` (held-out R²). Set by the training
-    recipe before ``save``: ``projection_`` (:class:`~entcal.calibrators.state.HiddenProjection`
-    of the model), ``gate_`` (the fitted rule ``α = g_b·max(0, D − c)``: ``{"threshold": c, "strength":
-    [g_0, …, g_B], "bucket_edges": [e_1, …, e_B]}``, bucket ``b`` holding positions
-    ``e_b ≤ t < e_{b+1}``) and ``meta_`` (JSON-able training information).
+    Learned by :meth:`fit` (or read by :meth:`load`): ``kind_`` (``"ridge"`` or ``"mlp"``),
+    ``x_mean_``, ``x_scale_`` (feature standardization, ``(F,)``), ``y_mean_``, ``y_scale_``
+    (label standardization, nats/token), ``weights_`` (the chosen model as float32 tensors),
+    ``scores_`` (held-out R²). Attached by the training recipe before :meth:`save` (they are not
+    learned from ``X, y``), and read by :meth:`load`: ``projection_``
+    (:class:`~entcal.calibrators.state.HiddenProjection` of the model), ``gate_`` (the fitted
+    rule ``α = g_b·max(0, D − c)``: ``{"threshold": c, "strength": [g_0, …, g_B],
+    "bucket_edges": [e_1, …, e_B]}``, bucket ``b`` holding positions ``e_b ≤ t < e_{b+1}``) and
+    ``meta_`` (JSON-able training information); :meth:`load` also sets ``path_``.
     """
 
     def __init__(
@@ -266,6 +125,25 @@ class FutureEntropyPredictor:
         self.random_state = random_state
 
     # ------------------------------------------------------------------ scikit-learn side
+
+    def _validate_params(self) -> None:
+        """``ValueError`` for a hyper-parameter out of range (those the estimator will use)."""
+        if self.estimator not in ("auto", "ridge", "mlp"):
+            raise ValueError(f"estimator must be 'auto', 'ridge' or 'mlp', got {self.estimator!r}")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must lie in (0, 1), got {self.heldout_fraction}")
+        if self.estimator != "mlp" and not (
+            isinstance(self.ridge_alpha, numbers.Real)
+            and math.isfinite(self.ridge_alpha)
+            and self.ridge_alpha >= 0
+        ):
+            raise ValueError(f"ridge_alpha must be a finite number >= 0, got {self.ridge_alpha!r}")
+        if self.estimator != "ridge" and not (
+            isinstance(self.hidden, numbers.Integral)
+            and not isinstance(self.hidden, bool)
+            and self.hidden >= 1
+        ):
+            raise ValueError(f"hidden must be an integer >= 1, got {self.hidden!r}")
 
     def _make(self, kind: str, n: int):
         if kind == "ridge":
@@ -289,12 +167,9 @@ class FutureEntropyPredictor:
         """Fit on state features ``X (n, F)`` and labels ``y (n,)`` (nats/token).
 
         ``groups`` (document ids) keep a document on one side of the held-out split. Returns
-        ``self``. Raises ``ValueError`` for bad parameters, shapes or non-finite values.
+        ``self``. Raises ``ValueError`` for bad hyper-parameters, shapes or non-finite values.
         """
-        if self.estimator not in ("auto", "ridge", "mlp"):
-            raise ValueError(f"estimator must be 'auto', 'ridge' or 'mlp', got {self.estimator!r}")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must lie in (0, 1), got {self.heldout_fraction}")
+        self._validate_params()
         X = np.asarray(X, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
         if X.ndim != 2 or y.shape != (X.shape[0],):
@@ -302,12 +177,12 @@ class FutureEntropyPredictor:
         if not (np.isfinite(X).all() and np.isfinite(y).all()):
             raise ValueError("X and y must be finite")
         groups = np.arange(len(y)) if groups is None else np.asarray(groups)
-        self.x_mean_ = X.mean(0)
-        self.x_scale_ = np.where(X.std(0) > 1e-12, X.std(0), 1.0)
-        self.y_mean_ = float(y.mean())
-        self.y_scale_ = float(y.std()) or 1.0
-        Xs = (X - self.x_mean_) / self.x_scale_
-        ys = (y - self.y_mean_) / self.y_scale_
+        x_mean = X.mean(0)
+        x_scale = np.where(X.std(0) > 1e-12, X.std(0), 1.0)
+        y_mean = float(y.mean())
+        y_scale = float(y.std()) or 1.0
+        Xs = (X - x_mean) / x_scale
+        ys = (y - y_mean) / y_scale
 
         from sklearn.model_selection import GroupShuffleSplit
 
@@ -319,7 +194,7 @@ class FutureEntropyPredictor:
         scores: dict[str, Any] = {"n_train": len(tr), "n_heldout": len(te)}
         for kind in kinds:
             est = _quiet_fit(self._make(kind, len(tr)), Xs[tr], ys[tr])
-            pred = est.predict(Xs[te]) * self.y_scale_ + self.y_mean_
+            pred = est.predict(Xs[te]) * y_scale + y_mean
             scores[kind] = {"r2_heldout": _r2(y[te], pred)}
         chosen = kinds[0]
         if len(kinds) == 2 and scores["mlp"]["r2_heldout"] > scores["ridge"]["r2_heldout"] + 0.02:
@@ -328,62 +203,59 @@ class FutureEntropyPredictor:
         scores["r2_heldout"] = scores[chosen]["r2_heldout"]
         est = _quiet_fit(self._make(chosen, len(ys)), Xs, ys)
         self._device_cache = None
+        self.x_mean_, self.x_scale_, self.y_mean_, self.y_scale_ = x_mean, x_scale, y_mean, y_scale
         self.kind_ = chosen
-        self.weights_ = self._export(est)
+        self.weights_ = _export(chosen, est)
         self.scores_ = scores
         return self
 
-    def _export(self, est) -> dict[str, Tensor]:
-        if self.kind_ == "ridge":
-            return {
-                "coef": torch.tensor(np.asarray(est.coef_), dtype=torch.float32),
-                "intercept": torch.tensor([float(est.intercept_)], dtype=torch.float32),
-            }
-        return {
-            "w0": torch.tensor(est.coefs_[0], dtype=torch.float32),
-            "b0": torch.tensor(est.intercepts_[0], dtype=torch.float32),
-            "w1": torch.tensor(est.coefs_[1][:, 0], dtype=torch.float32),
-            "b1": torch.tensor([float(est.intercepts_[1][0])], dtype=torch.float32),
-        }
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "weights_")
+
+    def _check_fitted(self) -> None:
+        if not self.__sklearn_is_fitted__():
+            from sklearn.exceptions import NotFittedError
+
+            raise NotFittedError(
+                "this FutureEntropyPredictor is not fitted yet: call fit(X, y) or use "
+                "FutureEntropyPredictor.load(folder)"
+            )
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        """Predicted ``D`` (nats/token) for feature rows ``X (n, F)`` (via the torch path)."""
+        """Predicted ``D`` (nats/token) for feature rows ``X (n, F)`` (via the torch path).
+
+        Raises ``sklearn.exceptions.NotFittedError`` before :meth:`fit` or :meth:`load`.
+        """
+        self._check_fitted()
         out = self.predict_tensor(torch.as_tensor(np.asarray(X), dtype=torch.float32))
         return out.double().numpy()
 
     # ------------------------------------------------------------------ torch side
 
-    def _tensors(self, device: torch.device) -> dict[str, Tensor]:
+    def _on(self, device: torch.device) -> tuple[dict[str, Tensor], HiddenProjection | None]:
+        """``(weights with the standardization folded in, projection)`` on ``device`` (cached)."""
+        self._check_fitted()
         cache = getattr(self, "_device_cache", None)
         proj = getattr(self, "projection_", None)
         key = (device, id(self.weights_), id(proj))
         if cache is None or cache[0] != key:
-            t = {k: v.to(device) for k, v in self.weights_.items()}
-            # fold the standardization into the first layer: (x − m)/s · W = x·(W/s) − (m/s)·W
-            mean = torch.as_tensor(self.x_mean_, dtype=torch.float32, device=device)
-            inv = 1.0 / torch.as_tensor(self.x_scale_, dtype=torch.float32, device=device)
-            first = "coef" if self.kind_ == "ridge" else "w0"
-            bias = "intercept" if self.kind_ == "ridge" else "b0"
-            w = t[first] * (inv if t[first].ndim == 1 else inv[:, None])
-            t[bias] = t[bias] - (mean @ w if w.ndim == 2 else (mean * w).sum().reshape(1))
-            t[first] = w
-            t["projection"] = proj.to(device) if proj is not None else None
-            self._device_cache = (key, t)
-        return self._device_cache[1]
+            folded = fold_standardization(
+                {k: v.to(device) for k, v in self.weights_.items()},
+                torch.as_tensor(self.x_mean_, dtype=torch.float32, device=device),
+                torch.as_tensor(self.x_scale_, dtype=torch.float32, device=device),
+            )
+            self._device_cache = (key, folded, proj.to(device) if proj is not None else None)
+        return self._device_cache[1], self._device_cache[2]
 
     def predict_tensor(self, features: Tensor) -> Tensor:
-        """``D`` for features ``(..., F)`` as a torch op (same numbers as :meth:`predict`)."""
-        t = self._tensors(features.device)
-        x = features.float()
-        if self.kind_ == "ridge":
-            out = x @ t["coef"] + t["intercept"]
-        else:
-            out = torch.relu(x @ t["w0"] + t["b0"]) @ t["w1"] + t["b1"]
-        return out * self.y_scale_ + self.y_mean_
+        """``D`` for features ``(..., F)`` as a torch op, ``(...)`` float32 (same numbers as
+        :meth:`predict`; :func:`~entcal.calibrators.derailment.excess_entropy_rate`)."""
+        weights, _ = self._on(features.device)
+        return excess_entropy_rate(features, weights, self.y_mean_, self.y_scale_)
 
     def projection_on(self, device: torch.device) -> HiddenProjection:
         """The hidden-state projection, on ``device``."""
-        proj = self._tensors(device)["projection"]
+        _, proj = self._on(device)
         if proj is None:
             raise ValueError("the predictor has no hidden-state projection; set projection_")
         return proj
@@ -396,174 +268,31 @@ class FutureEntropyPredictor:
     # ------------------------------------------------------------------ files
 
     def save(self, path: str | Path, fingerprint: dict | None = None) -> Path:
-        """Write ``path/predictor.safetensors`` and ``path/predictor.json``; returns the folder.
-
-        The tensor file is written first and the JSON (which records its SHA-256) last, each
-        through a temporary file and a rename, so an interrupted save never leaves a pair that
-        loads.
-        """
-        from safetensors.torch import save_file
-
-        proj = getattr(self, "projection_", None)
-        if proj is None:
-            raise ValueError("set projection_ (the model's hidden-state projection) before saving")
-        gate = _check_gate(getattr(self, "gate_", None), "gate_")
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f"weights.{k}": v.contiguous() for k, v in self.weights_.items()}
-        tensors["x_mean"] = torch.as_tensor(self.x_mean_, dtype=torch.float32)
-        tensors["x_scale"] = torch.as_tensor(self.x_scale_, dtype=torch.float32)
-        tensors["projection.tokens"] = proj.tokens.to(torch.int64).contiguous()
-        tensors["projection.matrix"] = proj.matrix.float().contiguous()
-        tensors["projection.offset"] = proj.offset.float().contiguous()
-        tmp = folder / (_TENSORS + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "entcal-predictor"})
-        tmp.chmod(0o644)  # safetensors writes 0600; package data must be readable
-        tmp.replace(folder / _TENSORS)
-        meta = dict(getattr(self, "meta_", {}))
-        if fingerprint is not None:
-            meta["fingerprint"] = fingerprint
-        meta.update(
-            {
-                "format_version": FORMAT_VERSION,
-                "kind": self.kind_,
-                "feature_names": feature_names(proj.dim),
-                "y_mean": self.y_mean_,
-                "y_scale": self.y_scale_,
-                "scores": self.scores_,
-                "gate": gate,
-                "sha256": _sha256(folder / _TENSORS),
-            }
-        )
-        self.meta_ = meta
-        tmp = folder / (_META + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=float))
-        tmp.replace(folder / _META)
-        return folder
+        """Write ``path/predictor.safetensors`` and ``path/predictor.json``; returns the folder
+        (:func:`entcal.calibrators.predictor_file.save`; ``ValueError`` without ``projection_``
+        or a valid ``gate_``)."""
+        self._check_fitted()
+        return predictor_file.save(self, path, fingerprint)
 
     @classmethod
     def load(
         cls, path: str | Path, model=None, fingerprint: dict | None = None
     ) -> FutureEntropyPredictor:
-        """Load a saved predictor (a folder, or the path of its ``predictor.json``).
+        """A fitted predictor from a saved folder (or the path of its ``predictor.json``).
 
         With ``model`` (a model or its config) or a ``fingerprint`` dict, the model it was fitted
         for must match. Raises ``FileNotFoundError`` for a missing file and
-        :class:`PredictorFileError` for a malformed, truncated or corrupted one or a model
-        mismatch. Never unpickles.
+        :class:`~entcal.calibrators.predictor_file.PredictorFileError` for a malformed, truncated
+        or corrupted one or a model mismatch (:func:`entcal.calibrators.predictor_file.load`).
+        Never unpickles.
         """
-        from safetensors import safe_open
-
-        folder = Path(path).expanduser()
-        if folder.name in (_META, _TENSORS):
-            folder = folder.parent
-        meta_path, tensor_path = folder / _META, folder / _TENSORS
-        for p in (meta_path, tensor_path):
-            if not p.is_file():
-                raise FileNotFoundError(
-                    f"predictor file {p} does not exist (a predictor is a folder holding "
-                    f"{_META} and {_TENSORS}, written by `entcal train`)"
-                )
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PredictorFileError(
-                f"predictor file {meta_path} is not valid JSON ({exc})"
-            ) from None
-        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-            found = meta.get("format_version") if isinstance(meta, dict) else None
-            raise PredictorFileError(
-                f"predictor file {meta_path} is not an entcal predictor of format version "
-                f"{FORMAT_VERSION} (found {found!r}); retrain it with `entcal train`"
-            )
-        if _sha256(tensor_path) != meta.get("sha256"):
-            raise PredictorFileError(
-                f"predictor tensors {tensor_path} are truncated or corrupted (SHA-256 differs "
-                f"from the one recorded in {meta_path})"
-            )
-        try:
-            with safe_open(str(tensor_path), framework="pt") as handle:
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-        except Exception as exc:
-            raise PredictorFileError(
-                f"predictor tensors {tensor_path} are unreadable ({exc})"
-            ) from None
-        self = cls(estimator=meta.get("kind", "ridge"))
-        self.kind_ = meta.get("kind")
-        try:
-            self.x_mean_ = tensors["x_mean"].numpy().astype(np.float64)
-            self.x_scale_ = tensors["x_scale"].numpy().astype(np.float64)
-            self.weights_ = {
-                k.split(".", 1)[1]: v.float()
-                for k, v in tensors.items()
-                if k.startswith("weights.")
-            }
-            self.projection_ = HiddenProjection(
-                tensors["projection.tokens"].long(),
-                tensors["projection.matrix"].float(),
-                tensors["projection.offset"].float(),
-            )
-            self.y_mean_ = float(meta["y_mean"])
-            self.y_scale_ = float(meta["y_scale"])
-            gate = meta["gate"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PredictorFileError(f"predictor {folder} lacks or garbles {exc}") from None
-        try:
-            self.gate_ = _check_gate(gate, f"predictor {folder}: gate")
-        except ValueError as exc:
-            raise PredictorFileError(str(exc)) from None
-        n_feat = len(feature_names(self.projection_.dim))
-        expected = {"ridge": {"coef": (n_feat,)}, "mlp": {"w0": (n_feat, -1)}}.get(self.kind_)
-        if expected is None:
-            raise PredictorFileError(f"predictor {folder} has unknown kind {self.kind_!r}")
-        for name, shape in expected.items():
-            got = tuple(self.weights_.get(name, torch.empty(0)).shape)
-            if len(got) != len(shape) or any(s not in (-1, g) for s, g in zip(shape, got)):
-                raise PredictorFileError(f"predictor {folder}: weights.{name} has shape {got}")
-        if self.x_mean_.shape != (n_feat,) or self.x_scale_.shape != (n_feat,):
-            raise PredictorFileError(f"predictor {folder}: x_mean has shape {self.x_mean_.shape}")
-        proj = self.projection_
-        if proj.matrix.shape != (proj.dim, proj.tokens.shape[0]) or proj.offset.shape != (
-            proj.dim,
-        ):
-            raise PredictorFileError(f"predictor {folder}: projection tensors do not fit together")
-        arrays = (*self.weights_.values(), proj.matrix, proj.offset)
-        if not (
-            all(bool(torch.isfinite(v).all()) for v in arrays)
-            and np.isfinite(self.x_mean_).all()
-            and (self.x_scale_ > 0).all()
-            and np.isfinite(self.x_scale_).all()
-            and math.isfinite(self.y_mean_)
-            and math.isfinite(self.y_scale_)
-        ):
-            raise PredictorFileError(
-                f"predictor {folder}: weights, scales or offsets hold NaN, inf or a zero scale"
-            )
-        self.scores_ = meta.get("scores", {})
-        self.meta_ = meta
-        saved_fp = meta.get("fingerprint") or {}
-        vocab = saved_fp.get("vocab_size")
-        if vocab is not None and int(proj.tokens.max()) >= vocab:
-            raise PredictorFileError(f"predictor {folder}: projection tokens exceed the vocabulary")
-        self.path_ = folder
-        if model is not None:
-            self.check_model(model)
-        elif fingerprint is not None:
-            why = _mismatch(saved_fp, fingerprint)
-            if why:
-                raise PredictorFileError(
-                    f"predictor {folder} was fitted for {saved_fp.get('name')!r} ({why})"
-                )
+        state = predictor_file.load(path, model=model, fingerprint=fingerprint)
+        self = cls(estimator=state["kind_"])
+        vars(self).update(state)
         return self
 
     def check_model(self, model) -> None:
-        """Raise :class:`PredictorFileError` unless ``model`` (or its config) is the one this
-        predictor was fitted for."""
+        """Raise :class:`~entcal.calibrators.predictor_file.PredictorFileError` unless ``model``
+        (or its config) is the one this predictor was fitted for."""
         saved = self.meta_.get("fingerprint") or {}
-        why = _mismatch(saved, _fingerprint_of(model))
-        if why:
-            where = getattr(self, "path_", "<in memory>")
-            raise PredictorFileError(
-                f"predictor {where} was fitted for model {saved.get('name')!r}: {why}; train one "
-                "for this model with `entcal train --model NAME --out DIR`"
-            )
+        predictor_file.check_model(saved, model, getattr(self, "path_", "<in memory>"))

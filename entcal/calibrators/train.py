@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from entcal.calibrators.config import TrainConfig
-from entcal.calibrators.predictor import FutureEntropyPredictor, predictor_fingerprint
+from entcal.calibrators.predictor import FutureEntropyPredictor
+from entcal.calibrators.predictor_file import predictor_fingerprint
 from entcal.calibrators.state import HiddenProjection, sequence_features, step_stats
 from entcal.calibrators.strength import GateEvaluation, fit_gate
 

@@ -55,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
     from entcal.eval.compare import QUICK, CompareConfig, parse_decoders
 
     decoders = args.decoders if args.decoders is not None else DEFAULT_DECODERS
-    from entcal.calibrators.predictor import shipped_predictors
+    from entcal.calibrators.predictor_file import shipped_predictors
 
     if args.decoders is None and args.model not in shipped_predictors():
         # Predictors are shipped for the embedded models; another needs its own (entcal train).

@@ -1,0 +1,132 @@
+"""Sampling-time math of the ``calibrated`` decoder: predicted derailment, gate, sharpening.
+
+Pure batched tensor functions (no model, no state, no Python loop over rows), in the style of
+:mod:`entcal.decoding.ops`, over the weights a fitted
+:class:`~entcal.calibrators.predictor.FutureEntropyPredictor` exports. Per sequence and step ``t``::
+
+    D̂_t = ((x_t − m) / s) · W · σ_y + μ_y          # excess future entropy rate, nats/token
+    α_t = g · max(0, D̂_t − c)                      # the gate: strength g, threshold c
+    log p_t(v) ← (1 + α_t) · log p(v)               # logits of p^(1 + α_t)
+
+``x_t`` are the state features of :mod:`entcal.calibrators.state`, ``(m, s)`` and ``(μ_y, σ_y)``
+the standardization of features and labels learned by ``fit``, ``W`` the ridge map (or the
+one-hidden-layer MLP ``relu(x·W0 + b0)·w1 + b1``). ``D̂`` predicts how far the mean entropy of
+the next steps will exceed the model's log loss on human text (Cao, Valiant & Liang, "On the
+Entropy Calibration of Language Models", arXiv 2511.11966, §4: sampled text drifts to higher
+entropy as it grows); the sharpening is their future-entropy-scaled model (Eq. 9 of the NeurIPS
+version) without the per-candidate term, which lives in :mod:`entcal.calibrators.paper_formula`.
+
+Example::
+
+    >>> import torch
+    >>> w = {"coef": torch.tensor([2.0, 0.0]), "intercept": torch.tensor([1.0])}
+    >>> folded = fold_standardization(w, torch.tensor([1.0, 0.0]), torch.tensor([2.0, 1.0]))
+    >>> d = excess_entropy_rate(torch.tensor([[3.0, 5.0], [1.0, 5.0]]), folded, 0.5, 2.0)
+    >>> d                                         # ((3 − 1)/2·2 + 1)·2 + 0.5, (0·2 + 1)·2 + 0.5
+    tensor([6.5000, 2.5000])
+    >>> alpha = gate_alpha(d, 0.5, threshold=3.0)
+    >>> alpha
+    tensor([1.7500, 0.0000])
+    >>> sharpen(torch.tensor([[-0.5, -1.0], [-0.5, -1.0]]), alpha)   # row 2: α = 0, unchanged
+    tensor([[-1.3750, -2.7500],
+            [-0.5000, -1.0000]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "excess_entropy_rate",
+    "fold_standardization",
+    "gate_alpha",
+    "sharpen",
+    "weights_kind",
+]
+
+#: Names of the exported weights of each kind of predictor (``FutureEntropyPredictor.weights_``).
+WEIGHT_NAMES = {"ridge": ("coef", "intercept"), "mlp": ("w0", "b0", "w1", "b1")}
+
+
+def weights_kind(weights: Mapping[str, Tensor]) -> str:
+    """``"ridge"`` or ``"mlp"``, from the names in ``weights``; ``ValueError`` if neither."""
+    for kind, names in WEIGHT_NAMES.items():
+        if all(n in weights for n in names):
+            return kind
+    raise ValueError(
+        f"predictor weights must hold {WEIGHT_NAMES['ridge']} (ridge) or "
+        f"{WEIGHT_NAMES['mlp']} (MLP), got {sorted(weights)}"
+    )
+
+
+def fold_standardization(
+    weights: Mapping[str, Tensor], x_mean: Tensor, x_scale: Tensor
+) -> dict[str, Tensor]:
+    """The same map on raw features: the feature standardization folded into the first layer.
+
+    ``(x − m)/s · W + b = x · (W/s) + (b − (m/s) · W)``, so applying the result to raw features
+    ``x`` equals applying ``weights`` to standardized ones. ``weights``: ridge ``coef (F,)``,
+    ``intercept (1,)`` or MLP ``w0 (F, H)``, ``b0 (H,)``, ``w1 (H,)``, ``b1 (1,)``; ``x_mean``,
+    ``x_scale``: ``(F,)`` (``x_scale > 0``), on the weights' device. Returns a new dict (the
+    other entries as given). Raises ``ValueError`` for weights of neither kind.
+    """
+    ridge = weights_kind(weights) == "ridge"
+    first, bias = ("coef", "intercept") if ridge else ("w0", "b0")
+    out = dict(weights)
+    inv = 1.0 / x_scale
+    w = out[first] * (inv if out[first].ndim == 1 else inv[:, None])
+    out[bias] = out[bias] - (x_mean @ w if w.ndim == 2 else (x_mean * w).sum().reshape(1))
+    out[first] = w
+    return out
+
+
+def excess_entropy_rate(
+    features: Tensor, weights: Mapping[str, Tensor], y_mean: float, y_scale: float
+) -> Tensor:
+    """Predicted excess future entropy rate ``D̂`` (nats/token) of each row of state features.
+
+    ``D̂ = f(x)·σ_y + μ_y`` with ``f(x) = x·coef + intercept`` (ridge) or
+    ``relu(x·w0 + b0)·w1 + b1`` (MLP), ``weights`` already folded by
+    :func:`fold_standardization` and on ``features``' device. ``features``: ``(..., F)`` (cast
+    to float32); returns ``(...)`` float32. Raises ``ValueError`` for weights of neither kind.
+    """
+    x = features.float()
+    if weights_kind(weights) == "ridge":
+        out = x @ weights["coef"] + weights["intercept"]
+    else:
+        out = torch.relu(x @ weights["w0"] + weights["b0"]) @ weights["w1"] + weights["b1"]
+    return out * y_scale + y_mean
+
+
+def gate_alpha(derail: Tensor, strength: Tensor | float, threshold: Tensor | float) -> Tensor:
+    """``α = strength · max(0, derail − threshold)`` per row.
+
+    ``derail``: ``(N,)`` predicted excess future entropy rate ``D̂`` (nats/token); ``strength``
+    (``≥ 0``) and ``threshold`` (nats/token): scalars or ``(N,)`` per row. Returns ``(N,)``.
+    """
+    return (derail - threshold).clamp_min(0.0) * strength
+
+
+#: Above this α a row is sharpened as ``(1 + α)·(log p − max log p)``: the same distribution,
+#: but ``(1 + α)·log p`` of the top token could overflow to ``-inf`` and empty the row.
+_SHIFT_ABOVE = 1e3
+
+
+def sharpen(logprobs: Tensor, alpha: Tensor, out: Tensor | None = None) -> Tensor:
+    """``(1 + α)·log p`` per row: logits of ``p^(1+α)`` (``-inf`` stays ``-inf``; α ≥ 0).
+
+    ``logprobs``: ``(N, V)`` normalized log-probabilities; ``alpha``: ``(N,)`` (NaN counts as 0).
+    ``out`` (may be ``logprobs`` itself) receives the result. For very large α (a huge
+    ``strength``) the row's top token is kept at 0 instead, so the result is finite or ``-inf``
+    and never empty: ``α -> ∞`` is greedy decoding.
+    """
+    finfo = torch.finfo(logprobs.dtype)
+    scale = (1.0 + alpha.nan_to_num(nan=0.0).clamp(0.0, finfo.max / 4))[:, None]
+    if bool((alpha > _SHIFT_ABOVE).any()):
+        top = logprobs.amax(-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        return torch.mul(logprobs - top, scale, out=out)
+    return torch.mul(logprobs, scale, out=out)
