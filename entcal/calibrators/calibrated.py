@@ -70,7 +70,13 @@ from entcal.calibrators.derailment import gate_alpha, sharpen
 from entcal.calibrators.predictor import FutureEntropyPredictor
 from entcal.calibrators.predictor_file import shipped_predictor_for
 from entcal.calibrators.state import StateTracker, step_stats
-from entcal.decoding.base import Decoder, check_known, format_value, parse_float
+from entcal.decoding.base import (
+    Decoder,
+    check_known,
+    format_value,
+    instance_rows,
+    parse_float,
+)
 from entcal.decoding.spec import register_method
 
 __all__ = ["CalibratedDecoder", "load_predictor"]
@@ -272,14 +278,11 @@ class CalibratedDecoder(Decoder):
         n, vocab = logits.shape
         dev = logits.device
         lp = _log_softmax_keep_dead(logits)
-        rows_of: dict[int, list[int]] = {}
-        insts: dict[int, CalibratedDecoder] = {}
-        for i, d in enumerate(decoders):
-            assert isinstance(d, CalibratedDecoder)
-            insts.setdefault(id(d), d)
-            rows_of.setdefault(id(d), []).append(i)
+        instances = instance_rows(decoders)  # [(instance, its rows)]
+        rows_of = {id(d): rows for d, rows in instances}
         by_pred: dict[int, list[CalibratedDecoder]] = {}
-        for d in insts.values():
+        for d, _ in instances:
+            assert isinstance(d, CalibratedDecoder)
             by_pred.setdefault(id(d.predictor_for(vocab)), []).append(d)
         alpha = torch.empty(n, dtype=torch.float32, device=dev)
         for group in by_pred.values():

@@ -66,14 +66,15 @@ def _run(args: argparse.Namespace) -> int:
             "--decoders '...; calibrated:predictor=DIR/predictor')",
             file=sys.stderr,
         )
-    # Unknown decoders fail here, before the model is loaded or anything generated.
-    parse_decoders(decoders)
+    # Unknown decoders fail here, before the model is loaded or anything generated; the parsed
+    # decoders go on to run_compare, which does not parse them again.
+    parsed = list(parse_decoders(decoders).values())
     base = QUICK if args.quick else {"n": 32, "length": 256, "prompt_tokens": 128}
     config = CompareConfig(
         out=args.out,
         model=args.model,
         human=args.human,
-        decoders=decoders,
+        decoders=parsed,
         n=args.n if args.n is not None else base["n"],
         length=args.length if args.length is not None else base["length"],
         prompt_tokens=args.prompt_tokens

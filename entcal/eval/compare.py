@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from entcal.decoding.base import Decoder
 from entcal.eval import calibration, detect, diversity, scoring, typical
 from entcal.eval.defaults import DEFAULT_DECODERS
 
@@ -62,7 +63,9 @@ class CompareConfig:
     out: str | Path
     model: str = "smollm2-135m"
     human: str | None = None
-    decoders: Sequence[str] | str = DEFAULT_DECODERS
+    #: specs (a list, or one string separated by ';'), or decoders already parsed (then not
+    #: parsed again: :func:`parse_decoders` returns them as they are)
+    decoders: Sequence[str | Decoder] | str = DEFAULT_DECODERS
     n: int = 32
     length: int = 256
     prompt_tokens: int = 128
@@ -90,7 +93,7 @@ class CompareConfig:
             raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
 
 
-def parse_decoders(specs: Sequence[str] | str) -> dict[str, Any]:
+def parse_decoders(specs: Sequence[str | Decoder] | str) -> dict[str, Decoder]:
     """Parse decoder specs (a ``;``-separated string or a list) into ``{canonical spec: Decoder}``.
 
     Raises ``ValueError`` naming the first spec that does not parse — before any model work.
@@ -98,10 +101,11 @@ def parse_decoders(specs: Sequence[str] | str) -> dict[str, Any]:
     from entcal.decoding import parse
 
     items = [s.strip() for s in specs.split(";")] if isinstance(specs, str) else list(specs)
-    items = [s for s in items if s]
+    items = [s.strip() if isinstance(s, str) else s for s in items]
+    items = [s for s in items if not isinstance(s, str) or s]
     if not items:
         raise ValueError("no decoder given (--decoders is empty)")
-    out: dict[str, Any] = {}
+    out: dict[str, Decoder] = {}
     for spec in items:
         try:
             dec = parse(spec)

@@ -206,9 +206,9 @@ def run_frontier(
     from entcal.eval.compare import parse_decoders, run_compare
 
     specs = ["ancestral"] + [family_spec(f, v, predictor) for f, vs in sweep.items() for v in vs]
-    parse_decoders(specs)  # bad values fail here
+    parsed = list(parse_decoders(specs).values())  # bad values fail here, before model work
     out = Path(config.out)
-    compare_config = dataclasses.replace(config, out=out / "compare", decoders=specs, plots=False)
+    compare_config = dataclasses.replace(config, out=out / "compare", decoders=parsed, plots=False)
     results = run_compare(compare_config, model=model, tokenizer=tokenizer, pairs=pairs)
     points = frontier_points(results, sweep, predictor)
     doc = {
