@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from entcal.decoding.list_decoder import check_list_params
+    from entcal.studies.list_rules import check_list_params
 
     # Bad parameters fail before the model is loaded.
     if not args.thetas:

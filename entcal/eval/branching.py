@@ -12,7 +12,7 @@ erroneous). With E₀ = 0 the expected number of erroneous candidates after t st
 bounded by β/(1 − R) when R < 1 and growing like Rᵗ when R > 1: R plays the role of the basic
 reproduction number R₀.
 
-Measurement (one batched engine shared with :class:`entcal.decoding.list_decoder.ListDecoder`):
+Measurement (one batched engine shared with :class:`entcal.studies.list_decoder.ListDecoder`):
 
 * the correct prefix is always extended by the reference token (teacher forcing), so β is
   measured at every step; ``ref_kept_rate`` says how often the reference token itself passed θ;
@@ -52,13 +52,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from entcal.decoding.list_decoder import (
-    _Rows,
-    cap_per_group,
-    check_list_params,
-    model_device,
-    select_children,
-)
+from entcal.studies.list_decoder import _Rows, model_device
+from entcal.studies.list_rules import cap_per_group, check_list_params, select_children
 from entcal.synthetic.galton_watson import BranchingSourceLM, synthetic_pairs
 
 __all__ = [
