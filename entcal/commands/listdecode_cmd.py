@@ -77,7 +77,9 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from entcal import corpora, models
-    from entcal.eval.branching import branching_sweep, critical_theta, write_report
+    from entcal.studies.branching import branching_sweep
+    from entcal.studies.branching_report import write_branching_report
+    from entcal.studies.branching_stats import critical_theta
 
     start = time.time()
     model, tokenizer = models.load(args.model)
@@ -117,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
         "seconds": None,
     }
     meta["seconds"] = round(time.time() - start, 1)
-    files = write_report(results, meta, Path(args.out))
+    files = write_branching_report(results, meta, Path(args.out))
     for r in results:
         print(
             f"theta={r.theta:<6g} R={r.R:.3f} [{r.R_low:.3f}, {r.R_high:.3f}]  "

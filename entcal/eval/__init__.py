@@ -7,8 +7,10 @@
 * :mod:`entcal.eval.detect`: zero-shot detectors, AUROC, TPR at a fixed FPR;
 * :mod:`entcal.eval.diversity`: distinct-n, self-BLEU, Zipf, repetition, MAUVE (optional);
 * :mod:`entcal.eval.compare` / :mod:`entcal.eval.report`: ``entcal compare``;
-* :mod:`entcal.eval.branching`: list-decoding branching (β, R, the R = 1 transition);
 * :mod:`entcal.eval.emergence`: information emergence per block, ``estimate_mi`` (MINE).
+
+The structural study of list-decoding branching is in
+:mod:`entcal.studies`.
 
 Submodules are imported on use (``from entcal.eval import calibration``); nothing heavy is
 imported here.
@@ -17,7 +19,6 @@ imported here.
 from __future__ import annotations
 
 __all__ = [
-    "branching",
     "calibration",
     "compare",
     "detect",

@@ -4,7 +4,8 @@ A candidate ``s`` keeps its extension ``v`` iff p(v | s) ≥ θ and/or log p(s) 
 (:func:`select_children`, all rows at once with a top-⌊1/θ⌋ prefilter, exact counts), and each
 prompt keeps at most ``max_list`` candidates (:func:`cap_per_group`, one sort for all prompts).
 :func:`check_list_params` validates θ, b and the cap. Shared by the list decoder
-(:mod:`entcal.studies.list_decoder`) and the branching measurement (:mod:`entcal.studies.branching`).
+(:mod:`entcal.studies.list_decoder`) and the branching measurement
+(:mod:`entcal.studies.branching`).
 """
 
 from __future__ import annotations
