@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from entcal.eval.emergence import (
+from entcal.studies.emergence import (
     capture_block_states,
     check_layers,
     estimate_mi,

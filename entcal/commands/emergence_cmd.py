@@ -84,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from entcal import corpora, models
-    from entcal.eval.emergence import check_layers, information_emergence, write_report
+    from entcal.studies.emergence import check_layers, information_emergence, write_report
 
     start = time.time()
     model, tokenizer = models.load(args.model)

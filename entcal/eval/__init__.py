@@ -6,10 +6,9 @@
 * :mod:`entcal.eval.typical`: the AEP / typical-set statistics;
 * :mod:`entcal.eval.detect`: zero-shot detectors, AUROC, TPR at a fixed FPR;
 * :mod:`entcal.eval.diversity`: distinct-n, self-BLEU, Zipf, repetition, MAUVE (optional);
-* :mod:`entcal.eval.compare` / :mod:`entcal.eval.report`: ``entcal compare``;
-* :mod:`entcal.eval.emergence`: information emergence per block, ``estimate_mi`` (MINE).
+* :mod:`entcal.eval.compare` / :mod:`entcal.eval.report`: ``entcal compare``.
 
-The structural study of list-decoding branching is in
+The structural studies (list-decoding branching, information emergence) are in
 :mod:`entcal.studies`.
 
 Submodules are imported on use (``from entcal.eval import calibration``); nothing heavy is
@@ -23,7 +22,6 @@ __all__ = [
     "compare",
     "detect",
     "diversity",
-    "emergence",
     "report",
     "scoring",
     "typical",

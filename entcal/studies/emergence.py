@@ -41,7 +41,7 @@ on σ and ``dim``. Compare IE across layers or models only at equal settings.
 Example::
 
     >>> import torch
-    >>> from entcal.eval.emergence import estimate_mi
+    >>> from entcal.studies.emergence import estimate_mi
     >>> _ = torch.manual_seed(0)
     >>> x = torch.randn(2000, 2); y = 0.8 * x + 0.6 * torch.randn(2000, 2)
     >>> 0.7 < estimate_mi(x, y, steps=200) < 1.1   # analytic: -log(1 - 0.64) = 1.02 nats
