@@ -8,15 +8,9 @@ import math
 
 import pytest
 
-from entcal.eval.branching import (
-    BranchingResult,
-    BranchingSourceLM,
-    branching_analysis,
-    branching_sweep,
-    critical_theta,
-    predicted_erroneous,
-    synthetic_pairs,
-)
+from entcal.studies.branching import BranchingResult, branching_analysis, branching_sweep
+from entcal.studies.branching_stats import critical_theta, predicted_erroneous
+from entcal.synthetic import BranchingSourceLM, synthetic_pairs
 
 
 @pytest.mark.parametrize(("R", "seed"), [(0.6, 1), (1.5, 2)])

@@ -10,14 +10,9 @@ import math
 import pytest
 import torch
 
-from entcal.eval.emergence import (
-    capture_block_states,
-    check_layers,
-    estimate_mi,
-    estimate_mi_many,
-    information_emergence,
-    text_windows,
-)
+from entcal.studies.capture import capture_block_states, check_layers
+from entcal.studies.emergence import information_emergence, text_windows
+from entcal.studies.mine import estimate_mi, estimate_mi_many
 
 
 def _gauss(n: int, d: int, rho: float, seed: int):

@@ -8,12 +8,8 @@ import math
 import pytest
 import torch
 
-from entcal.decoding.list_decoder import (
-    ListDecoder,
-    cap_per_group,
-    check_list_params,
-    select_children,
-)
+from entcal.studies.list_decoder import ListDecoder
+from entcal.studies.list_rules import cap_per_group, check_list_params, select_children
 
 
 def _tiny_llama(seed: int = 0, vocab: int = 40, sharpen: float = 12.0):

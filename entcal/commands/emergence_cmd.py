@@ -82,7 +82,9 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from entcal import corpora, models
-    from entcal.eval.emergence import check_layers, information_emergence, write_report
+    from entcal.studies.capture import check_layers
+    from entcal.studies.emergence import information_emergence
+    from entcal.studies.emergence_report import write_emergence_report
 
     start = time.time()
     model, tokenizer = models.load(args.model)
@@ -104,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     meta = {"model": args.model, "human": args.human or "pydoc", "seconds": None}
     meta["seconds"] = round(time.time() - start, 1)
-    files = write_report(result, meta, Path(args.out))
+    files = write_emergence_report(result, meta, Path(args.out))
     for i, layer in enumerate(result.layers):
         print(
             f"block {layer:>2}: IE={result.ie[i]:+.3f} ± {result.ie_se[i]:.3f}  "

@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from entcal.decoding.list_decoder import check_list_params
+    from entcal.studies.list_rules import check_list_params
 
     # Bad parameters fail before the model is loaded.
     if not args.thetas:
@@ -78,7 +78,9 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from entcal import corpora, models
-    from entcal.eval.branching import branching_sweep, critical_theta, write_report
+    from entcal.studies.branching import branching_sweep
+    from entcal.studies.branching_report import write_branching_report
+    from entcal.studies.branching_stats import critical_theta
 
     start = time.time()
     model, tokenizer = models.load(args.model)
@@ -118,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
         "seconds": None,
     }
     meta["seconds"] = round(time.time() - start, 1)
-    files = write_report(results, meta, Path(args.out))
+    files = write_branching_report(results, meta, Path(args.out))
     for r in results:
         print(
             f"theta={r.theta:<6g} R={r.R:.3f} [{r.R_low:.3f}, {r.R_high:.3f}]  "

@@ -19,7 +19,6 @@ from entcal.decoding.adaptive import EDTDecoder, MirostatDecoder
 from entcal.decoding.base import Decoder
 from entcal.decoding.chain import CHAIN_KEYS, ChainDecoder
 from entcal.decoding.dry import DRYDecoder
-from entcal.decoding.list_decoder import ListDecoder, ListDecodeResult
 from entcal.decoding.pipeline import PipelineDecoder
 from entcal.decoding.rows import apply_rows, apply_rows_isolated
 from entcal.decoding.spec import methods, parse, parse_options, register_method
@@ -31,8 +30,6 @@ __all__ = [
     "DRYDecoder",
     "Decoder",
     "EDTDecoder",
-    "ListDecodeResult",
-    "ListDecoder",
     "MirostatDecoder",
     "PipelineDecoder",
     "XTCDecoder",

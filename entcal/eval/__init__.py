@@ -6,9 +6,10 @@
 * :mod:`entcal.eval.typical`: the AEP / typical-set statistics;
 * :mod:`entcal.eval.detect`: zero-shot detectors, AUROC, TPR at a fixed FPR;
 * :mod:`entcal.eval.diversity`: distinct-n, self-BLEU, Zipf, repetition, MAUVE (optional);
-* :mod:`entcal.eval.compare` / :mod:`entcal.eval.report`: ``entcal compare``;
-* :mod:`entcal.eval.branching`: list-decoding branching (β, R, the R = 1 transition);
-* :mod:`entcal.eval.emergence`: information emergence per block, ``estimate_mi`` (MINE).
+* :mod:`entcal.eval.compare` / :mod:`entcal.eval.report`: ``entcal compare``.
+
+The structural studies (list-decoding branching, information emergence) are in
+:mod:`entcal.studies`.
 
 Submodules are imported on use (``from entcal.eval import calibration``); nothing heavy is
 imported here.
@@ -17,12 +18,10 @@ imported here.
 from __future__ import annotations
 
 __all__ = [
-    "branching",
     "calibration",
     "compare",
     "detect",
     "diversity",
-    "emergence",
     "report",
     "scoring",
     "typical",

@@ -12,7 +12,7 @@ erroneous). With E₀ = 0 the expected number of erroneous candidates after t st
 bounded by β/(1 − R) when R < 1 and growing like Rᵗ when R > 1: R plays the role of the basic
 reproduction number R₀.
 
-Measurement (one batched engine shared with :class:`entcal.decoding.list_decoder.ListDecoder`):
+Measurement (one batched engine shared with :class:`entcal.studies.list_decoder.ListDecoder`):
 
 * the correct prefix is always extended by the reference token (teacher forcing), so β is
   measured at every step; ``ref_kept_rate`` says how often the reference token itself passed θ;
@@ -25,13 +25,18 @@ Measurement (one batched engine shared with :class:`entcal.decoding.list_decoder
 * intervals: a cluster bootstrap over prompts (percentile 95%), and a cluster-robust (delta
   method) standard error, since the candidates of one prompt are not independent.
 
-Known answer: :class:`BranchingSourceLM` is a synthetic "language model" whose erroneous prefixes
-keep exactly Binomial(n, R/n) tokens above θ, so R is set exactly; it runs through the same code.
+The estimators and the formula above are in :mod:`entcal.studies.branching_stats`; the report
+in :mod:`entcal.studies.branching_report`.
+
+Known answer: :class:`entcal.synthetic.BranchingSourceLM` is a synthetic "language model" whose
+erroneous prefixes keep exactly Binomial(n, R/n) tokens above θ, so R is set exactly; it runs
+through the same code.
 
 Example::
 
     >>> from entcal import corpora, models
-    >>> from entcal.eval.branching import branching_sweep, critical_theta
+    >>> from entcal.studies.branching import branching_sweep
+    >>> from entcal.studies.branching_stats import critical_theta
     >>> model, tok = models.load("smollm2-135m")
     >>> pairs = corpora.make_pairs(corpora.load_corpus(), tok, prompt_tokens=32,
     ...                            continuation_tokens=8, n=2)
@@ -45,42 +50,17 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
-import types
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from entcal.decoding.list_decoder import (
-    _Rows,
-    cap_per_group,
-    check_list_params,
-    model_device,
-    select_children,
-)
+from entcal.studies.branching_stats import predicted_erroneous, ratio_stats
+from entcal.studies.list_decoder import _Rows, model_device
+from entcal.studies.list_rules import cap_per_group, check_list_params, select_children
 
-__all__ = [
-    "BranchingResult",
-    "BranchingSourceLM",
-    "branching_analysis",
-    "branching_sweep",
-    "critical_theta",
-    "predicted_erroneous",
-    "synthetic_pairs",
-    "write_report",
-]
-
-
-def predicted_erroneous(beta: float, R: float, steps: int) -> list[float]:
-    """β(1 − Rᵗ)/(1 − R) for t = 1..steps (β t at R = 1): Chang's expected erroneous count."""
-    t = np.arange(1, steps + 1, dtype=float)
-    if not (math.isfinite(beta) and math.isfinite(R)):
-        return [float("nan")] * steps
-    if abs(R - 1.0) < 1e-9:
-        return (beta * t).tolist()
-    return (beta * (1.0 - R**t) / (1.0 - R)).tolist()
+__all__ = ["BranchingResult", "branching_analysis", "branching_sweep"]
 
 
 @dataclasses.dataclass
@@ -120,26 +100,6 @@ class BranchingResult:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _ratio_stats(A: np.ndarray, B: np.ndarray, n_boot: int, rng: np.random.Generator):
-    """Ratio ΣA/ΣB over clusters: estimate, cluster-robust SE, percentile bootstrap interval."""
-    G = len(A)
-    total_b = B.sum()
-    if total_b <= 0:
-        nan = float("nan")
-        return nan, nan, nan, nan
-    est = float(A.sum() / total_b)
-    resid = A - est * B
-    se = float(math.sqrt((resid**2).sum() * G / max(G - 1, 1)) / total_b)
-    idx = rng.integers(0, G, size=(n_boot, G))
-    bb = B[idx].sum(1)
-    ok = bb > 0
-    boots = A[idx].sum(1)[ok] / bb[ok]
-    if boots.size < 10:
-        return est, se, float("nan"), float("nan")
-    low, high = np.percentile(boots, [2.5, 97.5])
-    return est, se, float(low), float(high)
 
 
 def _pairs_ids(pairs) -> tuple[list[list[int]], list[list[int]]]:
@@ -258,7 +218,7 @@ def _run_one(
         logprobs = rows.step(next_tokens)
     rng = np.random.default_rng(seed)
     A_np, B_np = A.cpu().numpy(), B.cpu().numpy()
-    R, R_se, R_low, R_high = _ratio_stats(A_np, B_np, n_boot, rng)
+    R, R_se, R_low, R_high = ratio_stats(A_np, B_np, n_boot, rng)
     per_prompt_beta = beta_sum.cpu().numpy() / steps
     beta = float(per_prompt_beta.mean())
     beta_se = float(per_prompt_beta.std(ddof=1) / math.sqrt(G)) if G > 1 else float("nan")
@@ -300,7 +260,8 @@ def branching_sweep(
     """:func:`branching_analysis` for several thresholds, sharing one prefill of the prompts.
 
     Args:
-        model: a causal LM (:func:`entcal.models.load`) or :class:`BranchingSourceLM`.
+        model: a causal LM (:func:`entcal.models.load`) or
+            :class:`entcal.synthetic.BranchingSourceLM`.
         pairs: :class:`entcal.corpora.TextPair` objects or ``(prompt_ids, reference_ids)``.
         thetas: per-step thresholds, each in (0, 1).
         steps: decoding steps (default: the shortest reference).
@@ -383,206 +344,3 @@ def branching_analysis(
         pad_token_id=pad_token_id,
         progress=progress,
     )[0]
-
-
-def critical_theta(results: Sequence[BranchingResult]) -> float | None:
-    """The θ where R̂ crosses 1, by linear interpolation of R̂ in log θ (None if it does not)."""
-    pts = sorted((r.theta, r.R) for r in results if r.theta is not None and math.isfinite(r.R))
-    for (t0, r0), (t1, r1) in itertools.pairwise(pts):
-        if (r0 - 1.0) * (r1 - 1.0) <= 0 and r0 != r1:
-            frac = (1.0 - r0) / (r1 - r0)
-            return float(math.exp(math.log(t0) + frac * (math.log(t1) - math.log(t0))))
-    return None
-
-
-# --------------------------------------------------------------------------- known answer
-
-
-class BranchingSourceLM(torch.nn.Module):
-    """A synthetic causal "LM" that is a Galton–Watson process with offspring mean R set exactly.
-
-    Chang models an LLM as a random function; this one is sampled lazily. Token 0 is the
-    reference token and token ``vocab_size − 1`` the start token: a prompt is ``[start]`` and the
-    reference continuation is all zeros (:func:`synthetic_pairs`). A prefix is *correct* while every
-    token after the first is 0. At each forward pass, for each row:
-
-    * a correct prefix gives probability q = 1.05 θ to token 0 and to K ~ Binomial(n − 1,
-      β/(n − 1)) other random tokens;
-    * an erroneous prefix gives q to K ~ Binomial(n, R/n) random tokens;
-
-    the rest of the mass is spread evenly (below θ) over the other tokens, with n = ⌊0.95/q⌋. So
-    under the threshold θ an erroneous candidate keeps exactly K children, E[K] = R, and the
-    correct prefix spawns β erroneous children per step on average.
-
-    It reads its history from the ``DynamicCache`` it is given (the token ids are its "keys"), so
-    a decoder that reorders the cache wrongly mislabels rows and gets R and β wrong.
-    """
-
-    def __init__(
-        self,
-        R: float,
-        beta: float = 1.0,
-        theta: float = 0.1,
-        vocab_size: int = 64,
-        seed: int = 0,
-    ):
-        super().__init__()
-        check_list_params(theta, None, 1)
-        q = 1.05 * theta
-        n = math.floor(0.95 / q)
-        if n < 2:
-            raise ValueError(f"theta={theta} is too large for a branching source (need θ < 0.45)")
-        if not 0.0 <= R <= n:
-            raise ValueError(f"R must lie in [0, {n}] for theta={theta}, got {R}")
-        if not 0.0 <= beta <= n - 1:
-            raise ValueError(f"beta must lie in [0, {n - 1}] for theta={theta}, got {beta}")
-        if vocab_size < n + math.ceil(1.0 / theta) + 2:
-            raise ValueError(
-                f"vocab_size must be >= {n + math.ceil(1.0 / theta) + 2} for theta={theta}"
-            )
-        self.R, self.beta, self.theta, self.q, self.n = float(R), float(beta), theta, q, n
-        self.vocab_size = vocab_size
-        self.start_token = vocab_size - 1
-        self._anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.config = types.SimpleNamespace(
-            vocab_size=vocab_size, eos_token_id=None, num_hidden_layers=1, pad_token_id=0
-        )
-
-    def forward(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
-        from transformers import DynamicCache
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        cache = past_key_values if past_key_values is not None else DynamicCache()
-        ids = input_ids.float()[:, None, :, None]
-        hist, _ = cache.update(ids, ids, 0)
-        hist = hist[:, 0, :, 0].long()
-        if attention_mask is not None:
-            # Left padding: count only real tokens after each row's first real token.
-            real = attention_mask[:, -hist.shape[1] :].bool()
-            first = real.float().argmax(-1, keepdim=True)
-            after = torch.arange(hist.shape[1], device=hist.device)[None, :] > first
-            on_ref = ((hist == 0) | ~(real & after)).all(-1)
-        else:
-            on_ref = (hist[:, 1:] == 0).all(-1)
-        rows = hist.shape[0]
-        V = self.vocab_size
-        on_ref_cpu = on_ref.cpu()
-        k_err = torch.binomial(
-            torch.full((rows,), float(self.n)),
-            torch.full((rows,), self.R / self.n),
-            generator=self.generator,
-        )
-        p_ref = self.beta / (self.n - 1)
-        k_ref = torch.binomial(
-            torch.full((rows,), float(self.n - 1)),
-            torch.full((rows,), p_ref),
-            generator=self.generator,
-        )
-        k = torch.where(on_ref_cpu, k_ref, k_err).long()
-        noise = torch.rand(rows, V, generator=self.generator)
-        noise[on_ref_cpu, 0] = 2.0  # token 0 is kept separately for the correct prefix
-        rank = noise.argsort(-1).argsort(-1)
-        kept = rank < k[:, None]
-        kept[on_ref_cpu, 0] = True
-        n_kept = kept.sum(-1, keepdim=True)
-        rest = (1.0 - n_kept * self.q) / (V - n_kept)
-        probs = torch.where(kept, torch.full_like(noise, self.q), rest.expand(-1, V))
-        logits = probs.log().to(input_ids.device)[:, None, :]
-        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
-
-
-def synthetic_pairs(n: int, steps: int, vocab_size: int = 64):
-    """``n`` (prompt, reference) pairs for :class:`BranchingSourceLM`: [start] and ``steps`` zeros."""
-    from entcal.corpora import TextPair
-
-    return [TextPair((vocab_size - 1,), (0,) * steps, i) for i in range(n)]
-
-
-# --------------------------------------------------------------------------- report
-
-
-def write_report(results: Sequence[BranchingResult], meta: dict, out) -> list:
-    """Write ``results.json``, ``report.md`` and two PNG plots into ``out``; return the paths."""
-    import json
-    from pathlib import Path
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta, "thetas": [r.to_dict() for r in results]}
-    (out / "results.json").write_text(json.dumps(payload, indent=2, allow_nan=True))
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    colors = plt.cm.viridis(np.linspace(0, 0.9, max(len(results), 1)))
-    for r, c in zip(results, colors):
-        t = np.arange(1, r.steps + 1)
-        ax.plot(t, r.erroneous_mean, "o-", color=c, ms=3, label=f"θ={r.theta:g} (R̂={r.R:.2f})")
-        ax.plot(t, r.erroneous_predicted, "--", color=c, lw=1)
-    ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_xlabel("step t")
-    ax.set_ylabel("erroneous candidates per prompt")
-    ax.set_title(f"{meta.get('model', '')}: measured (dots), β̂(1−R̂ᵗ)/(1−R̂) (dashed)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    p1 = out / "erroneous_vs_step.png"
-    fig.savefig(p1, dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    th = np.array([r.theta for r in results])
-    R = np.array([r.R for r in results])
-    lo = np.array([r.R_low for r in results])
-    hi = np.array([r.R_high for r in results])
-    ax.errorbar(th, R, yerr=[np.maximum(R - lo, 0), np.maximum(hi - R, 0)], fmt="o-", capsize=3)
-    ax.axhline(1.0, color="gray", ls=":")
-    if meta.get("critical_theta"):
-        ax.axvline(meta["critical_theta"], color="red", ls="--", lw=1, label="R = 1")
-        ax.legend()
-    ax.set_xscale("log")
-    ax.set_xlabel("threshold θ")
-    ax.set_ylabel("R̂ (kept children per erroneous candidate)")
-    ax.set_title(f"{meta.get('model', '')}: branching factor, 95% bootstrap interval")
-    fig.tight_layout()
-    p2 = out / "R_vs_theta.png"
-    fig.savefig(p2, dpi=120)
-    plt.close(fig)
-
-    lines = [
-        f"# List decoding branching analysis: {meta.get('model', '')}",
-        "",
-        "Chang (arXiv 2303.13112): erroneous candidates of a threshold list decoder form a "
-        "branching process; E[E_t] = β(1 − Rᵗ)/(1 − R), bounded iff R < 1.",
-        "",
-        f"{meta.get('n_prompts')} prompts of {meta.get('prompt_tokens')} tokens from "
-        f"`{meta.get('human')}`, {meta.get('steps')} steps, cap {meta.get('max_list')} "
-        f"erroneous candidates per prompt (uniform subset, Horvitz–Thompson weights), seed "
-        f"{meta.get('seed')}, {meta.get('seconds')} s.",
-        "",
-        "| θ | R̂ | 95% interval | SE | β̂ | ref. token kept | erroneous at last step "
-        "(measured / predicted) | cap hit |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r.theta:g} | {r.R:.3f} | [{r.R_low:.3f}, {r.R_high:.3f}] | {r.R_se:.3f} | "
-            f"{r.beta:.3f} | {r.ref_kept_rate:.2f} | {r.erroneous_mean[-1]:.2f} / "
-            f"{r.erroneous_predicted[-1]:.2f} | {r.cap_hit_rate:.2f} |"
-        )
-    crit = meta.get("critical_theta")
-    lines += [
-        "",
-        "R̂ crosses 1 at θ ≈ " + (f"{crit:.3g}" if crit else "— (not within the sweep)") + ".",
-        "",
-        f"![erroneous vs step]({p1.name})",
-        "",
-        f"![R vs theta]({p2.name})",
-        "",
-    ]
-    p3 = out / "report.md"
-    p3.write_text("\n".join(lines))
-    return [out / "results.json", p3, p1, p2]
