@@ -22,42 +22,43 @@ import time
 from pathlib import Path
 
 import torch
-from transformers.generation.logits_process import (
-    EpsilonLogitsWarper,
-    EtaLogitsWarper,
-    MinPLogitsWarper,
-    TemperatureLogitsWarper,
-    TopHLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-    TypicalLogitsWarper,
-)
 
 from entcal.decoding import parse
+from entcal.decoding.reference import reference_warpers
 
 NEG = float("-inf")
 
-# name -> (entcal spec, transformers warper or None)
+# name -> entcal spec; the transformers reference is its warper where transformers has one
 METHODS = {
-    "temperature": ("temperature=0.7", lambda: TemperatureLogitsWarper(0.7)),
-    "top_k": ("top_k=50", lambda: TopKLogitsWarper(50)),
-    "top_p": ("top_p=0.95", lambda: TopPLogitsWarper(0.95)),
-    "min_p": ("min_p=0.05", lambda: MinPLogitsWarper(0.05)),
-    "typical": ("typical=0.9", lambda: TypicalLogitsWarper(0.9)),
-    "epsilon": ("epsilon=0.0003", lambda: EpsilonLogitsWarper(3e-4)),
-    "eta": ("eta=0.0009", lambda: EtaLogitsWarper(9e-4)),
-    "top_n_sigma": ("top_n_sigma=1.0", None),
-    "mirostat": ("mirostat:tau=3.0", None),
-    "edt": ("edt:theta=1.0", None),
-    "top_h": ("top_h=0.4", lambda: TopHLogitsWarper(0.4)),
-    "smoothing": ("smoothing_factor=0.3", None),
-    "dynatemp": ("temperature=0.9,dynatemp_range=0.4", None),
-    "xtc": ("xtc:threshold=0.1,probability=1", None),
-    "mirostat_v1": ("mirostat:version=1,tau=3.0", None),
-    "dry": ("dry:multiplier=0.8", None),  # over a context of DRY_CONTEXT tokens
+    "temperature": "temperature=0.7",
+    "top_k": "top_k=50",
+    "top_p": "top_p=0.95",
+    "min_p": "min_p=0.05",
+    "typical": "typical=0.9",
+    "epsilon": "epsilon=0.0003",
+    "eta": "eta=0.0009",
+    "top_n_sigma": "top_n_sigma=1.0",
+    "mirostat": "mirostat:tau=3.0",
+    "edt": "edt:theta=1.0",
+    "top_h": "top_h=0.4",
+    "smoothing": "smoothing_factor=0.3",
+    "dynatemp": "temperature=0.9,dynatemp_range=0.4",
+    "xtc": "xtc:threshold=0.1,probability=1",
+    "mirostat_v1": "mirostat:version=1,tau=3.0",
+    "dry": "dry:multiplier=0.8",  # over a context of DRY_CONTEXT tokens
 }
 #: Context length DRY is timed with (token ids with many repeats: its worst case).
 DRY_CONTEXT = 512
+
+
+def transformers_warper(spec: str):
+    """transformers' warper for a one-key chain spec (``entcal.decoding.reference``), or None
+    where transformers has none (``top_n_sigma``, named methods, ...)."""
+    try:
+        (warper,) = reference_warpers(spec)
+    except ValueError:
+        return None
+    return warper
 
 
 def real_logits(model_name: str, rows: int) -> torch.Tensor:
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
             for b in batches:
                 x = logits[:b].contiguous()
                 budget = args.budget * (4 if b * v <= 32 * 49152 else 1)
-                for name, (spec, make_ref) in METHODS.items():
+                for name, spec in METHODS.items():
                     dec = parse(spec)
                     ids = None
                     if name == "dry":
@@ -152,8 +153,8 @@ def run(args: argparse.Namespace) -> dict:
                     ours_ms = timeit(lambda d=dec, x=x, i=ids: d(x, i), budget)
                     row = {"method": name, "spec": spec, "batch": b, "vocab": v,
                            "source": source, "entcal_ms": round(ours_ms, 3)}  # fmt: skip
-                    if make_ref is not None:
-                        ref = make_ref()
+                    ref = transformers_warper(spec)
+                    if ref is not None:
                         ref_ms = timeit(lambda r=ref, x=x: r(None, x), budget)
                         same = (ref(None, x) == NEG) == (dec(x) == NEG)
                         row.update(

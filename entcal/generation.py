@@ -46,7 +46,7 @@ from entcal.decoding import Decoder, ops, parse
 from entcal.decoding.base import HistoryDriver
 from entcal.decoding.rng import sequence_uniforms
 
-__all__ = ["Generation", "generate"]
+__all__ = ["Generation", "generate", "neutral_generation_config"]
 
 
 @dataclasses.dataclass
@@ -187,13 +187,45 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
     return ids, mask
 
 
+def neutral_generation_config(**overrides: Any) -> Any:
+    """A transformers ``GenerationConfig`` that samples from the model's distribution unchanged.
+
+    ``do_sample=True`` with every transformers sampling default at its no-op value:
+    ``temperature=1.0``, ``top_k=0``, ``top_p=1.0``, ``typical_p=1.0``, ``epsilon_cutoff=0.0``,
+    ``eta_cutoff=0.0``, ``repetition_penalty=1.0``, ``min_new_tokens=0``. A field left unset
+    (``None``) is filled by ``generate`` from the model's own ``generation_config``, then from
+    transformers' global defaults (``top_k=50``), so a comparison (entcal's decoder against a
+    transformers warper, or a run against another) would silently get a second truncation on top;
+    these fields are therefore always set. Fields without a no-op default (``min_p``, ``top_h``,
+    ``suppress_tokens``, ...) can still come from the model's ``generation_config``;
+    :func:`generate` also replaces that by this config for the call. ``overrides``
+    (``max_new_tokens=``, ``top_p=0.8``, ``eos_token_id=``, ...) are set last.
+
+        >>> cfg = neutral_generation_config(max_new_tokens=5)
+        >>> cfg.do_sample, cfg.top_k, cfg.top_p, cfg.max_new_tokens
+        (True, 0, 1.0, 5)
+    """
+    from transformers import GenerationConfig
+
+    fields: dict[str, Any] = {
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "typical_p": 1.0,
+        "epsilon_cutoff": 0.0,
+        "eta_cutoff": 0.0,
+        "repetition_penalty": 1.0,
+        "min_new_tokens": 0,
+    }
+    return GenerationConfig(**{**fields, **overrides})
+
+
 @contextlib.contextmanager
 def _clean_generation_config(model: Any, eos: list[int] | None, pad_id: int):
     """Temporarily replace the model's generation_config by one with no sampling defaults."""
-    from transformers import GenerationConfig
-
     old = getattr(model, "generation_config", None)
-    model.generation_config = GenerationConfig(
+    model.generation_config = neutral_generation_config(
         bos_token_id=getattr(old, "bos_token_id", None),
         eos_token_id=eos,
         pad_token_id=pad_id,
@@ -280,7 +312,7 @@ def _generate_chunk(
     device: torch.device,
     seed: int,
 ) -> list[Generation]:
-    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers import LogitsProcessorList
 
     input_ids, mask = left_pad(prompts, pad_id)
     input_ids, mask = input_ids.to(device), mask.to(device)
@@ -289,17 +321,8 @@ def _generate_chunk(
     keys = torch.stack([prompt_key[rows // n], rows % n], dim=1)
     rec = _Recorder(dec, input_ids.shape[1], set(eos_list) if stop_at_eos else None, seed, keys)
     eos = eos_list if (stop_at_eos and eos_list) else None
-    config = GenerationConfig(
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        typical_p=1.0,
-        epsilon_cutoff=0.0,
-        eta_cutoff=0.0,
-        repetition_penalty=1.0,
+    config = neutral_generation_config(
         max_new_tokens=max_new_tokens,
-        min_new_tokens=0,
         num_return_sequences=n,
         eos_token_id=eos,
         pad_token_id=pad_id,

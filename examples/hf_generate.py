@@ -11,6 +11,7 @@ import torch
 
 from entcal import generate, models
 from entcal.decoding import hf, parse
+from entcal.generation import neutral_generation_config
 
 
 def main() -> None:
@@ -29,11 +30,7 @@ def main() -> None:
     with torch.inference_mode():
         out = model.generate(
             **inputs,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=args.max_new_tokens,
+            generation_config=neutral_generation_config(max_new_tokens=args.max_new_tokens),
             logits_processor=[hf.logits_processor(decoder)],
         )
     print(f"[transformers generate, {decoder}]")

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real embedded model, loaded once per test session."""
+"""Shared fixtures: the real embedded model (loaded once per test session) and tiny
+random-weight Llamas."""
 
 from __future__ import annotations
 
@@ -18,3 +19,57 @@ def smollm2():
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2):
     return smollm2[1]
+
+
+def make_tiny_llama(
+    vocab: int = 48,
+    hidden: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    *,
+    intermediate: int | None = None,
+    heads: int | None = None,
+    kv_heads: int | None = None,
+    max_positions: int = 128,
+    lm_head_scale: float | None = None,
+    cls=None,
+    **config,
+):
+    """A tiny random-weight Llama in eval mode: ``torch.manual_seed(seed)``, then the model.
+
+    Defaults follow ``hidden``: ``intermediate = 2 * hidden``, ``heads = hidden // 8`` (head
+    dimension 8), ``kv_heads = heads // 2`` (grouped-query attention). Everything else is
+    ``LlamaConfig``'s default (untied embeddings, bos 1, eos 2, no pad) unless given in
+    ``config``. ``lm_head_scale`` multiplies the output embeddings (above 1: peaked
+    distributions, which truncation then bites; below 1: nearly flat). ``cls`` replaces
+    ``LlamaForCausalLM`` (a subclass). The weights depend only on the sizes and the seed.
+
+    The ``tiny_llama`` fixture returns this function; import it (``from conftest import
+    make_tiny_llama``) where a fixture cannot be used.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads = heads or max(1, hidden // 8)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or max(1, heads // 2),
+        max_position_embeddings=max_positions,
+        **config,
+    )
+    torch.manual_seed(seed)
+    model = (cls or LlamaForCausalLM)(cfg).eval()
+    if lm_head_scale is not None:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(lm_head_scale)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """The factory of tiny random-weight Llamas: ``tiny_llama(vocab=..., hidden=..., layers=...,
+    seed=...)`` (see ``make_tiny_llama``)."""
+    return make_tiny_llama

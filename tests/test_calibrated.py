@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_llama
 
 from entcal.calibrators.predictor import FutureEntropyPredictor
 from entcal.calibrators.predictor_file import PredictorFileError, predictor_fingerprint
@@ -22,20 +23,10 @@ from entcal.calibrators.state import (
 )
 
 
-def tiny_llama(vocab: int = 96, hidden: int = 16, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
+def _tiny_llama(vocab: int = 96, hidden: int = 16, seed: int = 0):
+    return make_tiny_llama(
+        vocab, hidden, layers=1, seed=seed, intermediate=32, heads=2, kv_heads=1, max_positions=256
     )
-    return LlamaForCausalLM(cfg).eval()
 
 
 @torch.inference_mode()
@@ -71,7 +62,7 @@ def saved_predictor(tmp_path, model, **kw):
 
 
 def test_projection_reads_the_hidden_state_back_from_any_logits_row():
-    model = tiny_llama(vocab=300, hidden=16)
+    model = _tiny_llama(vocab=300, hidden=16)
     hidden, logits = _hidden_and_logits(model)
     proj = HiddenProjection.fit(model.lm_head.weight, hidden, dim=5, n_tokens=64)
     z = proj(logits)
@@ -140,7 +131,7 @@ def test_features_known_answers():
 
 @pytest.mark.parametrize("kind", ["ridge", "mlp"])
 def test_predictor_torch_matches_sklearn_and_roundtrips(tmp_path, kind):
-    model = tiny_llama()
+    model = _tiny_llama()
     pred, X, y = make_predictor(model, kind=kind)
     assert pred.kind_ == kind
     if kind == "ridge":
@@ -162,7 +153,7 @@ def test_predictor_torch_matches_sklearn_and_roundtrips(tmp_path, kind):
 
 
 def test_predictor_file_errors(tmp_path):
-    model = tiny_llama()
+    model = _tiny_llama()
     folder = saved_predictor(tmp_path, model)
     with pytest.raises(FileNotFoundError, match=r"predictor\.json"):
         FutureEntropyPredictor.load(tmp_path / "nowhere")
@@ -191,9 +182,9 @@ def test_predictor_file_errors(tmp_path):
     FutureEntropyPredictor.load(folder, model=model)
     # another model, same shapes: the LM-head digest tells them apart; other shapes: the config
     with pytest.raises(PredictorFileError, match="tiny"):
-        FutureEntropyPredictor.load(folder, model=tiny_llama(seed=1))
+        FutureEntropyPredictor.load(folder, model=_tiny_llama(seed=1))
     with pytest.raises(PredictorFileError, match="vocab_size"):
-        FutureEntropyPredictor.load(folder, model=tiny_llama(vocab=80))
+        FutureEntropyPredictor.load(folder, model=_tiny_llama(vocab=80))
 
 
 # ------------------------------------------------------------------ gate fit and identities
@@ -289,7 +280,7 @@ def test_closed_gate_is_the_identity_and_an_open_one_a_temperature_on_markov_sou
 def test_decoder_spec_options_and_bad_input(tmp_path):
     from entcal.decoding import parse
 
-    model = tiny_llama()
+    model = _tiny_llama()
     folder = saved_predictor(tmp_path, model)
     d = parse(f"calibrated:predictor={folder},scale=0.5,threshold=0.2")
     assert parse(str(d)) == d and str(d) == f"calibrated:predictor={folder},scale=0.5,threshold=0.2"
@@ -303,7 +294,7 @@ def test_decoder_spec_options_and_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError):
         parse(f"calibrated:predictor={tmp_path / 'missing'}")
     with pytest.raises(PredictorFileError, match="vocab_size"):
-        d.bind(tiny_llama(vocab=80))
+        d.bind(_tiny_llama(vocab=80))
     # no shipped predictor for this model
     with pytest.raises(PredictorFileError, match="no predictor is shipped"):
         parse("calibrated").bind(model)
@@ -322,7 +313,7 @@ def test_mixed_instances_in_one_batch_equal_each_alone(tmp_path):
     """vLLM batches rows of many requests, each with its own decoder instance and state."""
     from entcal.decoding import apply_rows, parse
 
-    model = tiny_llama()
+    model = _tiny_llama()
     folder = saved_predictor(tmp_path, model)
     specs = [
         f"calibrated:predictor={folder}",
@@ -349,7 +340,7 @@ def test_an_instance_with_rows_apart_in_the_batch(tmp_path):
     """One instance holding rows 0 and 2 of a batch, another row 1 (interleaved)."""
     from entcal.decoding import apply_rows, parse
 
-    model = tiny_llama()
+    model = _tiny_llama()
     folder = saved_predictor(tmp_path, model)
     a, b = (parse(f"calibrated:predictor={folder},scale={s}").bind(model) for s in (1, 3))
     a_alone, b_alone = (parse(str(d)).bind(model) for d in (a, b))
@@ -370,7 +361,7 @@ def test_hf_processor_state_does_not_leak_into_the_next_generate(tmp_path):
     the last sequence it saw must start fresh (the ids, not only the shapes, decide)."""
     from entcal.decoding import hf
 
-    model = tiny_llama()
+    model = _tiny_llama()
     folder = saved_predictor(tmp_path, model)
     spec = f"calibrated:predictor={folder},threshold=-1"  # gate open: the state shapes every step
     proc = hf.logits_processor(spec, model=model)
@@ -396,7 +387,7 @@ def test_train_recipe_end_to_end_and_resume(tmp_path, smollm2_tokenizer, capsys)
     from entcal.decoding import parse
 
     tok = smollm2_tokenizer
-    model = tiny_llama(vocab=len(tok), hidden=32)
+    model = _tiny_llama(vocab=len(tok), hidden=32)
     with torch.no_grad():
         model.lm_head.weight.mul_(30.0)  # peaked rows, like a trained model's
     folder = tmp_path / "tiny-model"
@@ -449,7 +440,7 @@ def test_train_killed_at_any_point_resumes_to_the_same_predictor(tmp_path, smoll
     import time
 
     tok = smollm2_tokenizer
-    model = tiny_llama(vocab=len(tok), hidden=32)
+    model = _tiny_llama(vocab=len(tok), hidden=32)
     with torch.no_grad():
         model.lm_head.weight.mul_(30.0)
     folder = tmp_path / "tiny-model"

@@ -56,25 +56,13 @@ def test_calibrated_generation_equals_teacher_forced_scoring(smollm2):
         assert bool(torch.isfinite(got.logprob).all())
 
 
-def test_predictor_for_another_model_fails_before_generation(smollm2, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def test_predictor_for_another_model_fails_before_generation(smollm2, tiny_llama, tmp_path):
     from entcal.calibrators.predictor_file import PredictorFileError, shipped_predictor_path
     from entcal.decoding import parse
     from entcal.generation import generate
 
     _, tok = smollm2
-    torch.manual_seed(0)
-    small = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=49152,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-        )
-    )
+    small = tiny_llama(vocab=49152, hidden=16, layers=1, max_positions=2048)
     folder = shipped_predictor_path("smollm2-135m")
     with pytest.raises(PredictorFileError, match="no predictor is shipped"):
         parse("calibrated").bind(small)

@@ -9,22 +9,6 @@ from entcal.calibrators.paper_formula import adjusted_logprobs, fill_phi
 from entcal.decoding.ops import entropy_varentropy
 
 
-def _tiny_llama(vocab: int = 48, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
 def _lookahead_reference(model, ids: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
     with torch.inference_mode():
         lp = torch.log_softmax(model(input_ids=ids).logits[:, -1].float(), -1)
@@ -38,10 +22,10 @@ def _lookahead_reference(model, ids: torch.Tensor, k: int, alpha: float) -> torc
         return adjusted_logprobs(lp, phi, alpha)
 
 
-def test_lookahead_matches_brute_force_over_steps():
+def test_lookahead_matches_brute_force_over_steps(tiny_llama):
     from entcal.decoding import parse  # lookahead: an entcal.decoders entry point
 
-    model = _tiny_llama()
+    model = tiny_llama(vocab=48, max_positions=512)
     d = parse("lookahead:alpha=0.5,k=4")
     assert str(d) == "lookahead:alpha=0.5,k=4" and parse(str(d)) == d
     d.bind(model)

@@ -224,7 +224,9 @@ def test_observer_adds_binoculars(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_killed_at_any_point_resumes_to_the_same_results(tmp_path, smollm2_tokenizer):
+def test_compare_killed_at_any_point_resumes_to_the_same_results(
+    tmp_path, smollm2_tokenizer, tiny_llama
+):
     """SIGKILL an `entcal compare` process several times at different points (some in the
     middle of writing a cache file); each rerun resumes, and the final results equal those of
     an uninterrupted run (cache files are written to a temporary name and renamed)."""
@@ -234,17 +236,10 @@ def test_compare_killed_at_any_point_resumes_to_the_same_results(tmp_path, smoll
     import sys
     import time
 
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tok = smollm2_tokenizer
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-    )  # fmt: skip
     folder = tmp_path / "tiny"
-    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    model = tiny_llama(vocab=len(tok), layers=1, heads=2, kv_heads=1, max_positions=256)
+    model.save_pretrained(folder)
     tok.save_pretrained(folder)
 
     def command(out):

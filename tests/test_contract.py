@@ -248,15 +248,8 @@ def test_model_bound_decoders_keep_the_contract(spec, x):
 
 
 @pytest.fixture(scope="module")
-def tiny_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
+def tiny_lm(tiny_llama):
+    return tiny_llama(vocab=40, hidden=16, layers=1, max_positions=64)
 
 
 @pytest.mark.parametrize("spec", LOOKAHEAD_SPECS)

@@ -16,7 +16,6 @@ import torch
 from transformers.generation.logits_process import (
     EpsilonLogitsWarper,
     EtaLogitsWarper,
-    LogitsProcessorList,
     MinPLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -25,6 +24,7 @@ from transformers.generation.logits_process import (
 )
 
 from entcal.decoding import ops, parse
+from entcal.decoding.reference import reference_warpers
 
 NEG = float("-inf")
 KINDS = ("flat", "peaked", "zipf", "heavy")
@@ -67,43 +67,70 @@ def assert_same_or_tied(ref: torch.Tensor, ours: torch.Tensor, score: torch.Tens
     assert torch.equal(score[diff], weakest[diff]), "masks differ outside a tied group"
 
 
-# (warper factory, our mask, parameter sampler); every sampler draws from the reference's range
+# (transformers' warper class, our mask, parameter sampler); every sampler draws from the
+# reference's range. The warper is built by entcal.decoding.reference (see `reference`).
 def _p(g, lo, hi):
     return lo + (hi - lo) * float(torch.rand(1, generator=g))
 
 
 METHODS = {
     "top_k": (
-        lambda v, mk: TopKLogitsWarper(v, min_tokens_to_keep=mk),
+        TopKLogitsWarper,
         lambda x, v, mk: ops.top_k_mask(x, v, mk),
         lambda g: int(torch.randint(1, 400, (1,), generator=g)),
     ),
     "top_p": (
-        lambda v, mk: TopPLogitsWarper(v, min_tokens_to_keep=mk),
+        TopPLogitsWarper,
         lambda x, v, mk: ops.top_p_mask(x, v, mk),
         lambda g: _p(g, 0.02, 0.995),
     ),
     "min_p": (
-        lambda v, mk: MinPLogitsWarper(v, min_tokens_to_keep=mk),
+        MinPLogitsWarper,
         lambda x, v, mk: ops.min_p_mask(x, v, mk),
         lambda g: _p(g, 0.0, 0.4),
     ),
     "typical": (
-        lambda v, mk: TypicalLogitsWarper(v, min_tokens_to_keep=mk),
+        TypicalLogitsWarper,
         lambda x, v, mk: ops.typical_mask(x, v, mk, reference=True),
         lambda g: _p(g, 0.05, 0.99),
     ),
     "epsilon": (
-        lambda v, mk: EpsilonLogitsWarper(v, min_tokens_to_keep=mk),
+        EpsilonLogitsWarper,
         lambda x, v, mk: ops.epsilon_mask(x, v, mk),
         lambda g: 10 ** _p(g, -6, -2),
     ),
     "eta": (
-        lambda v, mk: EtaLogitsWarper(v, min_tokens_to_keep=mk),
+        EtaLogitsWarper,
         lambda x, v, mk: ops.eta_mask(x, v, mk),
         lambda g: 10 ** _p(g, -6, -2),
     ),
 }
+
+
+def same_warper(a, b) -> bool:
+    """Same transformers class with the same parameters (Eta keeps its epsilon as a tensor)."""
+    va, vb = vars(a), vars(b)
+    return (
+        type(a) is type(b)
+        and va.keys() == vb.keys()
+        and all(
+            torch.equal(va[k], vb[k]) if isinstance(va[k], torch.Tensor) else va[k] == vb[k]
+            for k in va
+        )
+    )
+
+
+def reference(method: str, value, mk: int):
+    """``reference_warpers`` for ``method=value`` (``min_tokens_to_keep=mk``), checked to be
+    the class METHODS names, with exactly these parameters."""
+    cls = METHODS[method][0]
+    warpers = reference_warpers({method: value, "min_tokens_to_keep": mk})
+    if not warpers:  # min_p=0.0 is the chain's neutral value: no warper, nothing removed
+        assert method == "min_p" and value == 0.0
+        return warpers
+    (warper,) = warpers
+    assert same_warper(warper, cls(value, min_tokens_to_keep=mk)), (method, value, mk)
+    return warper
 
 
 def _cases(seed: int, count: int, v: int, sizes: tuple[int, ...]):
@@ -117,11 +144,11 @@ def _cases(seed: int, count: int, v: int, sizes: tuple[int, ...]):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_identical_kept_sets_vocab_49152(method):
-    make_warper, ours_fn, sample = METHODS[method]
+    _, ours_fn, sample = METHODS[method]
     batches = 0
     for x, g, mk, _ in _cases(sorted(METHODS).index(method), 150, 49152, (1, 2, 4)):
         value = sample(g)
-        ref = removed(make_warper(value, mk), x)
+        ref = removed(reference(method, value, mk), x)
         ours = ours_fn(x, value, mk)
         score = torch.softmax(x, -1) if method == "min_p" else x
         if method == "typical":
@@ -140,10 +167,10 @@ def test_temperature_bitwise_vocab_49152():
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_identical_kept_sets_vocab_262144(method):
-    make_warper, ours_fn, sample = METHODS[method]
+    _, ours_fn, sample = METHODS[method]
     for x, g, mk, _ in _cases(11, 4, 262144, (1, 2)):
         value = sample(g)
-        ref = removed(make_warper(value, mk), x)
+        ref = removed(reference(method, value, mk), x)
         ours = ours_fn(x, value, mk)
         if method == "typical":
             assert torch.equal(ref, ours)
@@ -207,12 +234,32 @@ def test_chain_equals_transformers_processor_list():
          [TemperatureLogitsWarper(0.9), EpsilonLogitsWarper(3e-4, min_tokens_to_keep=3)]),
     ]  # fmt: skip
     for spec, warpers in specs:
+        reference_list = reference_warpers(spec)  # the same warpers, in the same order
+        assert len(reference_list) == len(warpers), spec
+        assert all(same_warper(a, b) for a, b in zip(reference_list, warpers)), spec
         for kind in KINDS:
             x = make_batch(g, 4, 49152, kind)
-            ref = LogitsProcessorList(warpers)(None, x)
+            ref = reference_list(None, x)
             ours = parse(spec)(x)
             assert torch.equal(ref == NEG, ours == NEG), spec
             assert torch.equal(ref[ref > NEG], ours[ours > NEG]), spec
+
+
+def test_reference_warpers_table():
+    """Aliases and mappings give the same list; keys and methods transformers lacks raise."""
+    from transformers.generation.logits_process import TopHLogitsWarper
+
+    by_alias = reference_warpers("typical_p=0.9,eta_cutoff=0.0009,top_h=0.4")
+    by_map = reference_warpers({"top_h": 0.4, "typical": 0.9, "eta": 9e-4})
+    assert [type(w) for w in by_alias] == [TopHLogitsWarper, TypicalLogitsWarper, EtaLogitsWarper]
+    assert all(same_warper(a, b) for a, b in zip(by_alias, by_map))
+    assert len(reference_warpers("ancestral")) == 0
+    for spec in ("top_n_sigma=1.0", "smoothing_factor=0.3", "temperature=0.9,dynatemp_range=0.4",
+                 "mirostat:tau=3.0", "min_p=0.1 | top_p=0.9"):  # fmt: skip
+        with pytest.raises(ValueError, match="transformers has"):
+            reference_warpers(spec)
+    with pytest.raises(ValueError, match="top_p"):
+        reference_warpers({"top_p": 1.5})
 
 
 # ---- ties: the documented rule ----------------------------------------------------------------

@@ -79,23 +79,14 @@ def test_estimate_mi_bad_input():
         estimate_mi(x, x, val_fraction=0.6)
 
 
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg).eval()
+@pytest.fixture
+def tiny(tiny_llama):
+    """Three blocks, vocabulary 50."""
+    return tiny_llama(vocab=50, layers=3, max_positions=2048)
 
 
-def test_hooks_capture_real_block_inputs_and_outputs():
-    model = _tiny_llama()
+def test_hooks_capture_real_block_inputs_and_outputs(tiny):
+    model = tiny
     ids = torch.randint(0, 50, (4, 7), generator=torch.Generator().manual_seed(0))
     ins, outs = capture_block_states(model, ids)
     with torch.no_grad():
@@ -108,10 +99,10 @@ def test_hooks_capture_real_block_inputs_and_outputs():
             assert torch.equal(outs[layer], ins[layer + 1])  # output of l feeds block l + 1
 
 
-def test_first_token_in_context_equals_the_token_alone():
+def test_first_token_in_context_equals_the_token_alone(tiny):
     # The micro variable of token 0 and the in-context state at position 0 are the same state
     # (causal attention): a known answer for the macro/micro capture.
-    model = _tiny_llama()
+    model = tiny
     ids = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(1))
     ins, outs = capture_block_states(model, ids, [1])
     ins0, outs0 = capture_block_states(model, ids[:, :1], [1])
@@ -136,8 +127,8 @@ def test_text_windows_are_distinct_and_inside_sentences(smollm2_tokenizer):
         text_windows(docs, tok, 2, 1)
 
 
-def test_layer_index_beyond_model_is_rejected():
-    model = _tiny_llama()
+def test_layer_index_beyond_model_is_rejected(tiny):
+    model = tiny
     with pytest.raises(ValueError, match=r"layer 3 is beyond the model: it has 3 blocks"):
         check_layers(model, [0, 3])
     with pytest.raises(ValueError, match="beyond the model"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 
 from entcal.decoding import parse
 from entcal.eval.scoring import ScoreRequest, distribution_stats, score, score_many
@@ -14,19 +15,10 @@ VOCAB = 8192  # large enough that a 1 MiB budget forces windows of a few positio
 
 
 def _tiny_llama(seed: int, cls=None):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
-        pad_token_id=0,
-    )  # fmt: skip
-    model = (cls or LlamaForCausalLM)(cfg)
-    # Spread the logits so distributions are far from uniform (truncation then bites).
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40.0)
-    return model.eval()
+    # lm_head_scale: spread the logits so distributions are far from uniform (truncation bites).
+    return make_tiny_llama(
+        VOCAB, seed=seed, max_positions=96, pad_token_id=0, lm_head_scale=40.0, cls=cls
+    )
 
 
 def _doubled_cls():

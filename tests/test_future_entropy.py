@@ -50,25 +50,9 @@ def test_horizon_one_is_exact_next_step_entropy():
     assert torch.allclose(out, chain.entropy(), atol=1e-5)
 
 
-def _tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=48,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def test_shared_cache_rollout_equals_full_recompute():
+def test_shared_cache_rollout_equals_full_recompute(tiny_llama):
     """Cropping + repeating one prefix cache gives the same entropies as recomputing each row."""
-    model = _tiny_llama()
+    model = tiny_llama(vocab=48)
     ids = torch.randint(0, 48, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         cache = model(input_ids=ids, use_cache=True).past_key_values
@@ -145,10 +129,10 @@ def test_batched_rollouts_match_analytic_future_entropy_on_markov_source():
 
 
 @pytest.mark.parametrize("lengths", [(9, 9, 9), (13, 6, 9)])
-def test_batched_rollouts_equal_full_recompute(lengths):
+def test_batched_rollouts_equal_full_recompute(tiny_llama, lengths):
     """Shared prefix caches, repeated over candidates (and left padding where the prefixes
     differ in length) give the entropies and samples of recomputing every row from scratch."""
-    model = _tiny_llama(1)
+    model = tiny_llama(vocab=48, seed=1)
     g = torch.Generator().manual_seed(3)
     prefixes = [torch.randint(0, 48, (n,), generator=g).tolist() for n in lengths]
     cand = torch.randint(0, 48, (3, 4), generator=g)
@@ -181,8 +165,8 @@ def test_batched_rollouts_equal_full_recompute(lengths):
     assert torch.allclose(fast.view(-1), slow, atol=1e-4)
 
 
-def test_batched_rollouts_bad_input():
-    model = _tiny_llama()
+def test_batched_rollouts_bad_input(tiny_llama):
+    model = tiny_llama(vocab=48)
     with pytest.raises(ValueError, match="horizon"):
         batched_rollout_entropy(model, [[1, 2]], torch.tensor([[3]]), torch.zeros(1), 0)
     with pytest.raises(ValueError, match="non-empty prefixes"):

@@ -12,6 +12,7 @@ from transformers import LogitsProcessor
 from entcal import generate
 from entcal.cli import main
 from entcal.decoding import Decoder, hf, ops, parse
+from entcal.generation import neutral_generation_config
 
 pytestmark = pytest.mark.slow
 
@@ -139,12 +140,13 @@ def test_hf_adapter_reproduces_transformers_top_h(smollm2):
     with torch.inference_mode():
         torch.manual_seed(4)
         ours = model.generate(
-            **ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=10,
+            **ids, generation_config=neutral_generation_config(max_new_tokens=10),
             logits_processor=[hf.logits_processor("top_h=0.4")],
         )  # fmt: skip
         torch.manual_seed(4)
-        ref = model.generate(**ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                             top_h=0.4, max_new_tokens=10)  # fmt: skip
+        ref = model.generate(
+            **ids, generation_config=neutral_generation_config(top_h=0.4, max_new_tokens=10)
+        )
     assert torch.equal(ours, ref)
 
 
@@ -156,12 +158,13 @@ def test_hf_adapter_reproduces_transformers_top_p(smollm2):
     with torch.inference_mode():
         torch.manual_seed(3)
         ours = model.generate(
-            **ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=10,
+            **ids, generation_config=neutral_generation_config(max_new_tokens=10),
             logits_processor=[proc],
         )  # fmt: skip
         torch.manual_seed(3)
-        ref = model.generate(**ids, do_sample=True, temperature=1.0, top_k=0, top_p=0.8,
-                             max_new_tokens=10)  # fmt: skip
+        ref = model.generate(
+            **ids, generation_config=neutral_generation_config(top_p=0.8, max_new_tokens=10)
+        )
     assert torch.equal(ours, ref)
     assert isinstance(proc, LogitsProcessor)
 

@@ -11,24 +11,7 @@ import torch
 from entcal.studies.list_decoder import ListDecoder
 from entcal.studies.list_rules import cap_per_group, check_list_params, select_children
 
-
-def _tiny_llama(seed: int = 0, vocab: int = 40, sharpen: float = 12.0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(sharpen)  # peaked distributions: several tokens pass θ
-    return model
+SHARPEN = 12.0  # the tiny Llamas' lm_head scale: peaked distributions, several tokens pass θ
 
 
 def _tiny_gemma3(seed: int = 0, vocab: int = 40):
@@ -96,12 +79,12 @@ def test_list_cap_below_one_is_rejected(cap):
         check_list_params(0.1, None, cap)
 
 
-def test_bound_and_rule_checks():
+def test_bound_and_rule_checks(tiny_llama):
     with pytest.raises(ValueError, match="min_total_logprob"):
         check_list_params(None, 0.5, 4)
     with pytest.raises(ValueError, match="theta"):
         check_list_params(None, None, 4)
-    model = _tiny_llama()
+    model = tiny_llama(vocab=40, lm_head_scale=SHARPEN)
     with pytest.raises(ValueError, match="max_new_tokens"):
         ListDecoder(model, theta=0.1, max_new_tokens=0)
     with pytest.raises(ValueError, match="theta"):
@@ -162,8 +145,8 @@ def test_cap_per_group_matches_brute_force():
     ("theta", "bound", "cap"),
     [(0.05, None, 5), (None, -4.0, 6), (0.02, -6.0, 4), (0.2, None, 1)],
 )
-def test_cached_batched_decoder_equals_naive_reference(theta, bound, cap):
-    model = _tiny_llama(seed=2)
+def test_cached_batched_decoder_equals_naive_reference(tiny_llama, theta, bound, cap):
+    model = tiny_llama(vocab=40, seed=2, lm_head_scale=SHARPEN)
     prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]  # different lengths: left padding
     dec = ListDecoder(
         model,
@@ -201,8 +184,8 @@ def test_sliding_window_cache_reorder_gemma3():
         )
 
 
-def test_eos_finishes_candidates_and_verifier_chooses():
-    model = _tiny_llama(seed=4)
+def test_eos_finishes_candidates_and_verifier_chooses(tiny_llama):
+    model = tiny_llama(vocab=40, seed=4, lm_head_scale=SHARPEN)
     dec = ListDecoder(model, theta=0.05, max_list=6, max_new_tokens=5, eos_token_id=None)
     base = dec.decode([[1, 2, 3]])
     # Make the first token of the 2nd-best candidate the EOS: its branch stops there.
@@ -229,8 +212,8 @@ def test_eos_finishes_candidates_and_verifier_chooses():
     assert base.best[0] == base.candidates[0][0]  # default: highest total log-probability
 
 
-def test_extinction_returns_last_list():
-    model = _tiny_llama(seed=5, sharpen=0.5)  # nearly flat: nothing reaches θ = 0.3
+def test_extinction_returns_last_list(tiny_llama):
+    model = tiny_llama(vocab=40, seed=5, lm_head_scale=0.5)  # nearly flat: nothing reaches θ = 0.3
     out = ListDecoder(model, theta=0.3, max_list=4, max_new_tokens=4, eos_token_id=None).decode(
         [[1, 2]]
     )

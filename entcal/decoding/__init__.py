@@ -10,6 +10,8 @@
   :func:`apply_rows_isolated` does the same for a serving loop, keeping a fault in its own rows.
 * :mod:`entcal.decoding.ops`: the pure per-row tensor functions.
 * :mod:`entcal.decoding.hf`: ``logits_processor(spec)`` for transformers' ``generate``.
+* :mod:`entcal.decoding.reference`: ``reference_warpers(spec)``, transformers' own warpers for a
+  chain spec (what entcal's chain is checked against).
 """
 
 from __future__ import annotations
