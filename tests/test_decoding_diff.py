@@ -24,6 +24,7 @@ from transformers.generation.logits_process import (
 )
 
 from entcal.decoding import ops, parse
+from entcal.decoding.ops.nucleus import _typical_scores
 from entcal.decoding.reference import reference_warpers
 
 NEG = float("-inf")
@@ -202,7 +203,7 @@ def test_typical_default_matches_or_differs_only_by_reference_rounding():
         ours = ops.typical_mask(x, mass)
         for depth in (0, 0.5, math.inf):  # full sort, mostly every block, every block
             assert torch.equal(ops.typical_mask(x, mass, depth=depth), ours)
-        p32, shifted = ops._typical_scores(x)
+        p32, shifted = _typical_scores(x)
         for r in (ref != ours).any(-1).nonzero().flatten().tolist():
             order = torch.sort(shifted[r]).indices
             c_ref = x[r][order].softmax(-1).cumsum(-1)

@@ -1,0 +1,128 @@
+"""Per-row plumbing every op shares: broadcasting parameters to rows, the validation of
+logits (NaN, +inf, all -inf rows), and the block reductions of the prefilters."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+NEG_INF = float("-inf")
+F32_MAX = torch.finfo(torch.float32).max
+
+#: Tokens per block of the block prefilters (top-k, top-p, typical): a reduction over blocks
+#: is cheap, and only the few blocks that can matter are gathered.
+BLOCK = 32
+
+
+def rows(value: float | int | Tensor, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A per-row parameter as a tensor ``[n]`` on ``device`` (a number is broadcast)."""
+    if isinstance(value, Tensor):
+        t = value.to(device=device, dtype=dtype)
+        if t.dim() == 0:
+            return t.expand(n)
+        if t.shape != (n,):
+            raise ValueError(f"per-row parameter has shape {tuple(t.shape)}, expected ({n},)")
+        return t
+    if dtype.is_floating_point and abs(value) > torch.finfo(dtype).max:
+        value = math.inf if value > 0 else -math.inf  # e.g. top_n_sigma=1e300: inf (off)
+    return torch.full((n,), value, device=device, dtype=dtype)
+
+
+def faulty_rows(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """``(row maxima [N], rows holding NaN or +inf [N] bool)`` of ``[N, V]`` logits.
+
+    Raises ``ValueError`` if the tensor is not 2-D floating point (a fault of the whole batch).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D [batch, vocab], got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point tensor, got {logits.dtype}")
+    # amax propagates NaN, so one reduction finds both NaN and +inf rows.
+    mx = logits.amax(dim=-1)
+    return mx, torch.isnan(mx) | (mx == float("inf"))
+
+
+def keep_dead_rows(out: Tensor, row_max: Tensor) -> Tensor:
+    """Rows whose input was all ``-inf`` (``row_max`` ``-inf``) come back all ``-inf``, whatever
+    a decoder computed for them (a softmax over such a row is NaN): the contract every decoder
+    keeps, enforced by :meth:`Decoder.__call__` and :func:`entcal.decoding.apply_rows`."""
+    dead = row_max == float("-inf")
+    if bool(dead.any()):
+        out = out.masked_fill(dead.to(out.device)[:, None], float("-inf"))
+    return out
+
+
+def check_logits(logits: Tensor) -> Tensor:
+    """Validate ``[N, V]`` logits and return their row maxima ``[N]``.
+
+    Raises ``ValueError`` naming the rows that contain NaN or ``+inf`` (a softmax over them is
+    undefined). Rows that are entirely ``-inf`` are allowed (every op leaves them unchanged).
+    """
+    mx, bad = faulty_rows(logits)
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten().tolist()
+        nan_rows = [i for i in idx if bool(torch.isnan(logits[i]).any())]
+        inf_rows = [i for i in idx if i not in nan_rows]
+        parts = []
+        if nan_rows:
+            parts.append(f"NaN logits in batch row(s) {nan_rows[:10]}")
+        if inf_rows:
+            parts.append(f"+inf logits in batch row(s) {inf_rows[:10]}")
+        raise ValueError(
+            "logits: " + "; ".join(parts) + " (logits must be finite or -inf for masked tokens)"
+        )
+    return mx
+
+
+def blocks(t: Tensor, fill: float) -> Tensor:
+    """``t [r, V]`` as ``[r, ceil(V / BLOCK), BLOCK]`` (a view unless ``V % BLOCK``: then padded)."""
+    r, v = t.shape
+    pad = (-v) % BLOCK
+    if pad:
+        t = torch.nn.functional.pad(t, (0, pad), value=fill)
+    return t.reshape(r, -1, BLOCK)
+
+
+def kth_largest(logits: Tensor, k: Tensor) -> Tensor:
+    """Value of the k-th largest logit per row ``[N, 1]`` (k >= 1, clipped to V).
+
+    For small k, ``topk`` runs on the k blocks (of ``BLOCK`` tokens) with the largest maxima
+    only: any token among the row's k largest lies in such a block, and those blocks hold k
+    values at least as large as the k-th, so the k largest *values* are unchanged.
+    """
+    v = logits.shape[-1]
+    k = k.clamp(1, v)
+    kmax = int(k.max())
+    if kmax == 1:
+        return logits.amax(dim=-1, keepdim=True)
+    x = logits
+    if 4 * kmax * BLOCK <= v:
+        kb = blocks(logits, NEG_INF)
+        ids = kb.amax(-1).topk(kmax, dim=-1, sorted=False).indices
+        x = kb.gather(1, ids.unsqueeze(-1).expand(-1, -1, BLOCK)).flatten(1)
+    if bool((k == kmax).all()):
+        return x.topk(kmax, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    vals = x.topk(kmax, dim=-1, sorted=True).values
+    return vals.gather(-1, (k - 1).view(-1, 1))
+
+
+def largest(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``torch.topk(logits, k, sorted=True)`` by way of the k blocks with the largest maxima
+    (those hold the k largest values; one reduction over blocks replaces a full-row top-k)."""
+    v = logits.shape[-1]
+    if v % BLOCK or 4 * k * BLOCK > v:
+        return torch.topk(logits, k, dim=-1, largest=True, sorted=True)
+    kb = logits.view(logits.shape[0], -1, BLOCK)
+    blocks = kb.amax(-1).topk(k, dim=-1, sorted=False).indices  # [N, k]
+    gathered = kb.gather(1, blocks.unsqueeze(-1).expand(-1, -1, BLOCK)).flatten(1)
+    values, pos = gathered.topk(k, dim=-1, largest=True, sorted=True)
+    return values, blocks.gather(1, pos // BLOCK) * BLOCK + pos % BLOCK
+
+
+def min_keep_guard(logits: Tensor, min_keep: int | Tensor) -> Tensor:
+    """``[N, V]`` bool: True for tokens *outside* the top ``min_keep`` (ties at the edge kept)."""
+    n = logits.shape[0]
+    k = rows(min_keep, n, logits.device, torch.long)
+    return logits < kth_largest(logits, k)
