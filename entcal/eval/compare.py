@@ -25,10 +25,7 @@ written as the string ``"inf"``, ``"-inf"`` or ``"nan"``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -41,6 +38,7 @@ import torch
 from entcal.decoding.base import Decoder
 from entcal.eval import calibration, detect, diversity, scoring, typical
 from entcal.eval.defaults import DEFAULT_DECODERS
+from entcal.eval.results_cache import digest, load_cached, save_cached, to_json
 
 __all__ = [
     "DEFAULT_DECODERS",
@@ -113,51 +111,6 @@ def parse_decoders(specs: Sequence[str | Decoder] | str) -> dict[str, Decoder]:
             raise ValueError(f"decoder {spec!r} is not valid: {exc}") from None
         out.setdefault(str(dec), dec)
     return out
-
-
-def to_json(value: Any) -> Any:
-    """Make ``value`` strict JSON: tensors/arrays to lists, non-finite floats to strings."""
-    if isinstance(value, dict):
-        return {str(k): to_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_json(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return to_json(value.tolist())
-    if isinstance(value, np.ndarray):
-        return to_json(value.tolist())
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-    return value
-
-
-# --------------------------------------------------------------------------- the cache
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _load_cached(path: Path) -> Any | None:
-    if not path.exists():
-        return None
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as exc:  # cut short or corrupted (writes are atomic, so not by a kill)
-        print(f"entcal compare: cache {path} is unreadable ({exc}); computing it again",
-              file=sys.stderr, flush=True)  # fmt: skip
-        return None
-
-
-def _save_cached(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- the run
@@ -284,8 +237,8 @@ def run_compare(
     ident = _model_identity(model, config.model)
     base_key = {
         "model": ident,
-        "prompts": _digest(prompts),
-        "human": _digest(human),
+        "prompts": digest(prompts),
+        "human": digest(human),
         "length": config.length,
         "seed": config.seed,
         "observer": _model_identity(observer, config.observer or "") if observer else None,
@@ -336,11 +289,11 @@ def _generate_all(model, tokenizer, prompts, decoders, config, base_key, cache, 
             for s, e in batches:
                 # "sampler": generations drawn per sequence (batch-independent); older cache
                 # entries, drawn from one RNG per batch, are not reused.
-                key = _digest(
+                key = digest(
                     {**base_key, "decoder": spec, "rows": [s, e], "what": "gen", "sampler": 2}
                 )
                 path = cache / f"gen-{key}.pt"
-                data = _load_cached(path)
+                data = load_cached(path)
                 if data is None:
                     bar.set_postfix_str(spec)
                     gens = generate(
@@ -349,7 +302,7 @@ def _generate_all(model, tokenizer, prompts, decoders, config, base_key, cache, 
                     )  # fmt: skip
                     data = {k: torch.stack([getattr(g, k) for g in gens]) for k in keys}
                     data["tokens"] = torch.tensor([g.token_ids for g in gens], dtype=torch.long)
-                    _save_cached(path, data)
+                    save_cached(path, data)
                 parts.append(data)
                 bar.update((e - s) * config.samples)
             result[spec] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -377,13 +330,13 @@ def _score_all(model, observer, prompts, human, decoders, generations, config, b
         for s in range(0, n, bs):
             e = min(n, s + bs)
             rows = {**base_key, "rows": [s, e]}
-            paths = {"human": cache / f"score-{_digest({**rows, 'what': 'score-human'})}.pt"}
+            paths = {"human": cache / f"score-{digest({**rows, 'what': 'score-human'})}.pt"}
             k = config.samples
             for d in decoders:
-                gen = _digest(generations[d]["tokens"][s * k : e * k].tolist())
-                key = _digest({**rows, "what": "score-decoder", "decoder": d, "gen": gen})
+                gen = digest(generations[d]["tokens"][s * k : e * k].tolist())
+                key = digest({**rows, "what": "score-decoder", "decoder": d, "gen": gen})
                 paths[d] = cache / f"score-{key}.pt"
-            data = {name: _load_cached(path) for name, path in paths.items()}
+            data = {name: load_cached(path) for name, path in paths.items()}
             missing = [d for d in decoders if data[d] is None]
             if data["human"] is None or missing:
                 requests = [scoring.ScoreRequest(human[s:e], {d: decoders[d] for d in missing})]
@@ -401,74 +354,19 @@ def _score_all(model, observer, prompts, human, decoders, generations, config, b
                 processed = human_scores.pop("processed")
                 if data["human"] is None:
                     data["human"] = human_scores
-                    _save_cached(paths["human"], human_scores)
+                    save_cached(paths["human"], human_scores)
                 for i, d in enumerate(missing):
-                    gen_scores = _interleave(res[1 + i * k : 1 + (i + 1) * k])
+                    gen_scores = scoring.TextScores.interleave(res[1 + i * k : 1 + (i + 1) * k])
                     data[d] = {"human": processed[d], "gen": dataclasses.asdict(gen_scores)}
-                    _save_cached(paths[d], data[d])
+                    save_cached(paths[d], data[d])
             human_part = {**data["human"], "processed": {d: data[d]["human"] for d in decoders}}
-            parts["human"].append(_from_dict(human_part))
+            parts["human"].append(scoring.TextScores.from_dict(human_part))
             for d in decoders:
-                parts[d].append(_from_dict(data[d]["gen"]))
+                parts[d].append(scoring.TextScores.from_dict(data[d]["gen"]))
             bar.update(e - s)
     finally:
         bar.close()
-    return {name: _concat(parts[name]) for name in names}
-
-
-def _interleave(parts: list[scoring.TextScores]) -> scoring.TextScores:
-    """Sample-major request results back to prompt-major rows (prompt i, sample j at i·k + j)."""
-    if len(parts) == 1:
-        return parts[0]
-    joined = _concat(parts)
-    k, n = len(parts), parts[0].tokens.shape[0]
-    order = torch.arange(n * k).reshape(k, n).T.reshape(-1)  # row i·k + j <- j·n + i
-
-    def pick(t):
-        return None if t is None else t[order]
-
-    def stats(st: scoring.TokenStats) -> scoring.TokenStats:
-        return scoring.TokenStats(
-            pick(st.logprob), pick(st.entropy), pick(st.varentropy), pick(st.rank)
-        )
-
-    return scoring.TextScores(
-        tokens=joined.tokens[order], mask=joined.mask[order], raw=stats(joined.raw),
-        processed={key: stats(v) for key, v in joined.processed.items()},
-        observer_cross_entropy=pick(joined.observer_cross_entropy),
-        features=pick(joined.features),
-    )  # fmt: skip
-
-
-def _from_dict(d: dict) -> scoring.TextScores:
-    raw = scoring.TokenStats(**d["raw"])
-    processed = {k: scoring.TokenStats(**v) for k, v in d["processed"].items()}
-    return scoring.TextScores(
-        tokens=d["tokens"], mask=d["mask"], raw=raw, processed=processed,
-        observer_cross_entropy=d["observer_cross_entropy"], features=d["features"],
-    )  # fmt: skip
-
-
-def _cat_stats(items: list[scoring.TokenStats]) -> scoring.TokenStats:
-    def cat(name):
-        vals = [getattr(i, name) for i in items]
-        return None if any(v is None for v in vals) else torch.cat(vals)
-
-    return scoring.TokenStats(cat("logprob"), cat("entropy"), cat("varentropy"), cat("rank"))
-
-
-def _concat(parts: list[scoring.TextScores]) -> scoring.TextScores:
-    def cat(vals):
-        return None if any(v is None for v in vals) else torch.cat(vals)
-
-    return scoring.TextScores(
-        tokens=torch.cat([p.tokens for p in parts]),
-        mask=torch.cat([p.mask for p in parts]),
-        raw=_cat_stats([p.raw for p in parts]),
-        processed={k: _cat_stats([p.processed[k] for p in parts]) for k in parts[0].processed},
-        observer_cross_entropy=cat([p.observer_cross_entropy for p in parts]),
-        features=cat([p.features for p in parts]),
-    )
+    return {name: scoring.TextScores.concat(parts[name]) for name in names}
 
 
 # --------------------------------------------------------------------------- metrics

@@ -223,7 +223,7 @@ def run_frontier(
         "points": points,
     }
     out.mkdir(parents=True, exist_ok=True)
-    from entcal.eval.compare import to_json
+    from entcal.eval.results_cache import to_json
 
     (out / "frontier.json").write_text(json.dumps(to_json(doc), indent=1, allow_nan=False))
     (out / "frontier.md").write_text(markdown(doc, results))

@@ -36,11 +36,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from entcal.decoding.ops import entropy_varentropy
+from entcal.eval.model_runner import ModelRunner, logit_windows, vocab_size
 from entcal.generation import left_pad
 from entcal.models import context_length
 
@@ -79,6 +81,9 @@ class TokenStats:
         return mask & torch.isneginf(self.logprob)
 
 
+_STAT_FIELDS = ("logprob", "entropy", "varentropy", "rank")
+
+
 @dataclasses.dataclass
 class TextScores:
     """Scores of a set of continuations: ``tokens`` / ``mask`` ``[B, T]`` (right padded),
@@ -100,6 +105,58 @@ class TextScores:
     @property
     def lengths(self) -> Tensor:
         return self.mask.sum(-1)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TextScores:
+        """Rebuild from ``dataclasses.asdict`` of a :class:`TextScores` (compare's cache)."""
+        raw = TokenStats(**d["raw"])
+        processed = {k: TokenStats(**v) for k, v in d["processed"].items()}
+        return cls(
+            tokens=d["tokens"], mask=d["mask"], raw=raw, processed=processed,
+            observer_cross_entropy=d["observer_cross_entropy"], features=d["features"],
+        )  # fmt: skip
+
+    @classmethod
+    def concat(cls, parts: Sequence[TextScores]) -> TextScores:
+        """The rows of ``parts`` one after another (all with the same processed decoders)."""
+
+        def cat(vals):
+            return None if any(v is None for v in vals) else torch.cat(vals)
+
+        def cat_stats(items: list[TokenStats]) -> TokenStats:
+            return TokenStats(*(cat([getattr(i, f) for i in items]) for f in _STAT_FIELDS))
+
+        return cls(
+            tokens=torch.cat([p.tokens for p in parts]),
+            mask=torch.cat([p.mask for p in parts]),
+            raw=cat_stats([p.raw for p in parts]),
+            processed={k: cat_stats([p.processed[k] for p in parts]) for k in parts[0].processed},
+            observer_cross_entropy=cat([p.observer_cross_entropy for p in parts]),
+            features=cat([p.features for p in parts]),
+        )
+
+    @classmethod
+    def interleave(cls, parts: Sequence[TextScores]) -> TextScores:
+        """Sample-major results (part j holds sample j of every prompt) back to prompt-major rows
+        (prompt i, sample j at row i·k + j)."""
+        if len(parts) == 1:
+            return parts[0]
+        joined = cls.concat(parts)
+        k, n = len(parts), parts[0].tokens.shape[0]
+        order = torch.arange(n * k).reshape(k, n).T.reshape(-1)  # row i·k + j <- j·n + i
+
+        def pick(t):
+            return None if t is None else t[order]
+
+        def stats(st: TokenStats) -> TokenStats:
+            return TokenStats(*(pick(getattr(st, f)) for f in _STAT_FIELDS))
+
+        return cls(
+            tokens=joined.tokens[order], mask=joined.mask[order], raw=stats(joined.raw),
+            processed={key: stats(v) for key, v in joined.processed.items()},
+            observer_cross_entropy=pick(joined.observer_cross_entropy),
+            features=pick(joined.features),
+        )  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -152,108 +209,6 @@ def distribution_stats(
         ranks = (logits > chosen).sum(-1) + 1
     entropy, varentropy = entropy_varentropy(lp, overwrite=True)  # lp is this call's scratch
     return target_lp, entropy, varentropy, ranks
-
-
-# --------------------------------------------------------------------------- model access
-
-
-class _Runner:
-    """Runs a causal LM on (prompt, continuation) batches, yielding logits window by window.
-
-    Fast path: the body (``get_decoder()``) gives final hidden states, the output embedding is
-    applied per window. It is checked once against the model's own logits (a model that
-    transforms its logits in a way not reproduced here falls back). Fallback: the full model is
-    run window by window on the KV cache.
-    """
-
-    def __init__(self, model) -> None:
-        self.model = model
-        self.device = next(model.parameters()).device
-        self.config = model.config
-        self.vocab_size = None
-        self.softcap = getattr(self.config, "final_logit_softcapping", None)
-        self.head = (
-            model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        )
-        try:
-            self.body = model.get_decoder()
-        except Exception:  # a model with no decoder lookup: use the full forward
-            self.body = None
-        if self.body is model:
-            self.body = None
-        self.fast = self.head is not None and self.body is not None
-        self.checked = False
-        pad = getattr(self.config, "pad_token_id", None)
-        self.pad_id = int(pad) if isinstance(pad, int) else 0
-
-    def head_logits(self, hidden: Tensor) -> Tensor:
-        logits = self.head(hidden).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-    def prompt(self, ids: Tensor, mask: Tensor, pos: Tensor):
-        """Run the prompts; return ``(cache, last_output)`` (hidden state or logits of the last
-        prompt position)."""
-        if self.fast:
-            out = self.body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-            last = out.last_hidden_state[:, -1]
-            if not self.checked:
-                self._check(ids, mask, pos, last)
-            if self.fast:
-                return out.past_key_values, last
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
-        )
-        return out.past_key_values, out.logits[:, -1].float()
-
-    def _check(self, ids: Tensor, mask: Tensor, pos: Tensor, last: Tensor) -> None:
-        self.checked = True
-        ref = (
-            self.model(
-                input_ids=ids[:1], attention_mask=mask[:1], position_ids=pos[:1], use_cache=False
-            )
-            .logits[:, -1]
-            .float()
-        )
-        ours = self.head_logits(last[:1])
-        scale = ref.abs().max().clamp_min(1.0)
-        if ours.shape != ref.shape or not ((ours - ref).abs().max() / scale < 1e-3):
-            self.fast = False
-
-    def continuation(self, cache, ids: Tensor, mask: Tensor, pos: Tensor, window: int):
-        """Yield ``(start, outputs)`` for position windows of the continuation; outputs are hidden
-        states (fast path, ``[b, w, H]``) or logits (``[b, w, V]``)."""
-        if self.fast:
-            out = self.body(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            hidden = out.last_hidden_state
-            for s in range(0, ids.shape[1], window):
-                yield s, hidden[:, s : s + window]
-            return
-        prompt_len = mask.shape[1] - ids.shape[1]
-        for s in range(0, ids.shape[1], window):
-            e = min(ids.shape[1], s + window)
-            out = self.model(
-                input_ids=ids[:, s:e],
-                attention_mask=mask[:, : prompt_len + e],
-                position_ids=pos[:, s:e],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache = out.past_key_values
-            yield s, out.logits.float()
-
-    def to_logits(self, outputs: Tensor) -> Tensor:
-        return self.head_logits(outputs) if self.fast else outputs
-
-
-# --------------------------------------------------------------------------- scoring
 
 
 def _as_rows(seqs: Sequence[Sequence[int]], what: str) -> list[list[int]]:
@@ -332,8 +287,8 @@ def score_many(
         raise ValueError("no prompts to score")
     if not requests:
         return []
-    runner = _Runner(model)
-    obs_runner = _Runner(observer) if observer is not None else None
+    runner = ModelRunner(model)
+    obs_runner = ModelRunner(observer) if observer is not None else None
     sets = []
     for k, req in enumerate(requests):
         rows = _as_rows(req.continuations, "continuation")
@@ -431,22 +386,6 @@ def _score(runner, obs_runner, prompt_rows, sets, requests, batch_size, memory_b
     return results
 
 
-def _logit_windows(runner: _Runner, cache, last, inputs, mask, pos, window: int, width: int):
-    """Yield ``(t0, outputs)`` over continuation steps: step 0 (from the prompt pass), then
-    windows ``[1 + k·window, ...)``. Outputs are hidden states on the fast path, else logits;
-    both runners of a Binoculars pair yield the same boundaries."""
-    yield 0, last[:, None]
-    if width == 1:
-        return
-    if runner.fast:
-        for _, hidden in runner.continuation(cache, inputs, mask, pos, inputs.shape[1]):
-            for s in range(0, hidden.shape[1], window):
-                yield 1 + s, hidden[:, s : s + window]
-        return
-    for s, logits in runner.continuation(cache, inputs, mask, pos, window):
-        yield 1 + s, logits
-
-
 def _score_rows(
     runner, obs_runner, res, req, idx, p_ids, p_mask, p_len, cache, last, obs, memory_budget
 ):
@@ -459,7 +398,7 @@ def _score_rows(
     # The input that predicts continuation token t is token t-1 (the prompt's last for t = 0):
     # the continuation pass runs the continuation minus its last token.
     inputs, in_mask, in_pos = tokens[:, :-1], mask[:, :-1], pos[:, :-1]
-    vocab = _vocab_size(runner, last)
+    vocab = vocab_size(runner, last)
     window = max(1, max(1, memory_budget // (vocab * 4 * _TEMPORARIES)) // b)
     stateful = {k: d for k, d in req.decoders.items() if getattr(d, "requires_history", False)}
     stateless = {k: d for k, d in req.decoders.items() if k not in stateful}
@@ -468,14 +407,12 @@ def _score_rows(
     history = torch.cat([p_ids, tokens], dim=1)
     prompt_width = p_ids.shape[1]
     # The prompt cache is shared by every request: each continuation runs on a copy.
-    main = _logit_windows(
-        runner, copy.deepcopy(cache), last, inputs, in_mask, in_pos, window, width
-    )
+    main = logit_windows(runner, copy.deepcopy(cache), last, inputs, in_mask, in_pos, window, width)
     other = None
     if obs_runner is not None:
         o_cache, o_last = obs
         od = obs_runner.device
-        other = _logit_windows(
+        other = logit_windows(
             obs_runner,
             copy.deepcopy(o_cache),
             o_last,
@@ -526,16 +463,6 @@ def _score_rows(
                 t[idx][pad] = 0
     if res.observer_cross_entropy is not None:
         res.observer_cross_entropy[idx][pad] = 0
-
-
-def _vocab_size(runner: _Runner, last: Tensor) -> int:
-    if runner.fast:
-        return (
-            int(runner.head.weight.shape[0])
-            if hasattr(runner.head, "weight")
-            else int(runner.config.vocab_size)
-        )
-    return int(last.shape[-1])
 
 
 def _put(st: TokenStats, idx: slice, t0: int, t1: int, b: int, lp, ent, var, rk) -> None:
