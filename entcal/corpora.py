@@ -206,6 +206,7 @@ def make_pairs(
     min_continuation_tokens: int | None = None,
     n: int | None = None,
     seed: int = 0,
+    at_least: int = 0,
 ) -> list[TextPair]:
     """Turn documents into (prompt, human continuation) token pairs.
 
@@ -215,6 +216,9 @@ def make_pairs(
     ``continuation_tokens`` of them. Documents with fewer than ``min_continuation_tokens`` (default:
     ``continuation_tokens``) continuation tokens are skipped. Document order is shuffled with
     ``seed``; at most ``n`` pairs are returned (all that qualify if ``n`` is None).
+
+    Raises ``ValueError`` if fewer than ``at_least`` documents qualify, saying how many do and
+    how long they must be (commands pass ``at_least=n`` or 1 so a run fails before any work).
     """
     if prompt_tokens < 1:
         raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
@@ -256,4 +260,16 @@ def make_pairs(
             )
             if n is not None and len(pairs) >= n:
                 return pairs
+    if len(pairs) < at_least:
+        name = corpus.name if isinstance(corpus, Corpus) else "given"
+        length = f"{need} tokens ({prompt_tokens} prompt + {min_cont} continuation)"
+        if not pairs:
+            raise ValueError(
+                f"corpus {name!r}: no document has {length}; use shorter prompts or "
+                "continuations, or a corpus of longer documents"
+            )
+        raise ValueError(
+            f"corpus {name!r}: only {len(pairs)} documents have {length}, {at_least} are asked "
+            f"for; ask for {len(pairs)} or use shorter texts"
+        )
     return pairs

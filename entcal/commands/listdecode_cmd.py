@@ -92,9 +92,8 @@ def _run(args: argparse.Namespace) -> int:
         continuation_tokens=args.steps,
         n=args.n,
         seed=args.seed,
+        at_least=1,
     )
-    if not pairs:
-        raise ValueError("the corpus yields no (prompt, continuation) pair of the asked lengths")
     results = branching_sweep(
         model,
         pairs,

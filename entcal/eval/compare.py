@@ -144,19 +144,8 @@ def _pairs(config: CompareConfig, tokenizer, corpus):
         continuation_tokens=config.length,
         n=config.n,
         seed=config.seed,
+        at_least=config.n,
     )
-    need = config.prompt_tokens + config.length
-    if not pairs:
-        raise ValueError(
-            f"corpus {corpus.name!r}: no document has {need} tokens "
-            f"({config.prompt_tokens} prompt + {config.length} continuation); "
-            "use a smaller --length or a corpus of longer documents"
-        )
-    if len(pairs) < config.n:
-        raise ValueError(
-            f"corpus {corpus.name!r}: only {len(pairs)} documents have {need} tokens, "
-            f"--n asks for {config.n}; use --n {len(pairs)} or a smaller --length"
-        )
     return [list(p.prompt_ids) for p in pairs], [list(p.continuation_ids) for p in pairs]
 
 
