@@ -45,7 +45,7 @@ def test_at_least_names_how_many_documents_qualify(smollm2_tokenizer):
     docs = ["short", "word " * 40, "word " * 40]
     kw = dict(prompt_tokens=8, continuation_tokens=16)
     assert len(corpora.make_pairs(docs, smollm2_tokenizer, at_least=2, **kw)) == 2
-    with pytest.raises(ValueError, match="only 2 documents have 24 tokens .* 3 are asked"):
+    with pytest.raises(ValueError, match=r"only 2 documents have 24 tokens .* 3 are asked"):
         corpora.make_pairs(docs, smollm2_tokenizer, at_least=3, **kw)
     with pytest.raises(ValueError, match="no document has 24 tokens"):
         corpora.make_pairs(["short"], smollm2_tokenizer, at_least=1, **kw)

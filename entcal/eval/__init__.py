@@ -1,12 +1,19 @@
 """entcal.eval: entropy calibration, typical-set (AEP) checks, detectability, diversity, reports.
 
 * :mod:`entcal.eval.scoring`: batched teacher-forced scoring (entropy, varentropy, log-prob, rank
-  under the raw model and under decoders' processed distributions);
+  under the raw model and under decoders' processed distributions), running the model through
+  :mod:`entcal.eval.model_runner`;
 * :mod:`entcal.eval.calibration`: EntCE, per-step curves, entropy slope, standard errors;
 * :mod:`entcal.eval.typical`: the AEP / typical-set statistics;
 * :mod:`entcal.eval.detect`: zero-shot detectors, AUROC, TPR at a fixed FPR;
 * :mod:`entcal.eval.diversity`: distinct-n, self-BLEU, Zipf, repetition, MAUVE (optional);
-* :mod:`entcal.eval.compare` / :mod:`entcal.eval.report`: ``entcal compare``.
+* :mod:`entcal.eval.compare` / :mod:`entcal.eval.report` / :mod:`entcal.eval.results_cache`:
+  ``entcal compare`` (its results, report and resumable cache);
+* :mod:`entcal.eval.frontier`: ``entcal frontier``, the calibration–log-loss frontier.
+
+Metric modules take tensors, not models. The package may import :mod:`entcal.models`,
+:mod:`entcal.corpora`, :mod:`entcal.decoding`, :mod:`entcal.generation` and
+:mod:`entcal.calibrators`; :mod:`entcal.studies` and :mod:`entcal.commands` import it.
 
 The structural studies (list-decoding branching, information emergence) are in
 :mod:`entcal.studies`.
@@ -22,7 +29,10 @@ __all__ = [
     "compare",
     "detect",
     "diversity",
+    "frontier",
+    "model_runner",
     "report",
+    "results_cache",
     "scoring",
     "typical",
 ]
