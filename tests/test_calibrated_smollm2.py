@@ -68,3 +68,22 @@ def test_predictor_for_another_model_fails_before_generation(smollm2, tiny_llama
         parse("calibrated").bind(small)
     with pytest.raises(PredictorFileError, match="smollm2-135m"):
         generate(small, tok, ["hello"], f"calibrated:predictor={folder}", max_new_tokens=2)
+
+
+def test_binding_again_to_the_same_model_checks_once(smollm2, monkeypatch):
+    from entcal.calibrators.predictor import FutureEntropyPredictor
+    from entcal.decoding import parse
+
+    model, _ = smollm2
+    checks = []
+    original = FutureEntropyPredictor.check_model
+    monkeypatch.setattr(
+        FutureEntropyPredictor,
+        "check_model",
+        lambda self, m: (checks.append(m), original(self, m))[1],
+    )
+    d = parse("calibrated")
+    assert d.bind(model) is d and d.bind(model) is d
+    assert len(checks) == 1
+    d.bind(model.config)  # another object: checked again
+    assert len(checks) == 2

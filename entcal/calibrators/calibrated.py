@@ -182,12 +182,17 @@ class CalibratedDecoder(Decoder):
     def bind(self, model) -> CalibratedDecoder:
         """Use the predictor fitted for ``model`` (a model or its config): the shipped one if no
         ``predictor=`` was given, else check that the given one fits. Raises
-        :class:`~entcal.calibrators.predictor_file.PredictorFileError` if none does."""
+        :class:`~entcal.calibrators.predictor_file.PredictorFileError` if none does. Binding
+        again to the same model is a no-op (``compare`` binds before generating, so a mismatch
+        fails before any work, and ``generate`` binds whatever it is given)."""
+        if self._predictor is not None and getattr(self, "_bound_to", None) is model:
+            return self
         if self.predictor_path is None:
             self._predictor = load_predictor(shipped_predictor_for(model))
         else:
             assert self._predictor is not None
         self._predictor.check_model(model)  # type: ignore[union-attr]
+        self._bound_to = model
         return self
 
     def predictor_for(self, vocab_size: int) -> FutureEntropyPredictor:
