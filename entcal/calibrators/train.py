@@ -311,9 +311,18 @@ class _GateEvaluator:
 
 
 def train_predictor(
-    cfg: TrainConfig, out: str | Path, model=None, tokenizer=None, progress: bool = True
+    cfg: TrainConfig,
+    out: str | Path,
+    model=None,
+    tokenizer=None,
+    progress: bool = True,
+    load: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the whole recipe; writes ``OUT/predictor/`` and ``OUT/report.json``; returns the report.
+
+    ``load``: :func:`entcal.models.load`'s device arguments (``device``, ``dtype``,
+    ``device_map``) when the model is loaded here; they are not part of the run's configuration
+    (a run resumes on another device).
 
     Raises ``ValueError`` for a bad config, a corpus too small for it, or an ``OUT`` folder that
     holds a run with other settings.
@@ -334,7 +343,7 @@ def train_predictor(
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     if model is None:
-        model, tokenizer = models.load(cfg.model)
+        model, tokenizer = models.load(cfg.model, **(load or {}))
     prompts, human = _pairs(cfg, tokenizer)
     folder = out / "data"
     projection, feats, labels, groups, info = _state_data(

@@ -58,6 +58,39 @@ def add_pairs_arguments(
         )
 
 
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--dtype`` and ``--device-map``: where the model runs (see
+    :func:`entcal.models.resolve_device`); statistics are float32 whatever the weights' dtype."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:N, mps, or auto (default: cuda when available, else cpu)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16", "auto"),
+        help="weight dtype (default float32; auto: bfloat16 on a GPU that supports it)",
+    )
+    parser.add_argument(
+        "--device-map",
+        default=None,
+        help="transformers device_map (e.g. 'auto') for a model that does not fit one device; "
+        "--device is then not used",
+    )
+
+
+def load_options(args: argparse.Namespace) -> dict:
+    """The ``models.load`` keyword arguments of the device flags, checked before any loading
+    (a device that is not here fails at once, naming it)."""
+    from entcal import models
+
+    if args.device_map is None:
+        models.resolve_device(args.device)
+    models.resolve_dtype(args.dtype, args.device if args.device_map is None else "cpu")
+    return {"device": args.device, "dtype": args.dtype, "device_map": args.device_map}
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, *, progress: bool = True) -> None:
     """``--seed``, ``--no-progress`` and the required ``--out`` folder."""
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

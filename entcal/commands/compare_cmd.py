@@ -11,9 +11,11 @@ import sys
 
 from entcal.commands.common import (
     add_corpus_argument,
+    add_device_arguments,
     add_model_argument,
     add_pairs_arguments,
     add_run_arguments,
+    load_options,
 )
 from entcal.eval.defaults import DEFAULT_DECODERS
 
@@ -47,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="8 prompts of 64 tokens, 48-token continuations"
     )
+    add_device_arguments(parser)
     add_run_arguments(parser)
     parser.set_defaults(func=_run)
 
@@ -87,6 +90,7 @@ def _run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         epsilon=args.epsilon,
         progress=not args.no_progress,
+        **load_options(args),
     )
     from entcal.eval.compare import run_compare
 

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-from entcal.commands.common import add_corpus_argument, add_model_argument, add_run_arguments
+from entcal.commands.common import (
+    add_corpus_argument,
+    add_device_arguments,
+    add_model_argument,
+    add_run_arguments,
+    load_options,
+)
 
 
 def _ints(text: str) -> list[int]:
@@ -57,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--mine-steps", type=int, default=600, help="MINE steps (default 600)")
     parser.add_argument("--mine-batch", type=int, default=512, help="MINE batch (default 512)")
+    add_device_arguments(parser)
     add_run_arguments(parser)
     parser.set_defaults(func=_run)
 
@@ -87,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
     from entcal.studies.emergence_report import write_emergence_report
 
     start = time.time()
-    model, tokenizer = models.load(args.model)
+    model, tokenizer = models.load(args.model, **load_options(args))
     check_layers(model, args.layers)  # an index beyond the model fails before any work
     result = information_emergence(
         model,

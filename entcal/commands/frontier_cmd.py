@@ -9,9 +9,11 @@ import argparse
 
 from entcal.commands.common import (
     add_corpus_argument,
+    add_device_arguments,
     add_model_argument,
     add_pairs_arguments,
     add_run_arguments,
+    load_options,
 )
 
 
@@ -44,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="predictor folder of the calibrated family (default: the model's shipped one)",
     )
+    add_device_arguments(parser)
     add_run_arguments(parser)
     parser.set_defaults(func=_run)
 
@@ -67,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
         out=args.out, model=args.model, human=args.human, decoders="ancestral", n=args.n,
         length=args.length, prompt_tokens=args.prompt_tokens, seed=args.seed,
         samples=args.samples, split=args.split, batch_size=args.batch_size,
-        progress=not args.no_progress,
+        progress=not args.no_progress, **load_options(args),
     )  # fmt: skip
     doc = run_frontier(config, sweep, predictor=args.calibrated_predictor)
     print(f"{'family':12s} {'spec':28s} {'EntCE':>16s} {'cost':>9s} {'slope/100':>9s}")

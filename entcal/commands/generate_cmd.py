@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from entcal.commands.common import add_model_argument
+from entcal.commands.common import add_device_arguments, add_model_argument, load_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("prompt", nargs="+", help="prompt text (several prompts: several args)")
     add_model_argument(parser)
+    add_device_arguments(parser)
     parser.add_argument("--decoder", default="ancestral", help="decoder spec")
     parser.add_argument("--n", type=int, default=1, help="continuations per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -41,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--n={args.n}; must be >= 1")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens}; must be >= 1")
-    model, tokenizer = models.load(args.model)
+    model, tokenizer = models.load(args.model, **load_options(args))
     results = generate(
         model,
         tokenizer,

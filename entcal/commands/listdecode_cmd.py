@@ -11,9 +11,11 @@ import argparse
 
 from entcal.commands.common import (
     add_corpus_argument,
+    add_device_arguments,
     add_model_argument,
     add_pairs_arguments,
     add_run_arguments,
+    load_options,
 )
 
 DEFAULT_THETAS = "0.02,0.05,0.1,0.2,0.3,0.5"
@@ -58,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="optional bound on a candidate's total log-probability (nats, <= 0)",
     )
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    add_device_arguments(parser)
     add_run_arguments(parser)
     parser.set_defaults(func=_run)
 
@@ -83,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
     from entcal.studies.branching_stats import critical_theta
 
     start = time.time()
-    model, tokenizer = models.load(args.model)
+    model, tokenizer = models.load(args.model, **load_options(args))
     corpus = corpora.load_corpus(args.human)
     pairs = corpora.make_pairs(
         corpus,

@@ -11,7 +11,12 @@ import argparse
 import dataclasses
 import json
 
-from entcal.commands.common import add_corpus_argument, add_model_argument
+from entcal.commands.common import (
+    add_corpus_argument,
+    add_device_arguments,
+    add_model_argument,
+    load_options,
+)
 
 _TUPLES = {"threshold_quantiles": float, "bucket_edges": int}
 
@@ -46,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             )  # fmt: skip
         else:
             parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")
+    add_device_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
     parser.set_defaults(func=_run)
 
@@ -68,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg.validate()  # before the model is loaded
     from entcal.calibrators.train import train_predictor
 
-    report = train_predictor(cfg, args.out, progress=not args.quiet)
+    report = train_predictor(cfg, args.out, progress=not args.quiet, load=load_options(args))
     summary = {
         "predictor": f"{args.out}/predictor",
         "estimator": report["predictor"]["chosen"],

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from entcal import models
 from entcal.decoding.base import Decoder
 from entcal.eval import calibration, detect, diversity, scoring, typical
 from entcal.eval.defaults import DEFAULT_DECODERS
@@ -77,6 +78,12 @@ class CompareConfig:
     epsilon: float = typical.DEFAULT_EPSILON
     progress: bool = True
     plots: bool = True
+    #: where the models run (``models.load``'s arguments): cpu, cuda, cuda:N, mps or auto
+    device: str = "cpu"
+    #: weight dtype (float32, bfloat16, float16, auto); statistics are float32 regardless
+    dtype: str = "float32"
+    #: transformers device_map for a model that does not fit one device (``device`` unused)
+    device_map: str | None = None
 
     def validate(self) -> None:
         if self.split not in ("all", "train", "test"):
@@ -89,6 +96,13 @@ class CompareConfig:
                 raise ValueError(f"{key} must be an integer >= {lo}, got {value!r}")
         if not self.epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+        if self.device_map is None:
+            models.resolve_device(self.device)
+        models.resolve_dtype(self.dtype, self.device if self.device_map is None else "cpu")
+
+    def load_options(self) -> dict[str, Any]:
+        """``models.load``'s device arguments."""
+        return {"device": self.device, "dtype": self.dtype, "device_map": self.device_map}
 
 
 def parse_decoders(specs: Sequence[str | Decoder] | str) -> dict[str, Decoder]:
@@ -171,7 +185,7 @@ def run_compare(
     Returns:
         The results dict (as written to ``results.json``).
     """
-    from entcal import generate, models
+    from entcal import generate
 
     t_start = time.time()
     config.validate()
@@ -189,7 +203,7 @@ def run_compare(
             corpus = corpus.split(config.split)
     if model is None:
         _log(f"loading {config.model}", config.progress)
-        model, tokenizer = models.load(config.model)
+        model, tokenizer = models.load(config.model, **config.load_options())
     elif tokenizer is None:
         raise ValueError("a model passed in needs its tokenizer")
     limit = models.context_length(model)
@@ -201,7 +215,7 @@ def run_compare(
         )
     if observer is None and config.observer:
         _log(f"loading observer {config.observer}", config.progress)
-        observer, _ = models.load(config.observer)
+        observer, _ = models.load(config.observer, **config.load_options())
     if observer is not None and observer.config.vocab_size != model.config.vocab_size:
         raise ValueError(
             f"observer vocab {observer.config.vocab_size} differs from the model's "
