@@ -46,10 +46,10 @@ from typing import Any
 
 import torch
 
+from entcal.devices import resolve_device, resolve_dtype
+
 __all__ = [
     "DEFAULT_MODEL",
-    "DEVICES",
-    "DTYPES",
     "EMBEDDED",
     "EmbeddedModel",
     "cache_dir",
@@ -61,8 +61,6 @@ __all__ = [
     "load_gguf",
     "local_path",
     "pull",
-    "resolve_device",
-    "resolve_dtype",
 ]
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -366,68 +364,6 @@ def local_path(name: str = DEFAULT_MODEL) -> Path:
     raise _unknown_model_error(name)
 
 
-DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str | torch.device = "cpu") -> torch.device:
-    """The device a ``--device`` value names, checked to exist here.
-
-    ``auto`` is ``cuda`` when a CUDA device is available, else ``cpu``; ``cuda``, ``cuda:N`` and
-    ``mps`` must be available. Raises ``ValueError`` naming the device and why otherwise (no
-    traceback needed: the CLI prints it as the error).
-    """
-    if isinstance(device, torch.device):
-        text = str(device)
-    else:
-        text = str(device).strip().lower()
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise ValueError(
-            f"device {device!r} is not a device; use one of {', '.join(DEVICES)}"
-        ) from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"device {text!r}: no CUDA device is available on this machine "
-                "(torch.cuda.is_available() is False); use --device cpu or --device auto"
-            )
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise ValueError(f"device {text!r}: this machine has {count} CUDA device(s)")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {text!r}: MPS is not available on this machine")
-    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
-        raise ValueError(f"device {text!r} is not supported; use one of {', '.join(DEVICES)}")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
-    """The weight dtype a ``--dtype`` value names: ``float32``, ``bfloat16``, ``float16``, or
-    ``auto`` (bfloat16 on a CUDA device that supports it, else float32). ``ValueError`` otherwise.
-
-    Whatever the weights' dtype, entcal computes entropies, log-probs and every decoder on
-    float32 logits (upcast before any softmax)."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
-        return dtype
-    text = str(dtype).strip().lower()
-    if text == "auto":
-        dev = resolve_device(device)
-        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if text not in DTYPES:
-        raise ValueError(
-            f"dtype {dtype!r} is not supported; use auto or one of {', '.join(DTYPES)}"
-        )
-    return DTYPES[text]
-
-
 def load(
     name_or_path: str = DEFAULT_MODEL,
     device: str | torch.device = "cpu",
@@ -440,7 +376,7 @@ def load(
         name_or_path: an embedded name (``smollm2-135m``, ``gemma3-270m``), a local Hugging
             Face folder, or a hub id.
         device: where the weights go (``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``; see
-            :func:`resolve_device`).
+            :func:`entcal.devices.resolve_device`).
         dtype: weight dtype (``float32`` by default: entropies and log-probs are compared across
             code paths, so rounding should be small; ``bfloat16``, ``float16``, ``auto``).
         device_map: passed to transformers (e.g. ``"auto"``) for a model that does not fit one

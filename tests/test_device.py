@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entcal import models
+from entcal import devices, models
 from entcal.cli import main
 
 CUDA = torch.cuda.is_available()
@@ -17,7 +17,7 @@ CUDA = torch.cuda.is_available()
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
 def test_missing_cuda_is_a_clear_error_naming_the_device(device, capsys, tmp_path):
     with pytest.raises(ValueError, match=f"device '{device}': no CUDA device"):
-        models.resolve_device(device)
+        devices.resolve_device(device)
     for argv in (
         ["compare", "--device", device, "--quick", "--out", str(tmp_path)],
         ["generate", "--device", device, "hello"],
@@ -29,17 +29,17 @@ def test_missing_cuda_is_a_clear_error_naming_the_device(device, capsys, tmp_pat
 
 
 def test_device_and_dtype_values():
-    assert models.resolve_device("auto").type == ("cuda" if CUDA else "cpu")
-    assert models.resolve_device("CPU") == torch.device("cpu")
+    assert devices.resolve_device("auto").type == ("cuda" if CUDA else "cpu")
+    assert devices.resolve_device("CPU") == torch.device("cpu")
     if not CUDA:
-        assert models.resolve_dtype("auto", "auto") == torch.float32
-    assert models.resolve_dtype("bfloat16") == torch.bfloat16
+        assert devices.resolve_dtype("auto", "auto") == torch.float32
+    assert devices.resolve_dtype("bfloat16") == torch.bfloat16
     with pytest.raises(ValueError, match="device 'gpu0' is not a device"):
-        models.resolve_device("gpu0")
+        devices.resolve_device("gpu0")
     with pytest.raises(ValueError, match="dtype 'int8' is not supported"):
-        models.resolve_dtype("int8")
+        devices.resolve_dtype("int8")
     with pytest.raises(ValueError, match="dtype"):
-        models.resolve_dtype(torch.int64)
+        devices.resolve_dtype(torch.int64)
 
 
 @pytest.mark.slow

@@ -60,7 +60,7 @@ def add_pairs_arguments(
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device``, ``--dtype`` and ``--device-map``: where the model runs (see
-    :func:`entcal.models.resolve_device`); statistics are float32 whatever the weights' dtype."""
+    :func:`entcal.devices.resolve_device`); statistics are float32 whatever the weights' dtype."""
     parser.add_argument(
         "--device",
         default="auto",
@@ -83,11 +83,11 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
 def load_options(args: argparse.Namespace) -> dict:
     """The ``models.load`` keyword arguments of the device flags, checked before any loading
     (a device that is not here fails at once, naming it)."""
-    from entcal import models
+    from entcal import devices
 
     if args.device_map is None:
-        models.resolve_device(args.device)
-    models.resolve_dtype(args.dtype, args.device if args.device_map is None else "cpu")
+        devices.resolve_device(args.device)
+    devices.resolve_dtype(args.dtype, args.device if args.device_map is None else "cpu")
     return {"device": args.device, "dtype": args.dtype, "device_map": args.device_map}
 
 
