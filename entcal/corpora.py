@@ -226,6 +226,8 @@ def make_pairs(
         raise ValueError(f"continuation_tokens must be >= 1, got {continuation_tokens}")
     if n is not None and n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if n is not None and at_least > n:
+        raise ValueError(f"at_least={at_least} asks for more pairs than n={n}")
     min_cont = continuation_tokens if min_continuation_tokens is None else min_continuation_tokens
     if not 1 <= min_cont <= continuation_tokens:
         raise ValueError(
@@ -259,7 +261,7 @@ def make_pairs(
                 )
             )
             if n is not None and len(pairs) >= n:
-                return pairs
+                return pairs  # n >= at_least (checked above)
     if len(pairs) < at_least:
         name = corpus.name if isinstance(corpus, Corpus) else "given"
         length = f"{need} tokens ({prompt_tokens} prompt + {min_cont} continuation)"

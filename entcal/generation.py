@@ -102,11 +102,8 @@ class _Recorder:
     the log-probs of the token that was sampled from them and drops them.
     """
 
-    def __init__(
-        self, decoder: Decoder, prompt_len: int, eos: set[int] | None, seed: int, keys: Tensor
-    ) -> None:
+    def __init__(self, decoder: Decoder, eos: set[int] | None, seed: int, keys: Tensor) -> None:
         self.decoder = decoder
-        self.prompt_len = prompt_len
         self.eos = eos
         self.seed = seed
         self.keys = keys  # [N, 2]: (prompt key, sample index) of each row
@@ -319,7 +316,7 @@ def _generate_chunk(
     # rows are prompt-major, as generate expands num_return_sequences
     rows = torch.arange(len(prompts) * n)
     keys = torch.stack([prompt_key[rows // n], rows % n], dim=1)
-    rec = _Recorder(dec, input_ids.shape[1], set(eos_list) if stop_at_eos else None, seed, keys)
+    rec = _Recorder(dec, set(eos_list) if stop_at_eos else None, seed, keys)
     eos = eos_list if (stop_at_eos and eos_list) else None
     config = neutral_generation_config(
         max_new_tokens=max_new_tokens,

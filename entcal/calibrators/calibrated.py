@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -185,14 +186,18 @@ class CalibratedDecoder(Decoder):
         :class:`~entcal.calibrators.predictor_file.PredictorFileError` if none does. Binding
         again to the same model is a no-op (``compare`` binds before generating, so a mismatch
         fails before any work, and ``generate`` binds whatever it is given)."""
-        if self._predictor is not None and getattr(self, "_bound_to", None) is model:
+        bound = getattr(self, "_bound_to", None)
+        if self._predictor is not None and bound is not None and bound() is model:
             return self
         if self.predictor_path is None:
             self._predictor = load_predictor(shipped_predictor_for(model))
         else:
             assert self._predictor is not None
         self._predictor.check_model(model)  # type: ignore[union-attr]
-        self._bound_to = model
+        try:  # a weak reference: a decoder kept around must not keep the model alive
+            self._bound_to = weakref.ref(model)
+        except TypeError:  # not weakly referenceable: check again next time
+            self._bound_to = None
         return self
 
     def predictor_for(self, vocab_size: int) -> FutureEntropyPredictor:

@@ -31,7 +31,10 @@ class Decoder:
     token can be sampled from it; :func:`entcal.generate` reports that as an error).
 
     Subclasses implement :meth:`_process` and :attr:`spec`; stateful ones (``requires_history``)
-    also :meth:`reset` and :meth:`observe`. :meth:`_apply_group` lets a subclass process rows of a
+    also :meth:`reset` and :meth:`observe`. A decoder declares what it needs instead of failing
+    when it lacks it: ``requires_history`` (per-sequence state), ``requires_input_ids`` (the token
+    history as a tensor: vLLM rejects such a decoder at admission, since it gives a processor
+    none), :meth:`bind` (the model). :meth:`_apply_group` lets a subclass process rows of a
     mixed batch that use different instances of it in one vectorized pass
     (see :func:`entcal.decoding.apply_rows`).
     """

@@ -50,7 +50,10 @@ def register_method(name: str, factory: Factory, *, replace: bool = False) -> No
     """Register a named method: ``parse("name:k=v,...")`` calls ``factory({"k": "v", ...})``.
 
     The factory validates its options (raising ``ValueError`` naming the option and its range)
-    and returns a :class:`Decoder` whose ``spec`` starts with ``name``.
+    and returns a :class:`Decoder` whose ``spec`` starts with ``name``. The decoder declares
+    what it needs (``requires_history``, ``requires_input_ids``, :meth:`Decoder.bind`): adapters
+    read those flags, so a decoder that needs ``input_ids`` without declaring it passes vLLM's
+    admission and then fails in the engine, where its rows are left raw.
     """
     if not _NAME.match(name) or name in CHAIN_KEYS or name in KEY_ALIASES:
         raise ValueError(f"invalid method name {name!r} (an identifier that is not a chain key)")
