@@ -2,13 +2,16 @@
 
 * :mod:`entcal.eval.scoring`: batched teacher-forced scoring (entropy, varentropy, log-prob, rank
   under the raw model and under decoders' processed distributions), running the model through
-  :mod:`entcal.eval.model_runner`;
+  :mod:`entcal.eval.model_runner`; its data types (``TokenStats``, ``TextScores``,
+  ``ScoreRequest``) are in :mod:`entcal.eval.scores`;
 * :mod:`entcal.eval.calibration`: EntCE, per-step curves, entropy slope, standard errors;
 * :mod:`entcal.eval.typical`: the AEP / typical-set statistics;
 * :mod:`entcal.eval.detect`: zero-shot detectors, AUROC, TPR at a fixed FPR;
 * :mod:`entcal.eval.diversity`: distinct-n, self-BLEU, Zipf, repetition, MAUVE (optional);
-* :mod:`entcal.eval.compare` / :mod:`entcal.eval.report` / :mod:`entcal.eval.results_cache`:
-  ``entcal compare`` (its results, report and resumable cache);
+* :mod:`entcal.eval.compare` / :mod:`entcal.eval.compare_metrics` / :mod:`entcal.eval.report` /
+  :mod:`entcal.eval.results_cache`: ``entcal compare`` (the run, its results document, report and
+  resumable cache); :mod:`entcal.eval.vllm_engine` generates for it through ``vllm.LLM``
+  (``--engine vllm``);
 * :mod:`entcal.eval.frontier`: ``entcal frontier``, the calibration–log-loss frontier.
 
 Metric modules take tensors, not models. The package may import :mod:`entcal.models`,
@@ -27,12 +30,15 @@ from __future__ import annotations
 __all__ = [
     "calibration",
     "compare",
+    "compare_metrics",
     "detect",
     "diversity",
     "frontier",
     "model_runner",
     "report",
     "results_cache",
+    "scores",
     "scoring",
     "typical",
+    "vllm_engine",
 ]
