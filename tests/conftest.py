@@ -21,6 +21,30 @@ def smollm2_tokenizer(smollm2):
     return smollm2[1]
 
 
+def run_quick_compare(out, *extra: str) -> tuple[dict, str]:
+    """``entcal compare --quick --out OUT *extra``: (results.json, the printed table)."""
+    import contextlib
+    import io
+    import json
+
+    from entcal.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["compare", "--quick", "--out", str(out), "--no-progress", *extra])
+    assert rc == 0
+    return json.loads((out / "results.json").read_text()), printed.getvalue()
+
+
+@pytest.fixture(scope="session")
+def quick_compare(tmp_path_factory):
+    """The transformers engine's ``entcal compare --quick`` on SmolLM2 (run once per session):
+    (out folder, results.json, printed table)."""
+    out = tmp_path_factory.mktemp("compare") / "quick"
+    results, table = run_quick_compare(out)
+    return out, results, table
+
+
 def make_tiny_llama(
     vocab: int = 48,
     hidden: int = 32,

@@ -50,12 +50,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--quick", action="store_true", help="8 prompts of 64 tokens, 48-token continuations"
     )
     add_device_arguments(parser)
+    parser.add_argument(
+        "--engine",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="what generates: transformers (default) or vLLM (one request per continuation; "
+        "the statistics are recomputed by the teacher-forced scorer)",
+    )
+    parser.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a vllm.LLM engine argument for --engine vllm, e.g. tensor_parallel_size=4 "
+        "(repeatable)",
+    )
     add_run_arguments(parser)
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from entcal.eval.compare import QUICK, CompareConfig, parse_decoders
+    from entcal.eval.vllm_engine import parse_vllm_args
 
     decoders = args.decoders if args.decoders is not None else DEFAULT_DECODERS
     from entcal.calibrators.predictor_file import shipped_predictors
@@ -91,6 +107,8 @@ def _run(args: argparse.Namespace) -> int:
         epsilon=args.epsilon,
         progress=not args.no_progress,
         **load_options(args),
+        engine=args.engine,
+        vllm_args=parse_vllm_args(args.vllm_arg),
     )
     from entcal.eval.compare import run_compare
 

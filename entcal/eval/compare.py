@@ -32,12 +32,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from entcal import models
+from entcal import devices, models
 from entcal.decoding.base import Decoder
-from entcal.eval import calibration, detect, diversity, scoring, typical
+from entcal.eval import compare_metrics, scoring, typical
 from entcal.eval.defaults import DEFAULT_DECODERS
 from entcal.eval.results_cache import digest, load_cached, save_cached, to_json
 
@@ -52,7 +51,6 @@ __all__ = [
 
 #: Settings of ``--quick`` (the same decoders, fewer and shorter texts).
 QUICK = {"n": 8, "length": 48, "prompt_tokens": 64}
-SCHEMA_VERSION = 1
 
 
 @dataclasses.dataclass
@@ -84,6 +82,11 @@ class CompareConfig:
     dtype: str = "float32"
     #: transformers device_map for a model that does not fit one device (``device`` unused)
     device_map: str | None = None
+    #: what generates: "transformers" (``entcal.generate``) or "vllm" (``vllm.LLM``, one
+    #: request per continuation; statistics recomputed by the teacher-forced scorer)
+    engine: str = "transformers"
+    #: further ``vllm.LLM`` arguments for ``engine="vllm"`` (e.g. ``tensor_parallel_size``)
+    vllm_args: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         if self.split not in ("all", "train", "test"):
@@ -96,9 +99,11 @@ class CompareConfig:
                 raise ValueError(f"{key} must be an integer >= {lo}, got {value!r}")
         if not self.epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+        if self.engine not in ("transformers", "vllm"):
+            raise ValueError(f"engine must be transformers or vllm, got {self.engine!r}")
         if self.device_map is None:
-            models.resolve_device(self.device)
-        models.resolve_dtype(self.dtype, self.device if self.device_map is None else "cpu")
+            devices.resolve_device(self.device)
+        devices.resolve_dtype(self.dtype, self.device if self.device_map is None else "cpu")
 
     def load_options(self) -> dict[str, Any]:
         """``models.load``'s device arguments."""
@@ -190,6 +195,13 @@ def run_compare(
     t_start = time.time()
     config.validate()
     decoders = parse_decoders(config.decoders)
+    if config.engine == "vllm":  # before anything is loaded
+        for spec, dec in decoders.items():
+            if dec.requires_input_ids:
+                raise ValueError(
+                    f"decoder {spec!r} needs the token history (input_ids), which vLLM does not "
+                    "give a logits processor; use --engine transformers for it"
+                )
     out = Path(config.out)
     corpus = None
     if pairs is None:
@@ -237,6 +249,7 @@ def run_compare(
         corpus_name = corpus_name or "pairs"
     for dec in decoders.values():
         dec.bind(model)
+    vllm = config.engine == "vllm"
     ident = _model_identity(model, config.model)
     base_key = {
         "model": ident,
@@ -248,15 +261,22 @@ def run_compare(
     }
     if config.samples != 1:  # keys of single-sample runs stay as they were
         base_key["samples"] = config.samples
+    if vllm:  # keys of transformers runs stay as they were
+        base_key["engine"] = {"name": "vllm", "args": config.vllm_args}
     cache = out / "cache"
-    generations = _generate_all(
-        model, tokenizer, prompts, decoders, config, base_key, cache, generate
-    )
+    if vllm:
+        generations = _generate_all_vllm(prompts, decoders, config, base_key, cache)
+    else:
+        generations = _generate_all(
+            model, tokenizer, prompts, decoders, config, base_key, cache, generate
+        )
     scores = _score_all(
         model, observer, prompts, human, decoders, generations, config, base_key, cache
     )
+    if vllm:
+        _statistics_from_scores(generations, scores)
     _log("computing metrics", config.progress)
-    results = _metrics(
+    results = compare_metrics.results_document(
         config, corpus_name, ident, tokenizer, prompts, human, decoders, generations, scores
     )
     results["timing"] = {"seconds": round(time.time() - t_start, 1)}
@@ -314,6 +334,46 @@ def _generate_all(model, tokenizer, prompts, decoders, config, base_key, cache, 
     return result
 
 
+def _generate_all_vllm(prompts, decoders, config, base_key, cache):
+    """``{spec: {"tokens": [n·samples, length], "raw_logprob": ...}}`` from vLLM, one cache entry
+    per decoder."""
+    from entcal.eval.vllm_engine import vllm_generate
+
+    result, missing, paths = {}, [], {}
+    for spec in decoders:
+        paths[spec] = cache / f"gen-{digest({**base_key, 'decoder': spec, 'what': 'gen-vllm'})}.pt"
+        data = load_cached(paths[spec])
+        if data is None:
+            missing.append(spec)
+        else:
+            result[spec] = data
+    if missing:
+        _log(f"generating with vLLM: {'; '.join(missing)}", config.progress)
+        dtype = "auto" if config.dtype == "auto" else config.dtype
+        sampled = vllm_generate(
+            config.model, prompts, missing, length=config.length, samples=config.samples,
+            seed=config.seed, dtype=dtype, vllm_args=config.vllm_args, progress=config.progress,
+        )  # fmt: skip
+        for spec in missing:
+            result[spec] = sampled[spec]
+            save_cached(paths[spec], result[spec])
+    return {spec: result[spec] for spec in decoders}
+
+
+def _statistics_from_scores(generations: dict, scores: dict) -> None:
+    """Fill each vLLM generation's per-step statistics from its teacher-forced scores: the
+    decoder's distribution along its own tokens, and the raw model's. The raw log-prob vLLM
+    returned, where it did, stays (the results' engine-vs-scorer check compares the two)."""
+    for spec, gen in generations.items():
+        gs = scores[spec]
+        proc, raw = gs.processed[spec], gs.raw
+        gen.setdefault("raw_logprob", raw.logprob)
+        gen.update(
+            logprob=proc.logprob, entropy=proc.entropy, varentropy=proc.varentropy,
+            raw_entropy=raw.entropy, raw_varentropy=raw.varentropy,
+        )  # fmt: skip
+
+
 def _score_all(model, observer, prompts, human, decoders, generations, config, base_key, cache):
     """Scores of the human text (raw + every decoder) and of every decoder's generations (raw),
     per prompt batch, from the cache where possible.
@@ -332,7 +392,8 @@ def _score_all(model, observer, prompts, human, decoders, generations, config, b
     try:
         for s in range(0, n, bs):
             e = min(n, s + bs)
-            rows = {**base_key, "rows": [s, e]}
+            # "stats": 2: varentropy centered (entropy_varentropy); older entries are recomputed
+            rows = {**base_key, "rows": [s, e], "stats": 2}
             paths = {"human": cache / f"score-{digest({**rows, 'what': 'score-human'})}.pt"}
             k = config.samples
             for d in decoders:
@@ -344,8 +405,14 @@ def _score_all(model, observer, prompts, human, decoders, generations, config, b
             if data["human"] is None or missing:
                 requests = [scoring.ScoreRequest(human[s:e], {d: decoders[d] for d in missing})]
                 # sample j of every prompt of the batch is one request (one continuation each)
+                # vLLM gave tokens only: the sampled distribution's statistics come from this
+                # pass too (the decoder replayed along its own tokens)
+                own = config.engine == "vllm"
                 requests += [
-                    scoring.ScoreRequest(generations[d]["tokens"][s * k + j : e * k : k].tolist())
+                    scoring.ScoreRequest(
+                        generations[d]["tokens"][s * k + j : e * k : k].tolist(),
+                        {d: decoders[d]} if own else {},
+                    )
                     for d in missing
                     for j in range(k)
                 ]
@@ -370,104 +437,3 @@ def _score_all(model, observer, prompts, human, decoders, generations, config, b
     finally:
         bar.close()
     return {name: scoring.TextScores.concat(parts[name]) for name in names}
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def _decode(tokenizer, ids: list[int]) -> str:
-    try:
-        return tokenizer.decode(ids, skip_special_tokens=True)
-    except Exception:  # a tokenizer that cannot decode: ids are still informative
-        return " ".join(map(str, ids))
-
-
-def _metrics(
-    config, corpus_name, ident, tokenizer, prompts, human, decoders, generations, scores
-) -> dict:
-    hs = scores["human"]
-    mask_h = hs.mask
-    human_ll, human_ll_se = calibration.weighted_mean(-hs.raw.logprob.double(), mask_h)
-    h_steps, _, _ = calibration.per_step_mean(-hs.raw.logprob.double(), mask_h)
-    human_raw_entropy, _ = calibration.weighted_mean(hs.raw.entropy.double(), mask_h)
-    human_det = detect.detector_scores(
-        hs.raw.logprob, hs.raw.entropy, hs.raw.varentropy, mask_h, hs.raw.rank,
-        hs.observer_cross_entropy,
-    )  # fmt: skip
-    human_aep = typical.aep(
-        hs.raw.logprob, hs.raw.entropy, hs.raw.varentropy, mask_h, epsilon=config.epsilon
-    )
-    results: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "model": config.model,
-        "model_info": {
-            "type": ident["type"],
-            "vocab_size": ident["vocab"],
-            "params": ident["params"],
-        },
-        "corpus": corpus_name,
-        "n": len(prompts),
-        "length": config.length,
-        "prompt_tokens": config.prompt_tokens,
-        "samples": config.samples,
-        "split": config.split,
-        "seed": config.seed,
-        "observer": config.observer,
-        "epsilon": config.epsilon,
-        "human": {
-            "log_loss": human_ll,
-            "log_loss_se": human_ll_se,
-            "log_loss_per_step": h_steps.tolist(),
-            "raw_entropy": human_raw_entropy,
-            "aep": human_aep.to_dict(per_text=False),
-            "diversity": diversity.diversity(human),
-        },
-        "decoders": {},
-    }
-    for spec in decoders:
-        gen = generations[spec]
-        gs = scores[spec]
-        g_mask = torch.ones_like(gen["tokens"], dtype=torch.bool)
-        cal = calibration.entropy_calibration(
-            gen["entropy"], g_mask, hs.processed[spec].logprob, mask_h, hs.raw.logprob,
-            samples_per_prompt=config.samples,
-        )  # fmt: skip
-        aep_q = typical.aep(
-            gen["logprob"], gen["entropy"], gen["varentropy"], g_mask, epsilon=config.epsilon
-        )
-        aep_raw = typical.aep(
-            gs.raw.logprob, gs.raw.entropy, gs.raw.varentropy, gs.mask, epsilon=config.epsilon
-        )
-        gen_det = detect.detector_scores(
-            gs.raw.logprob, gs.raw.entropy, gs.raw.varentropy, gs.mask, gs.raw.rank,
-            gs.observer_cross_entropy,
-        )  # fmt: skip
-        det = {
-            name: {
-                "auroc": detect.auroc(human_det[name], gen_det[name]),
-                "tpr_at_1fpr": detect.tpr_at_fpr(human_det[name], gen_det[name], 0.01),
-                "human_mean": float(np.nanmean(human_det[name])),
-                "generated_mean": float(np.nanmean(gen_det[name])),
-            }
-            for name in gen_det
-        }
-        toks = gen["tokens"].tolist()
-        div = diversity.diversity(toks)
-        if hs.features is not None and gs.features is not None:
-            div["mauve"] = diversity.mauve_score(hs.features.numpy(), gs.features.numpy())
-        raw_ent, _ = calibration.weighted_mean(gen["raw_entropy"].double(), g_mask)
-        consistency = float((gen["raw_logprob"] - gs.raw.logprob).abs().max())
-        entry = cal.to_dict()
-        entry.update(
-            {
-                "gen_raw_entropy": raw_ent,
-                "aep": aep_q.to_dict(per_text=False),
-                "aep_raw": aep_raw.to_dict(per_text=False),
-                "detect": det,
-                "diversity": div,
-                "check": {"max_abs_raw_logprob_diff_generate_vs_score": consistency},
-                "sample": _decode(tokenizer, toks[0][:80]) if toks else "",
-            }
-        )
-        results["decoders"][spec] = entry
-    return results
