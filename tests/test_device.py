@@ -50,16 +50,22 @@ def test_bfloat16_weights_give_float32_statistics():
 
     model, tok = models.load("smollm2-135m", dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
-    gens = generate(model, tok, ["The capital of France is"], "top_p=0.9", max_new_tokens=6)
+    # a temperature, not a truncation: bf16 rounding differs between the incremental and the
+    # teacher-forced pass (and with the thread count), which can move a token across a
+    # nucleus boundary and make a replayed log-prob -inf
+    spec = "temperature=0.9"
+    gens = generate(model, tok, ["The capital of France is"], spec, max_new_tokens=6)
     g = gens[0]
     for t in (g.logprob, g.entropy, g.varentropy, g.raw_logprob, g.raw_entropy):
         assert t.dtype == torch.float32 and bool(torch.isfinite(t).all())
     prompt = tok("The capital of France is")["input_ids"]
-    s = scoring.score(model, [prompt], [g.token_ids], {"p": parse("top_p=0.9")})
+    s = scoring.score(model, [prompt], [g.token_ids], {"p": parse(spec)})
     assert s.raw.entropy.dtype == torch.float32
-    # the teacher-forced replay sees the distribution generation sampled from (bf16 rounding of
-    # the two forward passes aside)
-    torch.testing.assert_close(s.processed["p"].logprob[0], g.logprob, atol=0.1, rtol=0)
+    # the teacher-forced replay sees the distribution generation sampled from, bf16 rounding of
+    # the two forward passes aside: a bf16 logit near 20-30 carries up to ~0.1 of rounding, and
+    # a log-prob is a difference of such terms
+    diff = (s.processed["p"].logprob[0] - g.logprob).abs()
+    assert float(diff.max()) < 0.3 and float(diff.mean()) < 0.1, diff
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
