@@ -272,3 +272,19 @@ def test_compare_killed_at_any_point_resumes_to_the_same_results(
         r.pop("timing", None)
         r.pop("out", None)
     assert a == b
+
+
+def test_engine_argument_errors(tmp_path, capsys):
+    """Bad engine arguments fail before anything loads (no vLLM needed to see it)."""
+    rc = main(["compare", "--quick", "--engine", "vllm", "--vllm-arg", "no-equals",
+               "--out", str(tmp_path), "--no-progress"])  # fmt: skip
+    assert rc == 2
+    assert "--vllm-arg 'no-equals'" in capsys.readouterr().err
+    rc = main(["compare", "--quick", "--engine", "vllm", "--decoders", "lookahead:alpha=0.2",
+               "--out", str(tmp_path), "--no-progress"])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "lookahead" in err and "--engine transformers" in err
+    rc = main(["compare", "--quick", "--engine", "vllm", "--vllm-arg", "x={1, 2}",
+               "--out", str(tmp_path), "--no-progress"])  # fmt: skip
+    assert rc == 2 and "must be a number, string" in capsys.readouterr().err

@@ -31,7 +31,7 @@ def test_ray_engine_generates_scores_and_rereads(tmp_path):
     assert res["engine"] == "ray"
     rows = [
         json.loads(line)
-        for shard in sorted((out / "generations").glob("*.json"))
+        for shard in sorted((out / "generations").rglob("*.json"))
         for line in shard.read_text().splitlines()
     ]
     assert sorted((r["spec"], r["prompt"]) for r in rows) == sorted(
@@ -45,14 +45,20 @@ def test_ray_engine_generates_scores_and_rereads(tmp_path):
     assert dec["temperature=0.5"]["gen_entropy"] < dec["ancestral"]["gen_entropy"]
     for spec, d in dec.items():
         assert d["check"]["max_abs_raw_logprob_diff_generate_vs_score"] < 1e-2, spec
+        # each row's spec was applied in the shared batches: greedy rows are the argmax, so
+        # every sampled token lies in its own decoder's support
+        assert d["check"]["tokens_outside_decoder"] == 0.0, spec
     # the shards alone (as another machine would receive them) give the same results
     again = _compare(tmp_path / "scored", "--from-generations", str(out / "generations"))
     assert again["engine"] == "files"
     for spec in dec:
         for key in ("gen_entropy", "human_log_loss", "entce"):
             assert again["decoders"][spec][key] == pytest.approx(dec[spec][key], abs=1e-6), key
-    # a second --engine ray run on the same folder reads its shards instead of generating
-    stamps = {p: p.stat().st_mtime_ns for p in (out / "generations").glob("*.json")}
-    rerun = _compare(out, "--engine", "ray", "--decoders", SPECS)
-    assert {p: p.stat().st_mtime_ns for p in (out / "generations").glob("*.json")} == stamps
+    # a second --engine ray run with one more decoder generates only that one, beside the
+    # shards it already has
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "generations").rglob("*.json")}
+    rerun = _compare(out, "--engine", "ray", "--decoders", SPECS + "; min_p=0.2")
+    after = {p: p.stat().st_mtime_ns for p in (out / "generations").rglob("*.json")}
+    assert {p: after[p] for p in stamps} == stamps and len(after) > len(stamps)
     assert rerun["decoders"]["ancestral"]["entce"] == dec["ancestral"]["entce"]
+    assert rerun["decoders"]["min_p=0.2"]["check"]["tokens_outside_decoder"] == 0.0

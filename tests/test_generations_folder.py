@@ -48,9 +48,9 @@ def test_a_folder_reads_back_as_written(markov_run):
     # shards in any order and split across files read the same
     rows = [json.loads(x) for x in (folder / "generations.json").read_text().splitlines()]
     split = folder.parent / "split"
-    split.mkdir()
-    for k in range(3):
-        (split / f"part-{k}.json").write_text(
+    for k in range(3):  # subfolders too: one per generating call
+        (split / f"call-{k}").mkdir(parents=True)
+        (split / f"call-{k}" / "shard.json").write_text(
             "".join(json.dumps(r) + "\n" for r in rows[k::3][::-1])
         )
     again = read_generations(split, prompts, SPECS[::-1], samples=2, length=10)
@@ -80,6 +80,7 @@ def test_compare_from_generations_recovers_what_generate_recorded(markov_run, tm
         per_step = torch.stack([g.entropy for g in recorded[spec]]).mean(0)
         assert d["gen_entropy_per_step"] == pytest.approx(per_step.tolist(), abs=1e-4), spec
         assert d["check"]["max_abs_raw_logprob_diff_generate_vs_score"] < 1e-4
+        assert d["check"]["tokens_outside_decoder"] == 0.0
         assert d["human_log_loss"] == own["decoders"][canonical]["human_log_loss"]
 
 
@@ -124,3 +125,22 @@ def test_generation_rows_cover_every_spec_prompt_and_sample():
         (s, i, j) for s in "ab" for i in range(2) for j in range(2)
     }
     assert rows[2]["prompt_token_ids"] == [3]
+
+
+def test_checks_flag_rows_the_decoder_did_not_sample(markov_run, tmp_path):
+    """Ancestral tokens labelled as greedy (what an engine that skipped a row's decoder would
+    give) fall outside the greedy support, and rows without the engine's raw log-probs leave the
+    engine-vs-scorer check empty rather than perfect."""
+    model, tok, prompts, human, _, _, generations = markov_run
+    folder = tmp_path / "mislabelled"
+    write_generations(folder, prompts, {"top_k=1": {"tokens": generations["ancestral"]["tokens"]}},
+                      samples=2)  # fmt: skip
+    cfg = CompareConfig(
+        out=tmp_path / "out", model="markov-8", decoders="top_k=1", n=6, length=10,
+        prompt_tokens=4, samples=2, batch_size=4, progress=False, plots=False,
+        from_generations=str(folder),
+    )  # fmt: skip
+    res = run_compare(cfg, model=model, tokenizer=tok, pairs=(prompts, human))
+    check = res["decoders"]["top_k=1"]["check"]
+    assert check["max_abs_raw_logprob_diff_generate_vs_score"] is None
+    assert check["tokens_outside_decoder"] > 0.3

@@ -39,6 +39,12 @@ class TrainConfig:
     #: a gate calibrates when |EntCE| of each position bucket is at most this (nats/token)
     entce_tolerance: float = 0.1
     batch_size: int = 32
+    #: what generates the rollouts: "transformers" or "vllm" (``vllm.LLM``, token ids only; the
+    #: statistics come from the same teacher-forced pass either way). The gate's generations use
+    #: transformers: its decoders hold an in-memory predictor that a vLLM request cannot name.
+    engine: str = "transformers"
+    #: further ``vllm.LLM`` arguments for ``engine="vllm"`` (``dtype``, ``tensor_parallel_size``)
+    vllm_args: dict = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         for name in ("fit_docs", "gate_docs", "prompt_tokens", "length", "horizon"):
@@ -62,5 +68,9 @@ class TrainConfig:
             )
         if not 0 < self.gate_start <= 8:
             raise ValueError(f"gate_start must lie in (0, 8], got {self.gate_start}")
+        if self.engine not in ("transformers", "vllm"):
+            raise ValueError(f"engine must be transformers or vllm, got {self.engine!r}")
+        if self.vllm_args and self.engine != "vllm":
+            raise ValueError("vllm_args (--vllm-arg) need engine='vllm' (--engine vllm)")
         if not self.entce_tolerance > 0:
             raise ValueError(f"entce_tolerance must be > 0, got {self.entce_tolerance}")

@@ -191,7 +191,17 @@ def _pairs(cfg: TrainConfig, tokenizer):
     return [list(p.prompt_ids) for p in pairs], [list(p.continuation_ids) for p in pairs]
 
 
-def _rollouts(model, tokenizer, prompts, length, seed, batch_size, progress) -> Tensor:
+def _rollouts(model, tokenizer, prompts, length, seed, batch_size, progress, cfg) -> Tensor:
+    if cfg.engine == "vllm":
+        from entcal.decoding.vllm.engine import vllm_generate
+
+        if progress:
+            print(f"entcal train: rollouts of {len(prompts)} prompts with vLLM", flush=True)
+        gens = vllm_generate(
+            cfg.model, prompts, ["ancestral"], length=length, seed=seed,
+            vllm_args=cfg.vllm_args, progress=progress,
+        )  # fmt: skip
+        return gens["ancestral"]["tokens"]
     from entcal.generation import generate
 
     out = []
@@ -228,7 +238,7 @@ def _state_data(model, tokenizer, cfg: TrainConfig, prompts, human, folder: Path
         lambda: {
             "tokens": _rollouts(
                 model, tokenizer, prompts[:n], cfg.length + cfg.horizon, cfg.seed,
-                cfg.batch_size, progress,
+                cfg.batch_size, progress, cfg,
             )
         },
     )["tokens"]  # fmt: skip
@@ -333,6 +343,9 @@ def train_predictor(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_json = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    for key, default in (("engine", "transformers"), ("vllm_args", {})):
+        if cfg_json[key] == default:  # runs of the default engine keep their config.json
+            del cfg_json[key]
     cfg_path = out / "config.json"
     if cfg_path.exists() and json.loads(cfg_path.read_text()) != cfg_json:
         raise ValueError(

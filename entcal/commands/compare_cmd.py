@@ -63,8 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a vllm.LLM engine argument for --engine vllm, e.g. tensor_parallel_size=4 "
-        "(repeatable)",
+        help="a vllm.LLM engine argument for --engine vllm or ray, e.g. "
+        "tensor_parallel_size=4 (repeatable)",
     )
     parser.add_argument(
         "--ray-address",
@@ -89,8 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from entcal.decoding.vllm.engine import parse_vllm_args
     from entcal.eval.compare import QUICK, CompareConfig, parse_decoders
-    from entcal.eval.vllm_engine import parse_vllm_args
 
     decoders = args.decoders if args.decoders is not None else DEFAULT_DECODERS
     from entcal.calibrators.predictor_file import shipped_predictors

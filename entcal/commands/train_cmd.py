@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     add_corpus_argument(parser, "--corpus")
     for field in dataclasses.fields(TrainConfig):
-        if field.name in ("model", "corpus"):
+        if field.name in ("model", "corpus", "engine", "vllm_args"):
             continue
         flag = "--" + field.name.replace("_", "-")
         value = getattr(defaults, field.name)
@@ -51,6 +51,21 @@ def register(sub: argparse._SubParsersAction) -> None:
             )  # fmt: skip
         else:
             parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")
+    parser.add_argument(
+        "--engine",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="what generates the rollouts (default transformers; vllm: vllm.LLM, token ids "
+        "only, statistics from the same teacher-forced pass); the gate's generations use "
+        "transformers",
+    )
+    parser.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a vllm.LLM engine argument for --engine vllm (repeatable)",
+    )
     add_device_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
     parser.set_defaults(func=_run)
@@ -61,6 +76,11 @@ def _run(args: argparse.Namespace) -> int:
 
     values = {}
     for field in dataclasses.fields(TrainConfig):
+        if field.name == "vllm_args":
+            from entcal.decoding.vllm.engine import parse_vllm_args
+
+            values["vllm_args"] = parse_vllm_args(args.vllm_arg)
+            continue
         value = getattr(args, field.name)
         if field.name in _TUPLES:
             text = str(value).strip()

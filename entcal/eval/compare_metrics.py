@@ -98,7 +98,15 @@ def results_document(
         if hs.features is not None and gs.features is not None:
             div["mauve"] = diversity.mauve_score(hs.features.numpy(), gs.features.numpy())
         raw_ent, _ = calibration.weighted_mean(gen["raw_entropy"].double(), g_mask)
-        consistency = float((gen["raw_logprob"] - gs.raw.logprob).abs().max())
+        # None when the engine did not report the raw log-probs of its tokens (nothing to check)
+        consistency = (
+            float((gen["raw_logprob"] - gs.raw.logprob).abs().max())
+            if "raw_logprob" in gen
+            else None
+        )
+        # sampled tokens the decoder's own distribution excludes: 0 when the decoder was the one
+        # sampling (an engine that left a row unprocessed shows here)
+        outside = float((~torch.isfinite(gen["logprob"])).double().mean())
         entry = cal.to_dict()
         entry.update(
             {
@@ -107,7 +115,10 @@ def results_document(
                 "aep_raw": aep_raw.to_dict(per_text=False),
                 "detect": det,
                 "diversity": div,
-                "check": {"max_abs_raw_logprob_diff_generate_vs_score": consistency},
+                "check": {
+                    "max_abs_raw_logprob_diff_generate_vs_score": consistency,
+                    "tokens_outside_decoder": outside,
+                },
                 "sample": _decode(tokenizer, toks[0][:80]) if toks else "",
             }
         )

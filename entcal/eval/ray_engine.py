@@ -1,18 +1,19 @@
 """Generation on many machines: Ray Data with one vLLM engine per actor (``--engine ray``).
 
 The rows of a comparison (every decoder spec × prompt × sample) become a ``ray.data`` dataset;
-``map_batches`` sends them to actors that each hold one :class:`~entcal.eval.vllm_engine.
+``map_batches`` sends them to actors that each hold one :class:`~entcal.decoding.vllm.engine.
 VLLMGenerator` (a ``vllm.LLM`` with entcal's logits processor registered), and every row carries
 its own spec and its seed's coordinates, so a continuation does not depend on which actor or
 batch produced it. The results are written per shard (Ray's JSON-lines writer, one file per
 block) into a generations folder, and :func:`read_generations` reads such a folder back into
-what :func:`entcal.eval.vllm_engine.vllm_generate` returns; ``entcal compare --from-generations
+what :func:`entcal.decoding.vllm.engine.vllm_generate` returns; ``entcal compare --from-generations
 DIR`` scores and reports a folder produced elsewhere.
 
 Ray is an optional dependency (``pip install 'entcal[ray]'``); the workers need entcal and vLLM
 installed (Ray's ``runtime_env`` or the cluster's image). Without an address Ray starts locally.
 
-Row schema of a generations folder (``*.json`` files of JSON lines; other files are ignored):
+Row schema of a generations folder (``*.json`` files of JSON lines, in the folder or any
+subfolder; other files are ignored):
 ``spec`` (canonical decoder spec), ``prompt`` (index), ``sample`` (index), ``prompt_token_ids``,
 ``tokens`` (the continuation) and, when the engine returned it, ``raw_logprob`` (the raw model's
 log-prob of each sampled token, nats).
@@ -61,7 +62,7 @@ def ray_generate(
     actor_gpus: float | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Generate every (spec, prompt, sample) through Ray Data and vLLM, write the shards into
-    ``out_dir`` and return them as :func:`entcal.eval.vllm_engine.vllm_generate` does.
+    ``out_dir`` and return them as :func:`entcal.decoding.vllm.engine.vllm_generate` does.
 
     Args:
         model: an embedded name, a folder (visible to the workers) or a hub id.
@@ -70,8 +71,9 @@ def ray_generate(
             joins a local Ray.
         actors: vLLM engines (Ray actors) running at once.
         batch_size: rows per ``map_batches`` batch (one ``LLM.generate`` call).
-        actor_cpus, actor_gpus: resources each actor reserves (Ray's defaults when ``None``; a
-            GPU cluster sets ``actor_gpus=1``, or ``tensor_parallel_size`` of them).
+        actor_cpus, actor_gpus: resources each actor reserves (``actor_gpus=None``: the
+            engine's ``tensor_parallel_size`` when the cluster has GPUs, else none; CPUs: Ray's
+            default).
         length, samples, seed, dtype, vllm_args: as ``vllm_generate``.
 
     Raises:
@@ -84,13 +86,13 @@ def ray_generate(
         raise ValueError(
             f"--engine ray needs Ray Data ({exc}); pip install 'entcal[ray]'"
         ) from None
-    from entcal.eval.vllm_engine import VLLMGenerator, check_specs
+    from entcal.decoding.vllm.engine import VLLMGenerator, check_specs
 
     if actors < 1 or batch_size < 1:
         raise ValueError(f"actors and batch_size must be >= 1, got {actors} and {batch_size}")
     check_specs(specs)
     out_dir = Path(out_dir)
-    if out_dir.is_dir() and any(out_dir.glob("*.json")):
+    if out_dir.is_dir() and any(out_dir.rglob("*.json")):
         raise ValueError(f"{out_dir} already holds generations; use --from-generations to read")
     started = not ray.is_initialized()
     if started:
@@ -99,6 +101,9 @@ def ray_generate(
         resources: dict[str, Any] = {}
         if actor_cpus is not None:
             resources["num_cpus"] = actor_cpus
+        if actor_gpus is None and ray.cluster_resources().get("GPU", 0) > 0:
+            # an actor without a GPU would start vLLM's CPU settings on a GPU build
+            actor_gpus = (vllm_args or {}).get("tensor_parallel_size", 1)
         if actor_gpus is not None:
             resources["num_gpus"] = actor_gpus
         rows = generation_rows(prompts, specs, samples)
@@ -171,7 +176,7 @@ def _canonical(spec: str, where: str, memo: dict[str, str]) -> str:
 
 def _shards(folder: str | Path) -> list[Path]:
     folder = Path(folder)
-    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    files = sorted(folder.rglob("*.json")) if folder.is_dir() else []
     if not files:
         raise ValueError(f"no generations (*.json shards) in {folder}")
     return files
@@ -183,12 +188,13 @@ def specs_in(folder: str | Path) -> list[str]:
     Raises:
         ValueError: no shards, or a line that is not JSON with a ``spec`` (named).
     """
+    folder = Path(folder)
     specs: dict[str, None] = {}
     memo: dict[str, str] = {}
     for path in _shards(folder):
         for line_no, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
-                where = f"{path.name} line {line_no}"
+                where = f"{path.relative_to(folder)} line {line_no}"
                 try:
                     spec = str(json.loads(line)["spec"])
                 except (ValueError, KeyError, TypeError) as exc:
@@ -225,7 +231,7 @@ def read_generations(
         for line_no, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            where = f"{path.name} line {line_no}"
+            where = f"{path.relative_to(folder)} line {line_no}"
             try:
                 row = json.loads(line)
                 spec, i, j = str(row["spec"]), int(row["prompt"]), int(row["sample"])

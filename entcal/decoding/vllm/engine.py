@@ -1,10 +1,10 @@
-"""Generation through vLLM (``entcal compare --engine vllm``): token ids only.
+"""Offline generation through vLLM (compare's and train's vLLM engine): token ids only.
 
 vLLM's offline ``LLM`` samples every (prompt, sample) as one request. Each request carries the
 decoder spec in ``extra_args["entcal"]`` (applied by :class:`~entcal.decoding.vllm.processor.
 EntcalLogitsProcessor`, with vLLM's own temperature and truncation neutral) and its own seed,
-a function of ``(seed, prompt index, sample index)``, so a row's tokens do not depend on the
-batch. Every request produces exactly ``length`` tokens (``ignore_eos``), as the transformers
+a function of ``(seed, prompt index, sample index)``, so a row's random stream does not depend
+on the batch (its tokens may still, through the numerics of batched kernels). Every request produces exactly ``length`` tokens (``ignore_eos``), as the transformers
 engine does.
 
 vLLM returns log-probs of a few top tokens only, so the statistics of each step (log-prob,
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,9 +55,17 @@ def parse_vllm_args(items: Sequence[str]) -> dict[str, Any]:
         text = text.strip()
         lowered = {"true": "True", "false": "False", "none": "None"}.get(text.lower(), text)
         try:
-            out[key] = ast.literal_eval(lowered)
+            value = ast.literal_eval(lowered)
         except (ValueError, SyntaxError):
-            out[key] = text
+            value = text
+        try:  # recorded in results and cache keys
+            json.dumps(value)
+        except TypeError:
+            raise ValueError(
+                f"--vllm-arg {item!r}: the value must be a number, string, boolean, None, list "
+                f"or dict, got a {type(value).__name__}"
+            ) from None
+        out[key] = value
     return out
 
 
