@@ -8,9 +8,10 @@
 * :mod:`entcal.eval.typical`: the AEP / typical-set statistics;
 * :mod:`entcal.eval.detect`: zero-shot detectors, AUROC, TPR at a fixed FPR;
 * :mod:`entcal.eval.diversity`: distinct-n, self-BLEU, Zipf, repetition, MAUVE (optional);
-* :mod:`entcal.eval.compare` / :mod:`entcal.eval.compare_metrics` / :mod:`entcal.eval.report` /
-  :mod:`entcal.eval.results_cache`: ``entcal compare`` (the run, its results document, report and
-  resumable cache); :mod:`entcal.decoding.vllm.engine` generates for it through ``vllm.LLM``
+* :mod:`entcal.eval.compare` / :mod:`entcal.eval.compare_generation` /
+  :mod:`entcal.eval.compare_metrics` / :mod:`entcal.eval.report` /
+  :mod:`entcal.eval.results_cache`: ``entcal compare`` (the run, its generation step per engine,
+  its results document, report and resumable cache); :mod:`entcal.decoding.vllm.engine` generates for it through ``vllm.LLM``
   (``--engine vllm``) and :mod:`entcal.eval.ray_engine` through Ray Data with a vLLM engine per
   actor (``--engine ray``), writing and reading generations folders (``--from-generations``);
 * :mod:`entcal.eval.frontier`: ``entcal frontier``, the calibration–log-loss frontier.
@@ -31,6 +32,7 @@ from __future__ import annotations
 __all__ = [
     "calibration",
     "compare",
+    "compare_generation",
     "compare_metrics",
     "detect",
     "diversity",

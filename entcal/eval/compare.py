@@ -6,7 +6,8 @@ tokens. For every decoder:
 
 1. generate one continuation of ``length`` tokens per prompt with :func:`entcal.generate`
    (no EOS stop), which records the entropy / varentropy / log-prob of the sampling
-   distribution at every step;
+   distribution at every step, or with vLLM, Ray or from a folder
+   (:mod:`entcal.eval.compare_generation`; the statistics then come from step 2's pass);
 2. score the human continuations teacher-forced under the decoder's processed distribution,
    and score the generations under the raw model (ranks and varentropies for the detectors);
 3. compute entropy calibration (:mod:`entcal.eval.calibration`), the AEP / typical-set numbers
@@ -26,17 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from entcal import devices, models
 from entcal.decoding.base import Decoder
-from entcal.eval import compare_metrics, scoring, typical
+from entcal.eval import compare_generation, compare_metrics, scoring, typical
 from entcal.eval.defaults import DEFAULT_DECODERS
 from entcal.eval.results_cache import digest, load_cached, save_cached, to_json
 
@@ -151,9 +149,7 @@ def parse_decoders(specs: Sequence[str | Decoder] | str) -> dict[str, Decoder]:
 # --------------------------------------------------------------------------- the run
 
 
-def _log(msg: str, progress: bool) -> None:
-    if progress:
-        print(f"entcal compare: {msg}", file=sys.stderr, flush=True)
+_log = compare_generation.log
 
 
 def _model_identity(model, name: str) -> dict:
@@ -206,8 +202,6 @@ def run_compare(
     Returns:
         The results dict (as written to ``results.json``).
     """
-    from entcal import generate
-
     t_start = time.time()
     config.validate()
     decoders = parse_decoders(config.decoders)
@@ -293,28 +287,16 @@ def run_compare(
         base_key["engine"] = {"name": engine, "args": config.vllm_args}
     cache = out / "cache"
     t_generate = time.time()
-    if engine == "files":
-        from entcal.eval.ray_engine import read_generations
-
-        generations = read_generations(
-            config.from_generations, prompts, list(decoders),
-            samples=config.samples, length=config.length,
-        )  # fmt: skip
-    elif engine == "ray":
-        generations = _generate_all_ray(prompts, decoders, config, base_key, out / "generations")
-    elif engine == "vllm":
-        generations = _generate_all_vllm(prompts, decoders, config, base_key, cache)
-    else:
-        generations = _generate_all(
-            model, tokenizer, prompts, decoders, config, base_key, cache, generate
-        )
+    generations = compare_generation.generate_all(
+        engine, model, tokenizer, prompts, decoders, config, base_key, out
+    )
     t_score = time.time()
     scores = _score_all(
         model, observer, prompts, human, decoders, generations, config, base_key, cache
     )
     t_metrics = time.time()
     if by_scorer:
-        _statistics_from_scores(generations, scores)
+        compare_generation.statistics_from_scores(generations, scores)
     _log("computing metrics", config.progress)
     results = compare_metrics.results_document(
         config, corpus_name, ident, tokenizer, prompts, human, decoders, generations, scores
@@ -335,138 +317,6 @@ def run_compare(
     (out / "report.md").write_text(report.markdown(clean, plots))
     _log(f"wrote {out / 'results.json'} and {out / 'report.md'}", config.progress)
     return clean
-
-
-def _generate_all(model, tokenizer, prompts, decoders, config, base_key, cache, generate):
-    """``{spec: dict of [n, length] tensors}``, from the cache where possible."""
-    from tqdm.auto import tqdm
-
-    n = len(prompts)
-    bs = config.batch_size
-    batches = [(s, min(n, s + bs)) for s in range(0, n, bs)]
-    keys = ("logprob", "raw_logprob", "entropy", "raw_entropy", "varentropy", "raw_varentropy")
-    result = {}
-    bar = tqdm(
-        total=len(decoders) * n * config.samples,
-        unit="text",
-        desc="generating",
-        disable=not config.progress,
-    )
-    try:
-        for spec, dec in decoders.items():
-            parts = []
-            for s, e in batches:
-                # "sampler": generations drawn per sequence (batch-independent); older cache
-                # entries, drawn from one RNG per batch, are not reused.
-                key = digest(
-                    {**base_key, "decoder": spec, "rows": [s, e], "what": "gen", "sampler": 2}
-                )
-                path = cache / f"gen-{key}.pt"
-                data = load_cached(path)
-                if data is None:
-                    bar.set_postfix_str(spec)
-                    gens = generate(
-                        model, tokenizer, prompts[s:e], decoder=dec, n=config.samples,
-                        max_new_tokens=config.length, seed=config.seed,
-                    )  # fmt: skip
-                    data = {k: torch.stack([getattr(g, k) for g in gens]) for k in keys}
-                    data["tokens"] = torch.tensor([g.token_ids for g in gens], dtype=torch.long)
-                    save_cached(path, data)
-                parts.append(data)
-                bar.update((e - s) * config.samples)
-            result[spec] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    finally:
-        bar.close()
-    return result
-
-
-def _generate_all_vllm(prompts, decoders, config, base_key, cache):
-    """``{spec: {"tokens": [n·samples, length], "raw_logprob": ...}}`` from vLLM, one cache entry
-    per decoder."""
-    from entcal.decoding.vllm.engine import vllm_generate
-
-    result, missing, paths = {}, [], {}
-    for spec in decoders:
-        paths[spec] = cache / f"gen-{digest({**base_key, 'decoder': spec, 'what': 'gen-vllm'})}.pt"
-        data = load_cached(paths[spec])
-        if data is None:
-            missing.append(spec)
-        else:
-            result[spec] = data
-    if missing:
-        _log(f"generating with vLLM: {'; '.join(missing)}", config.progress)
-        sampled = vllm_generate(
-            config.model, prompts, missing, length=config.length, samples=config.samples,
-            seed=config.seed, dtype=config.dtype, vllm_args=config.vllm_args, progress=config.progress,
-        )  # fmt: skip
-        for spec in missing:
-            result[spec] = sampled[spec]
-            save_cached(paths[spec], result[spec])
-    return {spec: result[spec] for spec in decoders}
-
-
-def _generate_all_ray(prompts, decoders, config, base_key, folder: Path):
-    """Every decoder's generations through Ray Data (:mod:`entcal.eval.ray_engine`), as shards
-    in ``folder``: one subfolder per generating call, holding the decoders it generated.
-
-    ``folder/KEY`` records the settings the shards were made with. A rerun with the same
-    settings reads every complete subfolder and generates only the decoders still missing (an
-    interrupted call's incomplete subfolder is removed); other settings start the folder anew.
-    """
-    import shutil
-
-    from entcal.eval.ray_engine import ray_generate, read_generations
-
-    specs = list(decoders)
-    key_file, key = folder / "KEY", digest({**base_key, "what": "gen-ray"})
-    if folder.is_dir() and (not key_file.exists() or key_file.read_text().strip() != key):
-        if any(folder.rglob("*.json")):
-            print(
-                f"entcal compare: {folder} holds generations of other settings (or none "
-                "recorded): removing them and generating again",
-                file=sys.stderr,
-                flush=True,
-            )
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(key + "\n")  # before any shard: every shard below belongs to this key
-    result: dict[str, dict] = {}
-    for part in sorted(p for p in folder.iterdir() if p.is_dir()):
-        try:
-            got = read_generations(part, prompts, samples=config.samples, length=config.length)
-        except ValueError as exc:
-            _log(f"removing the incomplete {part.name} ({exc})", config.progress)
-            shutil.rmtree(part)
-            continue
-        result.update({spec: gen for spec, gen in got.items() if spec in decoders})
-    missing = [spec for spec in specs if spec not in result]
-    if missing:
-        _log(f"generating with Ray Data + vLLM: {'; '.join(missing)}", config.progress)
-        part = folder / f"part-{digest(missing)[:12]}"
-        if part.exists():
-            shutil.rmtree(part)
-        generated = ray_generate(
-            config.model, prompts, missing, part, length=config.length, samples=config.samples,
-            seed=config.seed, dtype=config.dtype, vllm_args=config.vllm_args,
-            address=config.ray_address, actors=config.ray_actors,
-            actor_gpus=config.ray_actor_gpus,
-        )  # fmt: skip
-        result.update(generated)
-    return {spec: result[spec] for spec in specs}
-
-
-def _statistics_from_scores(generations: dict, scores: dict) -> None:
-    """Fill each vLLM generation's per-step statistics from its teacher-forced scores: the
-    decoder's distribution along its own tokens, and the raw model's. The raw log-prob vLLM
-    returned, where it did, stays (the results' engine-vs-scorer check compares the two; without
-    it the check is ``None``)."""
-    for spec, gen in generations.items():
-        gs = scores[spec]
-        proc, raw = gs.processed[spec], gs.raw
-        gen.update(
-            logprob=proc.logprob, entropy=proc.entropy, varentropy=proc.varentropy,
-            raw_entropy=raw.entropy, raw_varentropy=raw.varentropy,
-        )  # fmt: skip
 
 
 def _score_all(model, observer, prompts, human, decoders, generations, config, base_key, cache):
