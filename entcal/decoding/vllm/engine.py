@@ -141,7 +141,9 @@ class VLLMGenerator:
         seed: the run's seed (each row's vLLM seed is :func:`request_seed` of it and the row).
         dtype: the engine's dtype (``float32`` by default, like entcal's scorer).
         vllm_args: further ``vllm.LLM`` arguments (``tensor_parallel_size``, ...), which override
-            entcal's (``max_model_len``, ``enforce_eager`` on CPU, ``seed``, ``logprobs_mode``).
+            entcal's (``max_model_len``, ``enforce_eager`` and ``max_num_batched_tokens`` on CPU,
+            ``gpu_memory_utilization`` on a GPU: 0.9 of the memory still free, ``seed``,
+            ``logprobs_mode``).
     """
 
     def __init__(
@@ -169,6 +171,11 @@ class VLLMGenerator:
         if not torch.cuda.is_available():
             args["enforce_eager"] = True  # no graph capture on CPU
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        else:
+            # vLLM claims a fraction of the whole GPU (0.9 by default); leave room for what this
+            # process already holds there (compare's scorer is loaded before the engine starts)
+            free, total = torch.cuda.mem_get_info()
+            args["gpu_memory_utilization"] = round(min(0.9, 0.9 * free / total), 3)
         args.update(vllm_args or {})
         if not torch.cuda.is_available() and "max_num_batched_tokens" not in (vllm_args or {}):
             # vLLM's CPU runner crashes when it drops the token sampled for a partly prefilled
@@ -233,6 +240,11 @@ class VLLMGenerator:
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown()
         del self.llm
+        if torch.cuda.is_available():  # the scoring that follows gets the engine's memory back
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
 def vllm_generate(
