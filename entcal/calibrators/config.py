@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["TrainConfig"]
+__all__ = ["ENGINES", "TrainConfig"]
+
+#: What can generate the training rollouts (the first is the default).
+ENGINES = ("transformers", "vllm")
 
 
 @dataclasses.dataclass
@@ -68,8 +71,8 @@ class TrainConfig:
             )
         if not 0 < self.gate_start <= 8:
             raise ValueError(f"gate_start must lie in (0, 8], got {self.gate_start}")
-        if self.engine not in ("transformers", "vllm"):
-            raise ValueError(f"engine must be transformers or vllm, got {self.engine!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.vllm_args and self.engine != "vllm":
             raise ValueError("vllm_args (--vllm-arg) need engine='vllm' (--engine vllm)")
         if not self.entce_tolerance > 0:

@@ -191,7 +191,8 @@ def _pairs(cfg: TrainConfig, tokenizer):
     return [list(p.prompt_ids) for p in pairs], [list(p.continuation_ids) for p in pairs]
 
 
-def _rollouts(model, tokenizer, prompts, length, seed, batch_size, progress, cfg) -> Tensor:
+def _rollouts(model, tokenizer, prompts, length, cfg: TrainConfig, progress) -> Tensor:
+    seed, batch_size = cfg.seed, cfg.batch_size
     if cfg.engine == "vllm":
         from entcal.decoding.vllm.engine import vllm_generate
 
@@ -237,8 +238,7 @@ def _state_data(model, tokenizer, cfg: TrainConfig, prompts, human, folder: Path
         folder / "rollouts.safetensors",
         lambda: {
             "tokens": _rollouts(
-                model, tokenizer, prompts[:n], cfg.length + cfg.horizon, cfg.seed,
-                cfg.batch_size, progress, cfg,
+                model, tokenizer, prompts[:n], cfg.length + cfg.horizon, cfg, progress
             )
         },
     )["tokens"]  # fmt: skip

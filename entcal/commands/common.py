@@ -58,6 +58,22 @@ def add_pairs_arguments(
         )
 
 
+def add_engine_arguments(
+    parser: argparse.ArgumentParser, engines: tuple[str, ...], engine_help: str
+) -> None:
+    """``--engine`` (one of ``engines``, the first the default) and ``--vllm-arg NAME=VALUE``
+    (repeatable; parsed by :func:`entcal.decoding.vllm.engine.parse_vllm_args`)."""
+    parser.add_argument("--engine", choices=engines, default=engines[0], help=engine_help)
+    parser.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a vllm.LLM engine argument for the vLLM-based engines, e.g. "
+        "tensor_parallel_size=4 (repeatable)",
+    )
+
+
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device``, ``--dtype`` and ``--device-map``: where the model runs (see
     :func:`entcal.devices.resolve_device`); statistics are float32 whatever the weights' dtype."""

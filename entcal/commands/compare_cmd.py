@@ -12,12 +12,13 @@ import sys
 from entcal.commands.common import (
     add_corpus_argument,
     add_device_arguments,
+    add_engine_arguments,
     add_model_argument,
     add_pairs_arguments,
     add_run_arguments,
     load_options,
 )
-from entcal.eval.defaults import DEFAULT_DECODERS
+from entcal.eval.defaults import DEFAULT_DECODERS, ENGINES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,21 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--quick", action="store_true", help="8 prompts of 64 tokens, 48-token continuations"
     )
     add_device_arguments(parser)
-    parser.add_argument(
-        "--engine",
-        choices=("transformers", "vllm", "ray"),
-        default="transformers",
-        help="what generates: transformers (default), vllm (one request per continuation; the "
+    add_engine_arguments(
+        parser,
+        ENGINES,
+        "what generates: transformers (default), vllm (one request per continuation; the "
         "statistics are recomputed by the teacher-forced scorer) or ray (Ray Data with a vLLM "
         "engine per actor, shards written to OUT/generations)",
-    )
-    parser.add_argument(
-        "--vllm-arg",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a vllm.LLM engine argument for --engine vllm or ray, e.g. "
-        "tensor_parallel_size=4 (repeatable)",
     )
     parser.add_argument(
         "--ray-address",

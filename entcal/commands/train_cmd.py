@@ -14,6 +14,7 @@ import json
 from entcal.commands.common import (
     add_corpus_argument,
     add_device_arguments,
+    add_engine_arguments,
     add_model_argument,
     load_options,
 )
@@ -22,7 +23,7 @@ _TUPLES = {"threshold_quantiles": float, "bucket_edges": int}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from entcal.calibrators.config import TrainConfig
+    from entcal.calibrators.config import ENGINES, TrainConfig
 
     defaults = TrainConfig()
     parser = sub.add_parser(
@@ -51,20 +52,12 @@ def register(sub: argparse._SubParsersAction) -> None:
             )  # fmt: skip
         else:
             parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")
-    parser.add_argument(
-        "--engine",
-        choices=("transformers", "vllm"),
-        default="transformers",
-        help="what generates the rollouts (default transformers; vllm: vllm.LLM, token ids "
+    add_engine_arguments(
+        parser,
+        ENGINES,
+        "what generates the rollouts (default transformers; vllm: vllm.LLM, token ids "
         "only, statistics from the same teacher-forced pass); the gate's generations use "
         "transformers",
-    )
-    parser.add_argument(
-        "--vllm-arg",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a vllm.LLM engine argument for --engine vllm (repeatable)",
     )
     add_device_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress messages")

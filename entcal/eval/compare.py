@@ -35,7 +35,7 @@ from typing import Any
 from entcal import devices, models
 from entcal.decoding.base import Decoder
 from entcal.eval import compare_generation, compare_metrics, scoring, typical
-from entcal.eval.defaults import DEFAULT_DECODERS
+from entcal.eval.defaults import DEFAULT_DECODERS, ENGINES
 from entcal.eval.results_cache import digest, load_cached, save_cached, to_json
 
 __all__ = [
@@ -47,9 +47,6 @@ __all__ = [
     "run_compare",
     "to_json",
 ]
-
-#: What can generate in a comparison.
-ENGINES = ("transformers", "vllm", "ray")
 
 #: Settings of ``--quick`` (the same decoders, fewer and shorter texts).
 QUICK = {"n": 8, "length": 48, "prompt_tokens": 64}
@@ -292,8 +289,9 @@ def run_compare(
     )
     t_score = time.time()
     scores = _score_all(
-        model, observer, prompts, human, decoders, generations, config, base_key, cache
-    )
+        model, observer, prompts, human, decoders, generations, config, base_key, cache,
+        replay=by_scorer,
+    )  # fmt: skip
     t_metrics = time.time()
     if by_scorer:
         compare_generation.statistics_from_scores(generations, scores)
@@ -319,7 +317,9 @@ def run_compare(
     return clean
 
 
-def _score_all(model, observer, prompts, human, decoders, generations, config, base_key, cache):
+def _score_all(
+    model, observer, prompts, human, decoders, generations, config, base_key, cache, replay
+):
     """Scores of the human text (raw + every decoder) and of every decoder's generations (raw),
     per prompt batch, from the cache where possible.
 
@@ -350,13 +350,12 @@ def _score_all(model, observer, prompts, human, decoders, generations, config, b
             if data["human"] is None or missing:
                 requests = [scoring.ScoreRequest(human[s:e], {d: decoders[d] for d in missing})]
                 # sample j of every prompt of the batch is one request (one continuation each)
-                # vLLM gave tokens only: the sampled distribution's statistics come from this
-                # pass too (the decoder replayed along its own tokens)
-                own = "engine" in base_key
+                # replay: the engine gave tokens only, so the sampled distribution's statistics
+                # come from this pass too (the decoder replayed along its own tokens)
                 requests += [
                     scoring.ScoreRequest(
                         generations[d]["tokens"][s * k + j : e * k : k].tolist(),
-                        {d: decoders[d]} if own else {},
+                        {d: decoders[d]} if replay else {},
                     )
                     for d in missing
                     for j in range(k)

@@ -132,12 +132,11 @@ def _generate_ray(prompts, decoders, config, base_key, folder: Path):
     specs = list(decoders)
     key_file, key = folder / "KEY", digest({**base_key, "what": "gen-ray"})
     if folder.is_dir() and (not key_file.exists() or key_file.read_text().strip() != key):
-        if any(folder.rglob("*.json")):
-            print(
-                f"entcal compare: {folder} holds generations of other settings (or none "
-                "recorded): removing them and generating again",
-                file=sys.stderr,
-                flush=True,
+        if any(folder.rglob("*.json")):  # said whatever the progress setting
+            log(
+                f"{folder} holds generations of other settings (or none recorded): removing "
+                "them and generating again",
+                True,
             )
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)

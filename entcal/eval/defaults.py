@@ -1,8 +1,11 @@
-"""Defaults of ``entcal compare``, free of torch so that the CLI can show them instantly."""
+"""Defaults and choices of ``entcal compare``, free of torch so that the CLI can show them instantly."""
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_DECODERS"]
+__all__ = ["DEFAULT_DECODERS", "ENGINES"]
+
+#: What can generate in a comparison (the first is the default).
+ENGINES = ("transformers", "vllm", "ray")
 
 #: The decoders ``entcal compare`` (and ``make run``) compares unless told otherwise: the
 #: untruncated baseline, a temperature, the usual truncations and the calibrated decoder (the

@@ -4,8 +4,8 @@ vLLM's offline ``LLM`` samples every (prompt, sample) as one request. Each reque
 decoder spec in ``extra_args["entcal"]`` (applied by :class:`~entcal.decoding.vllm.processor.
 EntcalLogitsProcessor`, with vLLM's own temperature and truncation neutral) and its own seed,
 a function of ``(seed, prompt index, sample index)``, so a row's random stream does not depend
-on the batch (its tokens may still, through the numerics of batched kernels). Every request produces exactly ``length`` tokens (``ignore_eos``), as the transformers
-engine does.
+on the batch (its tokens may still, through the numerics of batched kernels). Every request
+produces exactly ``length`` tokens (``ignore_eos``), as the transformers engine does.
 
 vLLM returns log-probs of a few top tokens only, so the statistics of each step (log-prob,
 entropy and varentropy of the sampled distribution and of the raw one) are recomputed by
@@ -168,7 +168,8 @@ class VLLMGenerator:
             "logits_processors": [EntcalLogitsProcessor],
             "logprobs_mode": "raw_logprobs",
         }
-        if not torch.cuda.is_available():
+        cuda = torch.cuda.is_available()
+        if not cuda:
             args["enforce_eager"] = True  # no graph capture on CPU
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         else:
@@ -177,7 +178,7 @@ class VLLMGenerator:
             free, total = torch.cuda.mem_get_info()
             args["gpu_memory_utilization"] = round(min(0.9, 0.9 * free / total), 3)
         args.update(vllm_args or {})
-        if not torch.cuda.is_available() and "max_num_batched_tokens" not in (vllm_args or {}):
+        if not cuda and "max_num_batched_tokens" not in (vllm_args or {}):
             # vLLM's CPU runner crashes when it drops the token sampled for a partly prefilled
             # seeded request ("CPU Generator does not use offset": the rewind of the request's
             # generator works on CUDA generators only), so on CPU no prefill is ever split: the
@@ -219,17 +220,16 @@ class VLLMGenerator:
         return tokens, logprobs
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:
-        prompt_ids = [[int(t) for t in p] for p in batch["prompt_token_ids"]]
-        tokens, logprobs = self.generate(
-            prompt_ids, [str(s) for s in batch["spec"]], batch["prompt"], batch["sample"]
-        )
         out: dict[str, list] = {
             "spec": [str(s) for s in batch["spec"]],
             "prompt": [int(i) for i in batch["prompt"]],
             "sample": [int(j) for j in batch["sample"]],
-            "prompt_token_ids": prompt_ids,
-            "tokens": tokens,
+            "prompt_token_ids": [[int(t) for t in p] for p in batch["prompt_token_ids"]],
         }
+        tokens, logprobs = self.generate(
+            out["prompt_token_ids"], out["spec"], out["prompt"], out["sample"]
+        )
+        out["tokens"] = tokens
         if logprobs is not None:
             out["raw_logprob"] = logprobs
         return out
