@@ -62,3 +62,13 @@ def test_ray_engine_generates_scores_and_rereads(tmp_path):
     assert {p: after[p] for p in stamps} == stamps and len(after) > len(stamps)
     assert rerun["decoders"]["ancestral"]["entce"] == dec["ancestral"]["entce"]
     assert rerun["decoders"]["min_p=0.2"]["check"]["tokens_outside_decoder"] == 0.0
+
+
+def test_a_bad_ray_address_is_named(tmp_path, capsys):
+    from entcal.cli import main
+
+    argv = ["compare", "--n", "1", "--length", "4", "--prompt-tokens", "8", "--split", "test"]
+    argv += ["--engine", "ray", "--ray-address", "nohost:notaport", "--decoders", "ancestral"]
+    assert main([*argv, "--no-progress", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Ray address 'nohost:notaport'" in err and "notaport" in err

@@ -77,8 +77,8 @@ def ray_generate(
         length, samples, seed, dtype, vllm_args: as ``vllm_generate``.
 
     Raises:
-        ValueError: Ray or vLLM not installed, a spec vLLM rejects, or ``out_dir`` already holds
-            generations.
+        ValueError: Ray or vLLM not installed, a spec vLLM rejects, an address Ray cannot parse
+            or join, or ``out_dir`` already holds generations.
     """
     try:
         import ray
@@ -96,7 +96,10 @@ def ray_generate(
         raise ValueError(f"{out_dir} already holds generations; use --from-generations to read")
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"Ray address {address!r}: cannot start or join Ray ({exc})") from None
     try:
         resources: dict[str, Any] = {}
         if actor_cpus is not None:
