@@ -24,6 +24,7 @@ from transformers.generation.logits_process import (
 )
 
 from entcal.decoding import ops, parse
+from entcal.decoding.ops import nucleus
 from entcal.decoding.ops.nucleus import _typical_scores
 from entcal.decoding.reference import reference_warpers
 
@@ -189,6 +190,56 @@ def test_top_p_decided_on_shallow_blocks_all_blocks_and_exact_paths():
         assert torch.equal(ops.top_p_mask(x, top_p, depth=0.5), ref)  # mostly every block
         assert torch.equal(ops.top_p_mask(x, top_p, depth=math.inf), ref)  # every block
         assert torch.equal(ops.top_p_mask(x, top_p, depth=0), ref)  # exact path only
+
+
+@pytest.mark.parametrize("vocab,n", [(49152, 32), (262144, 8)])
+def test_top_p_flat_rows_sampled_bracket(vocab, n):
+    """Flat rows (mean entropy ~6 to ~11 nats) take the sampled bracket, which decides most of
+    them itself (the rest: too close to call, transformers' arithmetic); the kept sets equal
+    transformers' (tie rule) at every top_p, with masked tokens and an all -inf row mixed in."""
+    g = torch.Generator().manual_seed(vocab)
+    decided = total = 0
+    for scale in (0.3, 1.0, 1.8):
+        x = torch.randn(n, vocab, generator=g) * scale
+        x[1, torch.rand(vocab, generator=g) < 0.3] = NEG  # a row after another truncation
+        assert bool(nucleus._flat_rows(x, x.amax(-1), nucleus.TOP_P_DEPTH).all())
+        for top_p in (0.5, 0.9, 0.95, 0.99):
+            ref = removed(TopPLogitsWarper(top_p), x)
+            assert_same_or_tied(ref, ops.top_p_mask(x, top_p), x)
+            target = torch.full((n,), top_p, dtype=torch.float64)
+            tol = nucleus.EXACT_TOL + nucleus.NORM_ERR
+            _, ok, missed = nucleus._bracket_boundary(x, torch.softmax(x, -1), target, tol)
+            assert not bool(missed.any())
+            decided += int(ok.sum())
+            total += n
+        x[2] = NEG
+        assert ops.top_p_mask(x, 0.9)[2].sum() == 0  # nothing removed from a dead row
+        assert_same_or_tied(
+            removed(TopPLogitsWarper(0.9), x[:2]), ops.top_p_mask(x, 0.9)[:2], x[:2]
+        )
+    assert decided >= 0.6 * total
+
+
+def test_top_p_bracket_misses_and_mixed_rows_are_redone():
+    """A bracket that misses the boundary (forced here by a negative width) hands its rows to
+    the block histogram, and a batch mixing flat and peaked rows routes each row its own way:
+    the kept sets are transformers' either way."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.cat([torch.randn(3, 49152, generator=g), make_batch(g, 3, 49152, "peaked")])
+    flat = nucleus._flat_rows(x, x.amax(-1), nucleus.TOP_P_DEPTH)
+    assert flat.tolist() == [True, True, True, False, False, False]
+    target = torch.full((3,), 0.9, dtype=torch.float64)
+    for top_p in (0.6, 0.9, 0.97):
+        ref = removed(TopPLogitsWarper(top_p), x)
+        assert_same_or_tied(ref, ops.top_p_mask(x, top_p), x)
+        old = nucleus.BRACKET_SE
+        try:
+            nucleus.BRACKET_SE = -50.0
+            _, _, missed = nucleus._bracket_boundary(x[:3], torch.softmax(x[:3], -1), target, 0.0)
+            assert bool(missed.all())
+            assert_same_or_tied(ref, ops.top_p_mask(x, top_p), x)
+        finally:
+            nucleus.BRACKET_SE = old
 
 
 def test_typical_default_matches_or_differs_only_by_reference_rounding():

@@ -6,24 +6,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from entcal.decoding.ops.common import BLOCK, NEG_INF, blocks, kth_largest, rows
+from entcal.decoding.ops.common import BLOCK, F32_MAX, NEG_INF, blocks, kth_largest, rows
 
-#: Relative margin by which a top-p decision on the histogram must clear the threshold:
-#: a row is decided there only if ``|mass above the token - top_p| > EXACT_TOL * c`` at the
-#: boundary, with ``c`` the ascending cumulative mass transformers computes for that token;
-#: closer rows are recomputed with transformers' arithmetic. transformers' float32 ``c`` is
-#: within ``6.7e-7 * c`` (+ one float32 rounding of c) of the exact value (measured on flat,
-#: peaked and Zipf rows at vocab 49152 and 262144), so 5e-6 is a >5x margin.
-EXACT_TOL = 5e-6
+#: Relative margin by which a top-p decision without the full sort must clear the threshold:
+#: a row is decided that way only if ``|mass above the token - top_p| > EXACT_TOL * c`` at the
+#: boundary (plus ``NORM_ERR``, entcal's own error), with ``c`` the ascending cumulative mass
+#: transformers computes for that token; closer rows are recomputed with transformers'
+#: arithmetic. transformers' float32 ``c`` is within ``6.7e-7 * c`` of the exact value
+#: (measured on flat, peaked, Zipf, heavy-tailed and Gaussian rows of mean entropy 1 to 10
+#: nats at vocab 49152 and 262144), so 1.5e-6 is a 2.2x margin; with ``NORM_ERR`` the margin
+#: is 4.5x the largest difference measured directly between entcal's tail share and
+#: transformers' ``c`` (4.9e-7 * c, 6600 boundary positions of 552 such rows, ties excluded).
+EXACT_TOL = 1.5e-6
 
 #: Bound on the relative error of entcal's own top-p tail masses ``tail / Σp`` (the mass ranked
-#: after a token, summed directly, so the error is relative to the tail, not to 1): the float32
-#: rounding of the softmax division (<= 1 ulp on a ratio; ``exp(l - max)`` is the same float32
-#: value in both) and, for tokens outside the gathered blocks, float32 sums of 32 tokens (<= 31
-#: ulp each, the sequential bound) entering both the tail and ``Σp``: 2 * 31 + 1 ulp < 4e-6.
+#: after a token, summed directly, so the error is relative to the tail, not to 1). The float32
+#: ``exp(l - max)`` is the same value as transformers'; what differs is the rounding of the
+#: softmax division (<= 1 ulp) and the float32 sums of ``BLOCK`` = 32 tokens (torch reduces 32
+#: contiguous floats as a tree of depth 5 on CPU: <= 5 ulp each, measured <= 4.8) entering both
+#: the tail and ``Σp``; everything beyond a block is summed in float64: 2 * 5 + 1 ulp < 7e-7.
 #: A top-p row is decided without the full sort only if it clears ``top_p`` by
 #: ``(EXACT_TOL + NORM_ERR) * tail``.
-NORM_ERR = 4e-6
+NORM_ERR = 7e-7
 
 # --------------------------------------------------------------------------------------------
 # top-p and typical: block prefilter, mass histogram of the candidates, exact full sort
@@ -48,8 +52,11 @@ NORM_ERR = 4e-6
 #    the numerical margin of the target (top-p: EXACT_TOL, NORM_ERR), or whose crossing bucket
 #    is crowded (> MAX_BUCKET tokens), get the exact full sort.
 # When most blocks are candidates (flat rows: high entropy), gathering them token by token costs
-# more than the whole row; the histogram is then built by dense passes over every token (bucket
-# index, float64 mass, one scatter-add) and only the crossing bucket's tokens are gathered.
+# more than the whole row. top-p then brackets the boundary from a strided sample instead
+# (:func:`_bracket_boundary`: a sort of 8192 sampled tokens, one exact mass pass anchoring the
+# estimate, the bracket's few thousand tokens gathered), O(V) whatever the entropy; typical (and
+# a top-p row the bracket misses) builds the histogram by dense passes over every token (bucket
+# index, float64 mass, one scatter-add) and gathers only the crossing bucket's tokens.
 
 #: Histogram buckets per nat of key distance from the row's best token.
 BUCKETS_PER_NAT = 64
@@ -250,6 +257,178 @@ def _decide(
     return thr, ok
 
 
+#: Tokens in the strided sample that locates a flat row's top-p boundary (fastest of 2048, 4096,
+#: 8192 at vocab 49152 and 262144: the bracket widens as 1 / sqrt(SAMPLE), the sample sort less).
+SAMPLE = 2048
+
+#: Half-width of the sampled bracket around the boundary, in standard errors of the sample's
+#: estimate of the cumulative mass (a row whose boundary falls outside it is found to be so,
+#: exactly, and redone on the histogram path: about 1 row in 10^8 at 6 standard errors).
+BRACKET_SE = 6.0
+
+#: Equal-width key buckets over a bracket's tokens; the crossing bucket's few tokens are sorted.
+BRACKET_BUCKETS = 1024
+
+
+def _flat_rows(key: Tensor, best: Tensor, depth: float) -> Tensor:
+    """``[r]`` bool: rows with more than half their blocks within ``depth`` of ``best`` (their
+    boundary lies among tens of thousands of tokens: the sampled bracket finds it for less than
+    the histogram of every candidate)."""
+    near = (best.view(-1, 1) - blocks(key, NEG_INF).amax(-1)) <= min(depth, MAX_DEPTH)
+    return 2 * near.sum(-1) > near.shape[-1]
+
+
+def _bracket_boundary(
+    key: Tensor, weight: Tensor, target: Tensor, tol: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-p boundary of flat rows in O(V): a strided sample of ``SAMPLE`` tokens, sorted,
+    estimates the key where the cumulative mass crosses ``target``; a bracket of ``BRACKET_SE``
+    standard errors around it is checked exactly on the whole row, and only its tokens are
+    bucketed (``BRACKET_BUCKETS`` equal-width key buckets) and the crossing bucket sorted.
+
+    ``key`` ``[r, V]`` logits, ``weight`` their float32 softmax. As in :func:`_block_boundary`
+    the cumulative mass of a token is ``1 - tail / Σp`` with the tail summed directly (float32
+    sums of ``BLOCK`` tokens, float64 across blocks and within the bracket). Returns
+    ``(threshold, ok, missed)``: ``missed`` rows' boundary lies outside the bracket (or the
+    sample is too concentrated to bracket it), the other rows with ``ok`` False are too close
+    to call (``tol``).
+    """
+    r, v = key.shape
+    dev = key.device
+    f64 = torch.float64
+    t = target.view(-1, 1)
+    # 1. the sample: every stride-th token, sorted (descending); its cumulative mass
+    stride = max(1, v // SAMPLE)
+    vals, order = key[:, ::stride].sort(dim=-1, descending=True)
+    ws = weight[:, ::stride].gather(-1, order).double()
+    n = vals.shape[-1]
+    cw = ws.cumsum(-1)
+    cw2 = (ws * ws).cumsum(-1)
+    w_all = cw[:, -1:].clamp(min=1e-300)
+    # 2. anchor the sample at its estimated crossing j: the exact share E of the tokens at or
+    # above key j (block sums of the float32 softmax, float64 across: the only full-row mass
+    # pass), then ratio estimates within each stratum (above j, below j), so that the heavy
+    # tokens' sampling noise (a few tokens can hold a tenth of the mass) cancels
+    j = (cw / w_all < t).sum(-1, keepdim=True).clamp(max=n - 1)
+    anchor = vals.gather(-1, j)
+    total = blocks(weight, 0.0).sum(-1).double().sum(-1, keepdim=True).clamp(min=1e-300)
+    scratch = torch.where(key < anchor, weight, torch.zeros((), dtype=weight.dtype))
+    tail_anchor = blocks(scratch, 0.0).sum(-1).double().sum(-1, keepdim=True)
+    del scratch
+    e = 1.0 - tail_anchor / total
+    cj, c2j = cw.gather(-1, j), cw2.gather(-1, j)
+    lower = torch.arange(n, device=dev).view(1, -1) > j
+    # share of the stratum's sampled mass between position k and j, and its standard error
+    m_low = (w_all - cj).clamp(min=1e-300)
+    f_low = (cw - cj) / m_low
+    v_low = ((cw2 - c2j) * (1 - f_low) ** 2 + (cw2[:, -1:] - cw2) * f_low**2) / m_low**2
+    m_up = cj.clamp(min=1e-300)
+    f_up = (cj - cw) / m_up
+    v_up = ((c2j - cw2) * (1 - f_up) ** 2 + cw2 * f_up**2) / m_up**2
+    est = torch.where(lower, e + f_low * (1.0 - e), e - f_up * e)
+    spread = torch.where(lower, v_low.clamp(min=0).sqrt() * (1.0 - e), v_up.clamp(min=0).sqrt() * e)
+    half = BRACKET_SE * spread + ws / w_all  # plus one sampled token's share (the step)
+    j_hi = (est + half < t).sum(-1, keepdim=True)  # sample tokens surely above the boundary
+    j_lo = (est - half < t).sum(-1, keepdim=True)  # ... and the first one surely below it
+    hi = torch.where(j_hi > 0, vals.gather(-1, (j_hi - 1).clamp(min=0)), float("inf"))
+    # (below the lowest float32: -inf tokens count as below the bracket, with their mass of 0)
+    lo = torch.where(j_lo < n, vals.gather(-1, j_lo.clamp(max=n - 1)), -F32_MAX)
+    # the anchor is the bracket's end on the side its exact share puts it (so the tail below
+    # the bracket follows from the anchor's)
+    lo = torch.where(e >= t, anchor, lo)
+    hi = torch.where(e < t, anchor, hi)
+    # 3. the bracket's tokens; the tail below it is the anchor's minus theirs below the anchor
+    inb = key >= lo
+    inb &= key <= hi
+    rows_b, cols_b = inb.nonzero(as_tuple=True)
+    del inb
+    k_b = key[rows_b, cols_b]
+    w_b = weight[rows_b, cols_b].double()
+    under = torch.zeros(r, dtype=f64, device=dev).index_add_(
+        0, rows_b, torch.where(k_b < anchor.flatten().index_select(0, rows_b), w_b, 0.0)
+    )
+    tail = tail_anchor.flatten() - under
+    total = total.flatten()
+    # 4. equal-width buckets over the bracket's keys (bucket 0 holds the highest)
+    top = torch.full((r,), NEG_INF, device=dev).scatter_reduce(0, rows_b, k_b, "amax")
+    bot = torch.full((r,), float("inf"), device=dev).scatter_reduce(0, rows_b, k_b, "amin")
+    width = (top - bot).clamp(min=1e-30)
+    frac = (top.index_select(0, rows_b) - k_b) / width.index_select(0, rows_b)
+    bucket = (frac * BRACKET_BUCKETS).long().clamp_(0, BRACKET_BUCKETS - 1)
+    nbk = BRACKET_BUCKETS
+    mass = torch.zeros(r * nbk, dtype=f64, device=dev)
+    mass.scatter_add_(0, rows_b * nbk + bucket, w_b)
+    cum_b = mass.view(r, nbk).cumsum(-1)  # bracket mass down to each bucket, inclusive
+    in_bracket = cum_b[:, -1:]
+    denom = total.clamp(min=1e-300).view(-1, 1)
+
+    def cum_share(c: Tensor) -> Tensor:  # 1 - (mass ranked after) / Σp
+        return 1.0 - (tail.view(-1, 1) + in_bracket - c) / denom
+
+    bstar = (cum_share(cum_b) < t).sum(-1)
+    reached = bstar < nbk
+    bstar = bstar.clamp(max=nbk - 1)
+    c_before = torch.where(
+        bstar.view(-1, 1) > 0,
+        cum_b.gather(-1, (bstar - 1).clamp(min=0).view(-1, 1)),
+        torch.zeros((), dtype=f64, device=dev),
+    )
+    before_bracket = cum_share(torch.zeros_like(c_before)).flatten()
+    missed = ~reached | (before_bracket >= target)
+    # 5. the crossing bucket's tokens, sorted
+    (sel,) = (bucket == bstar.index_select(0, rows_b)).nonzero(as_tuple=True)
+    rows_c, k_c, w_c = rows_b[sel], k_b[sel], w_b[sel]
+    count = torch.bincount(rows_c, minlength=r)
+    kc = max(1, int(count.max())) if rows_c.numel() else 1
+    pos = torch.arange(rows_c.numel(), device=dev) - (count.cumsum(0) - count).index_select(
+        0, rows_c
+    )
+    pad_key = torch.full((r, kc), NEG_INF, dtype=key.dtype, device=dev)
+    pad_key[rows_c, pos] = k_c
+    pad_w = torch.zeros((r, kc), dtype=f64, device=dev)
+    pad_w[rows_c, pos] = w_c
+    sorted_k, order_c = pad_key.sort(dim=-1, descending=True)
+    cum_in = cum_share(c_before + pad_w.gather(-1, order_c).cumsum(-1))
+    i, inside, safe = _crossing(cum_in, target, cum_share(c_before).flatten(), tol)
+    ok = ~missed & inside & (i < count)
+    if tol > 0:
+        ok &= safe
+    thr = sorted_k.gather(-1, i.clamp(max=kc - 1).view(-1, 1)).flatten()
+    return thr, ok, missed
+
+
+def _top_p_boundary(
+    x: Tensor, p: Tensor, row_max: Tensor, target: Tensor, depth: float, tol: float
+) -> tuple[Tensor, Tensor]:
+    """Top-p boundary logit per row and whether it was decided: flat rows by the sampled
+    bracket, the others (and flat rows it missed) by the block histogram."""
+    flat = _flat_rows(x, row_max, depth)
+    if not bool(flat.any()):
+        return _decide(x, p, row_max, target, True, depth, True, tol)
+    sub = flat.nonzero().flatten()
+    whole = sub.numel() == x.shape[0]
+    xs, ps = (x, p) if whole else (x.index_select(0, sub), p.index_select(0, sub))
+    thr_f, ok_f, missed = _bracket_boundary(xs, ps, target.index_select(0, sub), tol)
+    if whole:
+        thr, ok = thr_f, ok_f
+    else:
+        thr = torch.full_like(row_max, NEG_INF)
+        ok = torch.zeros_like(flat)
+        thr.index_copy_(0, sub, thr_f)
+        ok.index_copy_(0, sub, ok_f)
+    redo = ~flat
+    redo.index_copy_(0, sub, missed)
+    if bool(redo.any()):
+        r = redo.nonzero().flatten()
+        thr_r, ok_r = _decide(
+            x.index_select(0, r), p.index_select(0, r), row_max.index_select(0, r),
+            target.index_select(0, r), True, depth, True, tol,
+        )  # fmt: skip
+        thr.index_copy_(0, r, thr_r)
+        ok.index_copy_(0, r, ok_r)
+    return thr, ok
+
+
 def _top_p_exact(x: Tensor, top_p: Tensor) -> tuple[Tensor, Tensor]:
     """transformers' TopP arithmetic on rows ``x``: ``(number of tokens it keeps, the smallest
     kept logit)`` per row (no min_keep)."""
@@ -308,7 +487,7 @@ def top_p_mask(
     target = tp.index_select(0, todo)
     if depth > 0:
         tol = EXACT_TOL + NORM_ERR if exact else 0.0
-        thr, ok = _decide(x, torch.softmax(x, dim=-1), m, target, True, depth, True, tol)
+        thr, ok = _top_p_boundary(x, torch.softmax(x, dim=-1), m, target, depth, tol)
         thr = torch.where(ok, thr, NEG_INF)
         pending = ~ok
     else:
