@@ -114,10 +114,12 @@ def eta_mask(logits: Tensor, eta: float | Tensor, min_keep: int | Tensor = 1) ->
     e = rows(eta, n, logits.device, logits.dtype).view(-1, 1)
     probs = logits.softmax(dim=-1)
     # Categorical(logits=x): normalized logits, softmax of those, clamp at finfo.min, -(l*p).sum.
+    # (in place where transformers makes new tensors: the same values, and a full-size fresh
+    # tensor costs more than the arithmetic on a CPU)
     norm = logits - logits.logsumexp(dim=-1, keepdim=True)
     cprobs = torch.softmax(norm, dim=-1)
-    norm = norm.clamp(min=torch.finfo(norm.dtype).min)
-    ent = -(norm * cprobs).sum(-1, keepdim=True)
+    ent = -norm.clamp_(min=torch.finfo(norm.dtype).min).mul_(cprobs).sum(-1, keepdim=True)
+    del norm, cprobs
     thr = torch.minimum(e, torch.sqrt(e) * torch.exp(-ent))
     remove = probs < thr
     if isinstance(min_keep, int) and min_keep == 1:
