@@ -16,6 +16,7 @@ pipeline, ``"min_p=0.05 | top_p=0.9"`` (see :mod:`entcal.decoding.pipeline`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -171,12 +172,18 @@ class ChainDecoder(Decoder):
     def __repr__(self) -> str:
         return f"ChainDecoder({self.spec!r})"
 
+    @functools.cached_property
+    def _params(self) -> dict[str, Any]:
+        """The parameters away from their neutral values (chain_apply's default for the rest)."""
+        return {n: getattr(self, n) for n, (neutral, _) in CHAIN_KEYS.items()
+                if getattr(self, n) != neutral}  # fmt: skip
+
     def _process_checked(self, logits: Tensor, input_ids: Tensor | None, row_max: Tensor) -> Tensor:
         # The temperature stage's overflow check needs the row maxima the validation found.
-        return chain_apply(logits, {n: getattr(self, n) for n in CHAIN_KEYS}, row_max=row_max)
+        return chain_apply(logits, self._params, row_max=row_max)
 
     def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
-        return chain_apply(logits, {n: getattr(self, n) for n in CHAIN_KEYS})
+        return chain_apply(logits, self._params)
 
     @classmethod
     def _apply_group(
@@ -230,7 +237,9 @@ def chain_apply(logits: Tensor, params: Mapping[str, Any], row_max: Tensor | Non
         ("eta", lambda z, v: _only_active(ops.eta_mask(z, v, mk), v, 0.0)),
     )
     for name, fn in stages:
-        v = params.get(name, CHAIN_KEYS[name][0])
+        if name not in params:
+            continue
+        v = params[name]
         if _neutral(v, CHAIN_KEYS[name][0]):
             continue
         if owned:

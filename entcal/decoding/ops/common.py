@@ -48,9 +48,8 @@ def keep_dead_rows(out: Tensor, row_max: Tensor) -> Tensor:
     """Rows whose input was all ``-inf`` (``row_max`` ``-inf``) come back all ``-inf``, whatever
     a decoder computed for them (a softmax over such a row is NaN): the contract every decoder
     keeps, enforced by :meth:`Decoder.__call__` and :func:`entcal.decoding.apply_rows`."""
-    dead = row_max == float("-inf")
-    if bool(dead.any()):
-        out = out.masked_fill(dead.to(out.device)[:, None], float("-inf"))
+    if row_max.numel() and float(row_max.amin()) == float("-inf"):
+        out = out.masked_fill((row_max == float("-inf")).to(out.device)[:, None], float("-inf"))
     return out
 
 
@@ -60,6 +59,10 @@ def check_logits(logits: Tensor) -> Tensor:
     Raises ``ValueError`` naming the rows that contain NaN or ``+inf`` (a softmax over them is
     undefined). Rows that are entirely ``-inf`` are allowed (every op leaves them unchanged).
     """
+    if logits.dim() == 2 and logits.is_floating_point():
+        mx = logits.amax(dim=-1)
+        if bool(torch.isfinite(mx).all()):  # the common case, in one synchronization
+            return mx
     mx, bad = faulty_rows(logits)
     if bool(bad.any()):
         idx = bad.nonzero().flatten().tolist()

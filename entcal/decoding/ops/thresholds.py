@@ -35,8 +35,9 @@ def temperature(logits: Tensor, t: float | Tensor, row_max: Tensor | None = None
             return logits / min(t, amax)
         # Overflow check before the division (a few scalar ops on the row maxima: fewer
         # temporaries around the one full-size result)
-        top_abs = (logits.amax(-1) if row_max is None else row_max).nan_to_num(neginf=0.0).abs()
-        if t >= torch.finfo(acc).tiny and float(top_abs.max()) / t <= out_max:
+        # (an all -inf row makes this inf: the general path below handles it)
+        top_abs = float((logits.amax(-1) if row_max is None else row_max).abs().amax())
+        if t >= torch.finfo(acc).tiny and top_abs / t <= out_max:
             return logits / t
         plain = logits / t  # a float32 division by the same float32 value as below
     else:
