@@ -193,10 +193,12 @@ def test_top_p_decided_on_shallow_blocks_all_blocks_and_exact_paths():
 
 
 @pytest.mark.parametrize("vocab,n", [(49152, 32), (262144, 8)])
-def test_top_p_flat_rows_sampled_bracket(vocab, n):
-    """Flat rows (mean entropy ~6 to ~11 nats) take the sampled bracket, which decides most of
-    them itself (the rest: too close to call, transformers' arithmetic); the kept sets equal
-    transformers' (tie rule) at every top_p, with masked tokens and an all -inf row mixed in."""
+def test_top_p_flat_rows_sampled_bracket(vocab, n, monkeypatch):
+    """Flat rows (mean entropy ~6 to ~11 nats) take the sampled bracket (here at any batch
+    size), which decides most of them itself (the rest: too close to call, transformers'
+    arithmetic); the kept sets equal transformers' (tie rule) at every top_p, with masked tokens
+    and an all -inf row mixed in."""
+    monkeypatch.setattr(nucleus, "BRACKET_MIN_TOKENS", 0)
     g = torch.Generator().manual_seed(vocab)
     decided = total = 0
     for scale in (0.3, 1.0, 1.8):
@@ -220,10 +222,11 @@ def test_top_p_flat_rows_sampled_bracket(vocab, n):
     assert decided >= 0.6 * total
 
 
-def test_top_p_bracket_misses_and_mixed_rows_are_redone():
+def test_top_p_bracket_misses_and_mixed_rows_are_redone(monkeypatch):
     """A bracket that misses the boundary (forced here by a negative width) hands its rows to
     the block histogram, and a batch mixing flat and peaked rows routes each row its own way:
     the kept sets are transformers' either way."""
+    monkeypatch.setattr(nucleus, "BRACKET_MIN_TOKENS", 0)
     g = torch.Generator().manual_seed(12)
     x = torch.cat([torch.randn(3, 49152, generator=g), make_batch(g, 3, 49152, "peaked")])
     flat = nucleus._flat_rows(x, x.amax(-1), nucleus.TOP_P_DEPTH)
@@ -232,14 +235,11 @@ def test_top_p_bracket_misses_and_mixed_rows_are_redone():
     for top_p in (0.6, 0.9, 0.97):
         ref = removed(TopPLogitsWarper(top_p), x)
         assert_same_or_tied(ref, ops.top_p_mask(x, top_p), x)
-        old = nucleus.BRACKET_SE
-        try:
-            nucleus.BRACKET_SE = -50.0
+        with monkeypatch.context() as m:
+            m.setattr(nucleus, "BRACKET_SE", -50.0)
             _, _, missed = nucleus._bracket_boundary(x[:3], torch.softmax(x[:3], -1), target, 0.0)
             assert bool(missed.all())
             assert_same_or_tied(ref, ops.top_p_mask(x, top_p), x)
-        finally:
-            nucleus.BRACKET_SE = old
 
 
 def test_typical_default_matches_or_differs_only_by_reference_rounding():

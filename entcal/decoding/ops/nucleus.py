@@ -266,6 +266,11 @@ SAMPLE = 2048
 #: exactly, and redone on the histogram path: about 1 row in 10^8 at 6 standard errors).
 BRACKET_SE = 6.0
 
+#: The sampled bracket is used when the flat rows hold at least this many tokens (16 rows of
+#: vocab 262144, 86 of 49152); below it the bracket's fixed cost of a few dozen small ops loses
+#: to the histogram of every candidate (entropy sweep: batch 1 and 32 at vocab 49152).
+BRACKET_MIN_TOKENS = 1 << 22
+
 #: Equal-width key buckets over a bracket's tokens; the crossing bucket's few tokens are sorted.
 BRACKET_BUCKETS = 1024
 
@@ -403,7 +408,7 @@ def _top_p_boundary(
     """Top-p boundary logit per row and whether it was decided: flat rows by the sampled
     bracket, the others (and flat rows it missed) by the block histogram."""
     flat = _flat_rows(x, row_max, depth)
-    if not bool(flat.any()):
+    if int(flat.sum()) * x.shape[-1] < BRACKET_MIN_TOKENS:
         return _decide(x, p, row_max, target, True, depth, True, tol)
     sub = flat.nonzero().flatten()
     whole = sub.numel() == x.shape[0]
