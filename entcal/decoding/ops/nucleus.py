@@ -544,9 +544,11 @@ def typical_mask(
     whole batch with its arithmetic); the cumulative mass is summed in float64 over the blocks
     within ``depth`` nats of score 0 (default ``TYPICAL_DEPTH``), never a full sort.
     transformers instead re-normalizes the sorted logits with a float32 softmax whose sum is off
-    by up to ~1e-5 (vocab 49152) to ~1e-4 (262144), so in the rare row whose boundary lies that
-    close to ``mass`` the two sets differ by the boundary token(s), and entcal's is the exact
-    one. ``reference=True`` reproduces transformers' arithmetic bit for bit (a full sort; for
+    by up to ~1e-5 (vocab 49152) to ~1e-4 (262144), so in a row whose boundary lies that close
+    to ``mass`` the two sets differ by the boundary token(s), and entcal's is the exact one.
+    Such rows are rare on real logits (none of the entropy sweep's SmolLM2 or Gemma rows) but
+    common on flat rows at vocab 262144, whose boundary tokens hold ~1e-6 of the mass (up to
+    122 of 256 rows at a mean entropy of 6 nats, ``benchmarks/entropy_sweep.py``). ``reference=True`` reproduces transformers' arithmetic bit for bit (a full sort; for
     differential tests); ``depth=0`` uses the full sort with float64 masses.
 
     Example::
