@@ -3,6 +3,8 @@ candidates, exact full sort only where the boundary is numerically close."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -103,6 +105,69 @@ def _crossing(
     return i, inside, safe
 
 
+def _crossing_bucket(cum: Tensor, raw_cum: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The first histogram bucket whose cumulative share ``cum`` ``[r, nbk]`` reaches
+    ``target``: ``(bucket [r], reached [r], raw cumulative mass before it [r, 1])``."""
+    nbk = cum.shape[-1]
+    bstar = (cum < target.view(-1, 1)).sum(-1)
+    reached = bstar < nbk
+    bstar = bstar.clamp(max=nbk - 1)
+    raw_before = torch.where(
+        bstar.view(-1, 1) > 0,
+        raw_cum.gather(-1, (bstar - 1).clamp(min=0).view(-1, 1)),
+        torch.zeros((), dtype=raw_cum.dtype, device=raw_cum.device),
+    )
+    return bstar, reached, raw_before
+
+
+def _sort_bucket(
+    rows_c: Tensor,
+    k_c: Tensor,
+    w_c: Tensor,
+    usable: Tensor,
+    raw_before: Tensor,
+    share: Callable[[Tensor], Tensor] | None,
+    target: Tensor,
+    tol: float,
+    largest: bool,
+    max_count: int | None,
+) -> tuple[Tensor, Tensor]:
+    """The boundary inside each row's crossing bucket.
+
+    Its tokens (``rows_c`` ascending, keys ``k_c``, float64 masses ``w_c``) are padded to one
+    ``[r, kc]`` tensor and sorted; their cumulative mass starts from ``raw_before`` ``[r, 1]``
+    and is mapped by ``share`` (top-p: ``1 - tail / Σp``). Returns ``(boundary key [r], ok
+    [r])``: ``ok`` for ``usable`` rows whose bucket holds 1 to ``max_count`` tokens and whose
+    crossing is one of them, clearing the target by ``tol`` (see :func:`_crossing`).
+    """
+    r, dev = usable.shape[0], usable.device
+    count = torch.bincount(rows_c, minlength=r)
+    ok = usable & (count > 0)
+    if max_count is not None:
+        ok &= count <= max_count
+    kc = max(1, int(count[ok].max())) if bool(ok.any()) else 1
+    pos = torch.arange(rows_c.numel(), device=dev) - (count.cumsum(0) - count).index_select(
+        0, rows_c
+    )
+    keep = ok.index_select(0, rows_c)
+    rows_c, pos, k_c, w_c = rows_c[keep], pos[keep], k_c[keep], w_c[keep]
+    worst = NEG_INF if largest else float("inf")
+    pad_key = torch.full((r, kc), worst, dtype=k_c.dtype, device=dev)
+    pad_key[rows_c, pos] = k_c
+    pad_w = torch.zeros((r, kc), dtype=torch.float64, device=dev)
+    pad_w[rows_c, pos] = w_c
+    vals, order = pad_key.sort(dim=-1, descending=largest)
+    cum_in = raw_before + pad_w.gather(-1, order).cumsum(-1)
+    before = raw_before
+    if share is not None:
+        cum_in, before = share(cum_in), share(raw_before)
+    i, inside, safe = _crossing(cum_in, target, before.flatten(), tol)
+    ok &= inside & (i < count)
+    if tol > 0:
+        ok &= safe
+    return vals.gather(-1, i.clamp(max=kc - 1).view(-1, 1)).flatten(), ok
+
+
 def _block_boundary(
     key: Tensor,
     weight: Tensor,
@@ -186,15 +251,7 @@ def _block_boundary(
             return 1.0 - (base - c) / total
 
         cum = share(raw_cum)
-    bstar = (cum < target.view(-1, 1)).sum(-1)
-    reached = bstar < nbk
-    bstar = bstar.clamp(max=nbk - 1)
-    raw_before = torch.where(
-        bstar.view(-1, 1) > 0,
-        raw_cum.gather(-1, (bstar - 1).clamp(min=0).view(-1, 1)),
-        torch.zeros((), dtype=f64, device=dev),
-    )  # [r, 1]
-    before = (share(raw_before) if normalize else raw_before).flatten()
+    bstar, reached, raw_before = _crossing_bucket(cum, raw_cum, target)
     # the tokens of each row's crossing bucket: rows ascending, their keys and masses
     if rows_in is None:
         rows_c, cols_c = (bucket == bstar.view(-1, 1)).nonzero(as_tuple=True)
@@ -202,27 +259,11 @@ def _block_boundary(
     else:
         (sel,) = (bucket_t == bstar.index_select(0, rows_in)).nonzero(as_tuple=True)
         rows_c, k_c, w_c = rows_in[sel], k_t[sel], w_t[sel]
-    count = torch.bincount(rows_c, minlength=r)
-    ok = reached & (count > 0) & (count <= MAX_BUCKET)
-    kc = max(1, int(count[ok].max())) if bool(ok.any()) else 1
-    pos = torch.arange(rows_c.numel(), device=dev) - (count.cumsum(0) - count).index_select(
-        0, rows_c
-    )
-    keep = ok.index_select(0, rows_c)
-    rows_c, pos, k_c, w_c = rows_c[keep], pos[keep], k_c[keep], w_c[keep]
-    pad_key = torch.full((r, kc), worst, dtype=key.dtype, device=dev)
-    pad_key[rows_c, pos] = k_c
-    pad_w = torch.zeros((r, kc), dtype=f64, device=dev)
-    pad_w[rows_c, pos] = w_c
-    vals, order = pad_key.sort(dim=-1, descending=largest)
-    cum_in = raw_before + pad_w.gather(-1, order).cumsum(-1)
-    if normalize:
-        cum_in = share(cum_in)
-    i, inside, safe = _crossing(cum_in, target, before, tol)
-    ok &= inside & (i < count)
-    if tol > 0:
-        ok &= safe
-    return vals.gather(-1, i.clamp(max=kc - 1).view(-1, 1)).flatten(), ok, ~reached
+    thr, ok = _sort_bucket(
+        rows_c, k_c, w_c, reached, raw_before, share if normalize else None, target, tol,
+        largest, MAX_BUCKET,
+    )  # fmt: skip
+    return thr, ok, ~reached
 
 
 def _decide(
@@ -370,35 +411,14 @@ def _bracket_boundary(
     def cum_share(c: Tensor) -> Tensor:  # 1 - (mass ranked after) / Σp
         return 1.0 - (tail.view(-1, 1) + in_bracket - c) / denom
 
-    bstar = (cum_share(cum_b) < t).sum(-1)
-    reached = bstar < nbk
-    bstar = bstar.clamp(max=nbk - 1)
-    c_before = torch.where(
-        bstar.view(-1, 1) > 0,
-        cum_b.gather(-1, (bstar - 1).clamp(min=0).view(-1, 1)),
-        torch.zeros((), dtype=f64, device=dev),
-    )
+    bstar, reached, c_before = _crossing_bucket(cum_share(cum_b), cum_b, target)
     before_bracket = cum_share(torch.zeros_like(c_before)).flatten()
     missed = ~reached | (before_bracket >= target)
     # 5. the crossing bucket's tokens, sorted
     (sel,) = (bucket == bstar.index_select(0, rows_b)).nonzero(as_tuple=True)
-    rows_c, k_c, w_c = rows_b[sel], k_b[sel], w_b[sel]
-    count = torch.bincount(rows_c, minlength=r)
-    kc = max(1, int(count.max())) if rows_c.numel() else 1
-    pos = torch.arange(rows_c.numel(), device=dev) - (count.cumsum(0) - count).index_select(
-        0, rows_c
+    thr, ok = _sort_bucket(
+        rows_b[sel], k_b[sel], w_b[sel], ~missed, c_before, cum_share, target, tol, True, None
     )
-    pad_key = torch.full((r, kc), NEG_INF, dtype=key.dtype, device=dev)
-    pad_key[rows_c, pos] = k_c
-    pad_w = torch.zeros((r, kc), dtype=f64, device=dev)
-    pad_w[rows_c, pos] = w_c
-    sorted_k, order_c = pad_key.sort(dim=-1, descending=True)
-    cum_in = cum_share(c_before + pad_w.gather(-1, order_c).cumsum(-1))
-    i, inside, safe = _crossing(cum_in, target, cum_share(c_before).flatten(), tol)
-    ok = ~missed & inside & (i < count)
-    if tol > 0:
-        ok &= safe
-    thr = sorted_k.gather(-1, i.clamp(max=kc - 1).view(-1, 1)).flatten()
     return thr, ok, missed
 
 
