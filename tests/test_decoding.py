@@ -393,3 +393,13 @@ def test_lookahead_parses_in_a_fresh_interpreter():
     code = "from entcal.decoding import parse; print(parse('lookahead:alpha=0.1,k=4'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().startswith("lookahead:")
+
+
+def test_dead_rows_stay_dead_beside_a_nan_row():
+    """The dead-row guard finds an all -inf row even when another row's maximum is NaN (the
+    isolated serving path passes such maxima)."""
+    from entcal.decoding.ops import keep_dead_rows
+
+    out = keep_dead_rows(torch.zeros(3, 2), torch.tensor([float("nan"), NEG, 1.0]))
+    assert out[1].tolist() == [NEG, NEG]
+    assert out[0].tolist() == [0.0, 0.0] and out[2].tolist() == [0.0, 0.0]

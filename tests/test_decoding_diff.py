@@ -242,6 +242,26 @@ def test_top_p_bracket_misses_and_mixed_rows_are_redone(monkeypatch):
             assert_same_or_tied(ref, ops.top_p_mask(x, top_p), x)
 
 
+def test_top_p_bracket_on_half_precision_rows(monkeypatch):
+    """ops.top_p_mask on float16/bfloat16 flat rows through the bracket: no dtype error, and the
+    kept set is a most-probable prefix holding the top_p mass (the exactness margins concern
+    float32, which every decoder converts to first)."""
+    monkeypatch.setattr(nucleus, "BRACKET_MIN_TOKENS", 0)
+    g = torch.Generator().manual_seed(4)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = (torch.randn(4, 49152, generator=g) * 0.5).to(dtype)
+        removed_ = ops.top_p_mask(x, 0.9)
+        x64 = x.double()
+        assert bool(
+            (
+                torch.where(removed_, torch.inf, x64).amin(-1)
+                >= torch.where(removed_, x64, -torch.inf).amax(-1)
+            ).all()
+        )  # a prefix by logit
+        kept = torch.where(removed_, 0.0, torch.softmax(x64, -1)).sum(-1)
+        assert bool((kept >= 0.9 - 1e-3).all()) and bool((kept <= 0.9 + 1e-2).all())
+
+
 def test_typical_default_matches_or_differs_only_by_reference_rounding():
     """Default typical uses exact float64 mass; where it differs from transformers, the
     reference's float32 cumulative mass and the exact one lie on opposite sides of ``mass``."""

@@ -48,8 +48,9 @@ def keep_dead_rows(out: Tensor, row_max: Tensor) -> Tensor:
     """Rows whose input was all ``-inf`` (``row_max`` ``-inf``) come back all ``-inf``, whatever
     a decoder computed for them (a softmax over such a row is NaN): the contract every decoder
     keeps, enforced by :meth:`Decoder.__call__` and :func:`entcal.decoding.apply_rows`."""
-    if row_max.numel() and float(row_max.amin()) == float("-inf"):
-        out = out.masked_fill((row_max == float("-inf")).to(out.device)[:, None], float("-inf"))
+    dead = row_max == float("-inf")
+    if bool(dead.any()):  # (not amin: a NaN row beside a dead one would hide it)
+        out = out.masked_fill(dead.to(out.device)[:, None], float("-inf"))
     return out
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from entcal.decoding.ops.common import BLOCK, F32_MAX, NEG_INF, blocks, kth_largest, rows
+from entcal.decoding.ops.common import BLOCK, NEG_INF, blocks, kth_largest, rows
 
 #: Relative margin by which a top-p decision without the full sort must clear the threshold:
 #: a row is decided that way only if ``|mass above the token - top_p| > EXACT_TOL * c`` at the
@@ -81,14 +81,15 @@ def _crossing(
     cum: Tensor,
     target: Tensor,
     before0: Tensor,
-    tol: float = EXACT_TOL,
+    tol: float | Tensor = EXACT_TOL,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """First position ``i`` with ``cum[i] >= target`` in each row of an inclusive cumsum.
 
     ``before0`` is the mass before position 0. Returns ``(i, inside, safe)``: ``inside`` if such a
     position exists; ``safe`` if ``cum[i]`` and the mass before ``i`` clear the target by more
     than ``tol * (1 - mass)`` (transformers' error on the complementary, ascending cumulative
-    mass ``1 - mass`` is proportional to it, and so is entcal's, see ``NORM_ERR``) plus 1e-15.
+    mass ``1 - mass`` is proportional to it, and so is entcal's, see ``NORM_ERR``) plus 1e-15;
+    ``tol`` is a number or one per row ``[r]``.
     """
     k = cum.shape[-1]
     t = target.view(-1, 1)
@@ -128,7 +129,7 @@ def _sort_bucket(
     raw_before: Tensor,
     share: Callable[[Tensor], Tensor] | None,
     target: Tensor,
-    tol: float,
+    tol: float | Tensor,
     largest: bool,
     max_count: int | None,
 ) -> tuple[Tensor, Tensor]:
@@ -163,7 +164,7 @@ def _sort_bucket(
         cum_in, before = share(cum_in), share(raw_before)
     i, inside, safe = _crossing(cum_in, target, before.flatten(), tol)
     ok &= inside & (i < count)
-    if tol > 0:
+    if isinstance(tol, Tensor) or tol > 0:
         ok &= safe
     return vals.gather(-1, i.clamp(max=kc - 1).view(-1, 1)).flatten(), ok
 
@@ -378,7 +379,7 @@ def _bracket_boundary(
     j_lo = (est - half < t).sum(-1, keepdim=True)  # ... and the first one surely below it
     hi = torch.where(j_hi > 0, vals.gather(-1, (j_hi - 1).clamp(min=0)), float("inf"))
     # (below the lowest float32: -inf tokens count as below the bracket, with their mass of 0)
-    lo = torch.where(j_lo < n, vals.gather(-1, j_lo.clamp(max=n - 1)), -F32_MAX)
+    lo = torch.where(j_lo < n, vals.gather(-1, j_lo.clamp(max=n - 1)), -torch.finfo(key.dtype).max)
     # the anchor is the bracket's end on the side its exact share puts it (so the tail below
     # the bracket follows from the anchor's)
     lo = torch.where(e >= t, anchor, lo)
@@ -394,12 +395,17 @@ def _bracket_boundary(
         0, rows_b, torch.where(k_b < anchor.flatten().index_select(0, rows_b), w_b, 0.0)
     )
     tail = tail_anchor.flatten() - under
+    # tail_anchor's block-sum error (NORM_ERR) is relative to it, not to the smaller tail left
+    # after subtracting: widen the margin of those rows by the ratio
+    if tol > 0:
+        tol = tol + NORM_ERR * (tail_anchor.flatten() / tail.clamp(min=1e-300) - 1.0).clamp(min=0)
     total = total.flatten()
     # 4. equal-width buckets over the bracket's keys (bucket 0 holds the highest)
-    top = torch.full((r,), NEG_INF, device=dev).scatter_reduce(0, rows_b, k_b, "amax")
-    bot = torch.full((r,), float("inf"), device=dev).scatter_reduce(0, rows_b, k_b, "amin")
+    k_f = k_b.float()  # (bucket arithmetic in float32 whatever the logits' dtype)
+    top = torch.full((r,), NEG_INF, device=dev).scatter_reduce(0, rows_b, k_f, "amax")
+    bot = torch.full((r,), float("inf"), device=dev).scatter_reduce(0, rows_b, k_f, "amin")
     width = (top - bot).clamp(min=1e-30)
-    frac = (top.index_select(0, rows_b) - k_b) / width.index_select(0, rows_b)
+    frac = (top.index_select(0, rows_b) - k_f) / width.index_select(0, rows_b)
     bucket = (frac * BRACKET_BUCKETS).long().clamp_(0, BRACKET_BUCKETS - 1)
     nbk = BRACKET_BUCKETS
     mass = torch.zeros(r * nbk, dtype=f64, device=dev)
