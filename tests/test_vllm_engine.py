@@ -61,7 +61,9 @@ def engine():
     )
     yield llm
     # stop the engine's processes now, not at interpreter exit (the server test starts another)
-    llm.llm_engine.engine_core.shutdown()
+    from entcal.decoding.vllm.engine import shutdown_engine
+
+    shutdown_engine(llm)
     del llm
     gc.collect()
 

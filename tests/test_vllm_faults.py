@@ -83,7 +83,9 @@ def engine():
         logits_processors=[PoisonRow, EntcalLogitsProcessor],  # the poison runs first
     )
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    from entcal.decoding.vllm.engine import shutdown_engine
+
+    shutdown_engine(llm)
     del llm
     gc.collect()
 

@@ -34,6 +34,7 @@ __all__ = [
     "parse_vllm_args",
     "request_seed",
     "sampling_params",
+    "shutdown_engine",
     "vllm_generate",
 ]
 
@@ -236,15 +237,42 @@ class VLLMGenerator:
 
     def shutdown(self) -> None:
         """Stop the engine's processes now, not at interpreter exit."""
-        engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        if engine_core is not None and hasattr(engine_core, "shutdown"):
-            engine_core.shutdown()
+        shutdown_engine(self.llm)
         del self.llm
         if torch.cuda.is_available():  # the scoring that follows gets the engine's memory back
             import gc
 
             gc.collect()
             torch.cuda.empty_cache()
+
+
+def shutdown_engine(llm: Any) -> None:
+    """Stop a ``vllm.LLM``'s engine processes now, not at interpreter exit.
+
+    vLLM's force-kill path (an engine that outlives the shutdown grace period, e.g. on a busy
+    CPU) names each child process before killing it; a child that exits in between raises
+    ``psutil.NoSuchProcess`` and ends the loop before the engine process itself is killed.
+    That error is caught here, and the engine processes still alive are killed and reaped.
+    """
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if engine_core is None or not hasattr(engine_core, "shutdown"):
+        return
+    try:
+        import psutil
+
+        gone: type[BaseException] | tuple[()] = psutil.NoSuchProcess
+    except ImportError:
+        gone = ()
+    try:
+        engine_core.shutdown()
+    except gone:
+        resources = getattr(engine_core, "resources", None)
+        for proc in getattr(getattr(resources, "engine_manager", None), "processes", ()):
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=10)
+        if callable(resources):
+            resources()  # the client's own sockets and threads
 
 
 def vllm_generate(
