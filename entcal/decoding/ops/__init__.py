@@ -17,9 +17,9 @@ when the cumulative mass at the boundary clears the threshold by a margin (``EXA
 difference measured between the two, at vocab 49152 and 262144); every other row is recomputed
 with transformers' arithmetic (full sort, float32 softmax, cumulative sum). Flat rows (most
 blocks near the top) bracket the boundary from a strided sample instead of the histogram. So the
-sets agree not only in the common case but also where the boundary is numerically close. typical uses the same machinery with float64
-masses; see :func:`typical_mask` for how (rarely) and why it can differ from transformers'
-float32 rounding.
+sets agree not only in the common case but also where the boundary is numerically close.
+typical uses the same machinery with float64 masses; see :func:`typical_mask` for when and why
+it can differ from transformers' float32 rounding.
 
 Ties. When several tokens share the logit (or, for typical, the |surprise - entropy| score) of the
 last kept token, all of them are kept: the kept set is ``{v : score(v) >= score of the boundary

@@ -35,13 +35,23 @@ def faulty_rows(logits: Tensor) -> tuple[Tensor, Tensor]:
 
     Raises ``ValueError`` if the tensor is not 2-D floating point (a fault of the whole batch).
     """
+    mx = _row_max(logits)
+    return mx, _faulty_max(mx)
+
+
+def _row_max(logits: Tensor) -> Tensor:
+    """Row maxima ``[N]`` of 2-D floating-point logits (``ValueError`` otherwise); amax
+    propagates NaN, so the one reduction finds both NaN and +inf rows."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D [batch, vocab], got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point tensor, got {logits.dtype}")
-    # amax propagates NaN, so one reduction finds both NaN and +inf rows.
-    mx = logits.amax(dim=-1)
-    return mx, torch.isnan(mx) | (mx == float("inf"))
+    return logits.amax(dim=-1)
+
+
+def _faulty_max(mx: Tensor) -> Tensor:
+    """Rows whose maximum is NaN or +inf."""
+    return torch.isnan(mx) | (mx == float("inf"))
 
 
 def keep_dead_rows(out: Tensor, row_max: Tensor) -> Tensor:
@@ -60,11 +70,10 @@ def check_logits(logits: Tensor) -> Tensor:
     Raises ``ValueError`` naming the rows that contain NaN or ``+inf`` (a softmax over them is
     undefined). Rows that are entirely ``-inf`` are allowed (every op leaves them unchanged).
     """
-    if logits.dim() == 2 and logits.is_floating_point():
-        mx = logits.amax(dim=-1)
-        if bool(torch.isfinite(mx).all()):  # the common case, in one synchronization
-            return mx
-    mx, bad = faulty_rows(logits)
+    mx = _row_max(logits)
+    if bool(torch.isfinite(mx).all()):  # the common case, in one synchronization
+        return mx
+    bad = _faulty_max(mx)  # (dead rows, all -inf, are not faults)
     if bool(bad.any()):
         idx = bad.nonzero().flatten().tolist()
         nan_rows = [i for i in idx if bool(torch.isnan(logits[i]).any())]

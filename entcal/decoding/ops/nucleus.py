@@ -55,7 +55,7 @@ NORM_ERR = 7e-7
 #    is crowded (> MAX_BUCKET tokens), get the exact full sort.
 # When most blocks are candidates (flat rows: high entropy), gathering them token by token costs
 # more than the whole row. top-p then brackets the boundary from a strided sample instead
-# (:func:`_bracket_boundary`: a sort of 8192 sampled tokens, one exact mass pass anchoring the
+# (:func:`_bracket_boundary`: a sort of 2048 sampled tokens, one exact mass pass anchoring the
 # estimate, the bracket's few thousand tokens gathered), O(V) whatever the entropy; typical (and
 # a top-p row the bracket misses) builds the histogram by dense passes over every token (bucket
 # index, float64 mass, one scatter-add) and gathers only the crossing bucket's tokens.
@@ -336,9 +336,8 @@ def _bracket_boundary(
     ``key`` ``[r, V]`` logits, ``weight`` their float32 softmax. As in :func:`_block_boundary`
     the cumulative mass of a token is ``1 - tail / Σp`` with the tail summed directly (float32
     sums of ``BLOCK`` tokens, float64 across blocks and within the bracket). Returns
-    ``(threshold, ok, missed)``: ``missed`` rows' boundary lies outside the bracket (or the
-    sample is too concentrated to bracket it), the other rows with ``ok`` False are too close
-    to call (``tol``).
+    ``(threshold, ok, missed)``: ``missed`` rows' boundary lies outside the bracket, the other
+    rows with ``ok`` False are too close to call (``tol``).
     """
     r, v = key.shape
     dev = key.device
@@ -433,6 +432,8 @@ def _top_p_boundary(
 ) -> tuple[Tensor, Tensor]:
     """Top-p boundary logit per row and whether it was decided: flat rows by the sampled
     bracket, the others (and flat rows it missed) by the block histogram."""
+    if x.numel() < BRACKET_MIN_TOKENS:  # too few rows for the bracket, flat or not
+        return _decide(x, p, row_max, target, True, depth, True, tol)
     flat = _flat_rows(x, row_max, depth)
     if int(flat.sum()) * x.shape[-1] < BRACKET_MIN_TOKENS:
         return _decide(x, p, row_max, target, True, depth, True, tol)
@@ -574,7 +575,8 @@ def typical_mask(
     to ``mass`` the two sets differ by the boundary token(s), and entcal's is the exact one.
     Such rows are rare on real logits (none of the entropy sweep's SmolLM2 or Gemma rows) but
     common on flat rows at vocab 262144, whose boundary tokens hold ~1e-6 of the mass (up to
-    122 of 256 rows at a mean entropy of 6 nats, ``benchmarks/entropy_sweep.py``). ``reference=True`` reproduces transformers' arithmetic bit for bit (a full sort; for
+    122 of 256 rows at a mean entropy of 6 nats, ``benchmarks/entropy_sweep.py``).
+    ``reference=True`` reproduces transformers' arithmetic bit for bit (a full sort; for
     differential tests); ``depth=0`` uses the full sort with float64 masses.
 
     Example::
