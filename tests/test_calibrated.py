@@ -147,7 +147,9 @@ def test_predictor_torch_matches_sklearn_and_roundtrips(tmp_path, kind):
     folder = pred.save(tmp_path / "p", fingerprint=predictor_fingerprint(model, "tiny"))
     back = FutureEntropyPredictor.load(folder, model=model)
     assert np.allclose(back.predict(X), pred.predict(X), atol=1e-5)
-    assert back.gate_ == {"threshold": 0.0, "strength": [0.5, 1.0], "bucket_edges": [4]}
+    assert back.gate_ == {
+        "threshold": 0.0, "strength": [0.5, 1.0], "bucket_edges": [4], "base": 0.0
+    }  # fmt: skip
     meta = json.loads((folder / "predictor.json").read_text())
     assert meta["format_version"] == 2 and meta["fingerprint"]["name"] == "tiny"
 
@@ -171,6 +173,11 @@ def test_predictor_file_errors(tmp_path):
     bad_gate["gate"]["strength"] = [1.0]
     meta_path.write_text(json.dumps(bad_gate))
     with pytest.raises(PredictorFileError, match="strength"):
+        FutureEntropyPredictor.load(folder)
+    bad_gate = json.loads(good)
+    bad_gate["gate"]["base"] = -0.5
+    meta_path.write_text(json.dumps(bad_gate))
+    with pytest.raises(PredictorFileError, match="base"):
         FutureEntropyPredictor.load(folder)
     meta_path.write_text(good)
     tensors = folder / "predictor.safetensors"
@@ -202,7 +209,7 @@ def test_gate_fit_recovers_a_known_temperature():
     model = source.processed(lambda logits: logits / tau0)
     steps = 24
 
-    def evaluate(threshold: float, strength: list[float]) -> GateEvaluation:
+    def evaluate(threshold: float, strength: list[float], base: float) -> GateEvaluation:
         alpha = strength[0] * max(0.0, 1.0 - threshold)
         q = model.processed(lambda logits: logits * (1 + alpha))
         gen = float(q.expected_entropy_per_step(None, steps).mean())
@@ -215,6 +222,35 @@ def test_gate_fit_recovers_a_known_temperature():
     assert best.strength[0] == pytest.approx(tau0 - 1, abs=2e-3)
     assert best.cost < 0  # the recovered source has the lowest log loss
     assert len(grid) < 40
+
+
+def test_gate_fit_chooses_the_base_that_calibrates_where_the_gate_cannot_open():
+    """Known answer: the model is the source at temperature τ0 = 1.25 and the gate never opens
+    (excess 0 below threshold 1), so only the base α_0 acts: among the bases tried, the fit must
+    keep α_0 = τ0 − 1, the only one that calibrates (and the one of lowest log loss)."""
+    from entcal.calibrators.strength import GateEvaluation, fit_gate
+    from entcal.synthetic import MarkovChain
+
+    source = MarkovChain.random(vocab_size=12, scale=1.5, seed=4)
+    tau0 = 1.25
+    model = source.processed(lambda logits: logits / tau0)
+    steps = 24
+    raw = float(source.expected_log_loss_per_step(model, None, steps).mean())
+
+    def evaluate(threshold: float, strength: list[float], base: float) -> GateEvaluation:
+        alpha = base + strength[0] * max(0.0, 0.0 - threshold)
+        q = model.processed(lambda logits: logits * (1 + alpha))
+        gen = float(q.expected_entropy_per_step(None, steps).mean())
+        loss = float(source.expected_log_loss_per_step(q, None, steps).mean())
+        entce = gen - loss
+        return GateEvaluation(threshold, list(strength), [entce], entce, loss - raw, 0.0, base)
+
+    bases = (0.0, 0.1, tau0 - 1, 0.4)
+    best, grid = fit_gate(evaluate, [1.0], n_buckets=1, rounds=3, tolerance=1e-3, bases=bases)
+    assert best.base == tau0 - 1 and abs(best.entce) < 1e-3 and best.cost < 0
+    assert sorted({e.base for e in grid}) == sorted(bases)
+    # an evaluation is keyed by its base too: the same strengths under another base are new
+    assert len(grid) == len({(e.base, tuple(e.strength)) for e in grid})
 
 
 def test_telescoping_identity_on_markov_source():
@@ -285,9 +321,12 @@ def test_decoder_spec_options_and_bad_input(tmp_path):
     d = parse(f"calibrated:predictor={folder},scale=0.5,threshold=0.2")
     assert parse(str(d)) == d and str(d) == f"calibrated:predictor={folder},scale=0.5,threshold=0.2"
     d.bind(model)
-    assert d.gate() == ([0.25, 0.5], 0.2)
+    assert d.gate() == ([0.25, 0.5], 0.2, 0.0)
     assert parse(f"calibrated:predictor={folder},strength=2").bind(model).gate()[0] == [2.0, 2.0]
-    for bad, key in (("scale=-1", "scale"), ("strength=nan", "strength"),
+    # the base is scaled with the strengths: scale=0 is the raw model
+    based = parse(f"calibrated:predictor={folder},base=0.1,scale=0.5")
+    assert parse(str(based)) == based and based.bind(model).gate()[2] == pytest.approx(0.05)
+    for bad, key in (("scale=-1", "scale"), ("strength=nan", "strength"), ("base=-0.1", "base"),
                      ("threshold=inf", "threshold"), ("alpha=1", "alpha")):  # fmt: skip
         with pytest.raises(ValueError, match=key):
             parse(f"calibrated:predictor={folder},{bad}")
@@ -398,7 +437,7 @@ def test_train_recipe_end_to_end_and_resume(tmp_path, smollm2_tokenizer, capsys)
         "train", "--model", str(folder), "--out", str(out), "--quiet", "--fit-docs", "4",
         "--gate-docs", "2", "--prompt-tokens", "16", "--length", "24", "--horizon", "6",
         "--projection-dim", "4", "--threshold-quantiles", "0.5,0.9", "--bucket-edges", "12",
-        "--gate-rounds", "2", "--batch-size", "4",
+        "--gate-rounds", "2", "--base-alphas", "0,0.05", "--batch-size", "4",
     ]  # fmt: skip
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
@@ -408,9 +447,11 @@ def test_train_recipe_end_to_end_and_resume(tmp_path, smollm2_tokenizer, capsys)
     assert {round(e["threshold"], 6) for e in grid} == {
         round(e["threshold"], 6) for e in grid[:1] + grid[-1:]
     }
-    assert 2 <= len(grid) <= 4 and report["gate"] in grid
+    assert 4 <= len(grid) <= 8 and report["gate"] in grid
+    assert {e["base"] for e in grid} == {0.0, 0.05}
     pred = FutureEntropyPredictor.load(out / "predictor", model=model)
     assert pred.gate_["bucket_edges"] == [12] and len(pred.gate_["strength"]) == 2
+    assert pred.gate_["base"] == report["gate"]["base"]
     first = (out / "predictor" / "predictor.safetensors").read_bytes()
     # resume: everything cached is reused; same seed, same predictor
     assert main(args) == 0
@@ -453,6 +494,7 @@ def test_train_killed_at_any_point_resumes_to_the_same_predictor(tmp_path, smoll
             str(out), "--quiet", "--fit-docs", "4", "--gate-docs", "2", "--prompt-tokens", "16",
             "--length", "24", "--horizon", "6", "--projection-dim", "4",
             "--threshold-quantiles", "0.5,0.9", "--bucket-edges", "12", "--gate-rounds", "2",
+            "--base-alphas", "0",
             "--batch-size", "4",
         ]  # fmt: skip
 

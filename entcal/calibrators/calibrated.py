@@ -3,13 +3,16 @@
 Rule (per sequence and step ``t``)::
 
     D̂_t = FutureEntropyPredictor(state_t)            # excess future entropy rate, nats/token
-    α_t = g_b(t) · max(0, D̂_t − c)                     # the gate: threshold c, strength g_b
-    p_t(v) ∝ p(v)^(1 + α_t)                            # of t's position bucket b
+    α_t = α_0 + g_b(t) · max(0, D̂_t − c)               # base α_0; the gate: threshold c,
+    p_t(v) ∝ p(v)^(1 + α_t)                            # strength g_b of t's position bucket b
 
 This is the future-entropy-scaled model of Cao, Valiant & Liang ("On the Entropy Calibration of
 Language Models", arXiv 2511.11966, Eq. 9 of the NeurIPS version),
 ``p_α(v) ∝ exp((1 + α_t)·log p(v) − α_t·Ĥ(prefix, v))``, with the scale ``α_t`` a function of the
-generation's state instead of a constant per step. The per-candidate term ``Ĥ(prefix, v)`` is left
+generation's state instead of a constant per step: a small constant ``α_0`` (their global
+calibration, a temperature ``1/(1 + α_0)``) for what no state reveals, such as the offset of the
+first steps before any history exists, plus a gated part that grows where the generation
+derails. The per-candidate term ``Ĥ(prefix, v)`` is left
 out: with state-dependent α it did not lower the log-loss cost at equal calibration
 (docs/results/calibrated-design.md). Human text almost never reaches states where ``D̂ > c``, so
 its log loss barely changes; a sampled generation that starts to derail is pulled back, so its
@@ -20,19 +23,20 @@ The per-row math (``D̂`` from the predictor's exported weights, ``α``, the sha
 pure functions of :mod:`entcal.calibrators.derailment`; this module holds the per-sequence state
 and the choice of predictor and gate.
 
-The strengths ``g_b`` and the threshold ``c`` are fitted by ``entcal train`` so that entropy
+The base ``α_0``, the strengths ``g_b`` and the threshold ``c`` are fitted by ``entcal train`` so that entropy
 calibration error (EntCE) is 0 in every position bucket on the training split's own generations,
 at the lowest human log-loss cost (:mod:`entcal.calibrators.strength`), and stored with the
 predictor.
 
-Spec: ``calibrated[:predictor=PATH,scale=S,strength=G,threshold=C]``
+Spec: ``calibrated[:predictor=PATH,scale=S,strength=G,threshold=C,base=A]``
 
 * ``predictor``: a folder written by ``entcal train`` (default: the predictor shipped for the
   model the decoder is bound to; unbound, the shipped one whose vocabulary matches the logits);
-* ``scale`` (``≥ 0``, default 1): multiplies the fitted strengths (0 is the raw model; the
-  ``entcal frontier`` sweep);
+* ``scale`` (``≥ 0``, default 1): multiplies the whole ``α_t``, base and strengths (0 is the
+  raw model; the ``entcal frontier`` sweep);
 * ``strength`` (``≥ 0``): one strength for every bucket instead of the fitted ones;
-* ``threshold`` (nats/token): instead of the fitted one.
+* ``threshold`` (nats/token): instead of the fitted one;
+* ``base`` (``≥ 0``): ``α_0`` instead of the fitted one (0 = the gate alone).
 
 The decoder is stateful (``requires_history``): per sequence it keeps the moving averages of
 :mod:`entcal.calibrators.state`, fed by ``reset``/``observe`` (transformers' ``generate`` through
@@ -50,7 +54,8 @@ Example::
     >>> d.reset(batch_size=1)
     >>> raw = model(torch.tensor([tok("The capital of France is").input_ids])).logits[:, -1]
     >>> out = d(raw)                          # [1, 49152]: sample from softmax(out)
-    >>> torch.allclose(out.log_softmax(-1), raw.log_softmax(-1))   # no derailment yet: α = 0
+    >>> g, c, base = d.gate()                 # no derailment yet: α = α_0, the base alone
+    >>> torch.allclose(out.log_softmax(-1), ((1 + base) * raw.log_softmax(-1)).log_softmax(-1))
     True
     >>> d.observe(out.argmax(-1))             # the sampled tokens [N] advance the state
 """
@@ -113,7 +118,7 @@ class CalibratedDecoder(Decoder):
     """Gated future-entropy-calibrated sampling (see the module docstring for rule and spec)."""
 
     requires_history: ClassVar[bool] = True
-    OPTIONS = ("predictor", "scale", "strength", "threshold")
+    OPTIONS = ("predictor", "scale", "strength", "threshold", "base")
 
     def __init__(
         self,
@@ -121,8 +126,10 @@ class CalibratedDecoder(Decoder):
         strength: float | str | None = None,
         threshold: float | str | None = None,
         scale: float | str = 1.0,
+        base: float | str | None = None,
     ) -> None:
         self.strength = None if strength is None else parse_float("strength", strength, lo=0.0)
+        self.base = None if base is None else parse_float("base", base, lo=0.0)
         self.threshold = None if threshold is None else parse_float("threshold", threshold)
         self.scale = parse_float("scale", scale, lo=0.0)
         self.predictor_path = None if predictor is None else str(predictor)
@@ -136,7 +143,7 @@ class CalibratedDecoder(Decoder):
         check_known("calibrated", options, cls.OPTIONS)
         return cls(
             options.get("predictor"), options.get("strength"), options.get("threshold"),
-            options.get("scale", 1.0),
+            options.get("scale", 1.0), options.get("base"),
         )  # fmt: skip
 
     @classmethod
@@ -145,9 +152,10 @@ class CalibratedDecoder(Decoder):
         predictor: FutureEntropyPredictor,
         strength: Sequence[float] | None = None,
         threshold: float | None = None,
+        base: float | None = None,
     ) -> CalibratedDecoder:
         """A decoder over an in-memory predictor (training), optionally with another gate: one
-        strength per position bucket of the predictor's ``bucket_edges``. Its spec records the
+        strength per position bucket of the predictor's ``bucket_edges``, a threshold, a base. Its spec records the
         gate (so decoders with different gates differ) but does not parse back: no file."""
         n_buckets = len(predictor.gate_["bucket_edges"]) + 1
         if strength is not None:
@@ -161,6 +169,7 @@ class CalibratedDecoder(Decoder):
         self._predictor = predictor
         self._strengths = strength
         self.threshold = None if threshold is None else parse_float("threshold", threshold)
+        self.base = None if base is None else parse_float("base", base, lo=0.0)
         self.predictor_path = _IN_MEMORY
         return self
 
@@ -177,6 +186,8 @@ class CalibratedDecoder(Decoder):
             parts.append(f"strength={format_value(self.strength)}")
         if self.threshold is not None:
             parts.append(f"threshold={format_value(self.threshold)}")
+        if self.base is not None:
+            parts.append(f"base={format_value(self.base)}")
         return "calibrated" + (":" + ",".join(parts) if parts else "")
 
     # ---- the predictor ------------------------------------------------------------------------
@@ -213,15 +224,17 @@ class CalibratedDecoder(Decoder):
             )
         return pred
 
-    def gate(self) -> tuple[list[float], float]:
-        """``(strength per bucket, threshold)`` in use: the spec's, else the predictor's."""
+    def gate(self) -> tuple[list[float], float, float]:
+        """``(strength per bucket, threshold, base)`` in use: the spec's, else the predictor's
+        (strengths and base multiplied by ``scale``)."""
         assert self._predictor is not None
         fitted = self._predictor.gate_
         g = getattr(self, "_strengths", None) or fitted["strength"]
         if self.strength is not None:
             g = [self.strength] * len(fitted["strength"])
         c = fitted["threshold"] if self.threshold is None else self.threshold
-        return [x * self.scale for x in g], c
+        base = fitted.get("base", 0.0) if self.base is None else self.base
+        return [x * self.scale for x in g], c, base * self.scale
 
     # ---- state --------------------------------------------------------------------------------
     def reset(self, batch_size: int) -> None:
@@ -248,19 +261,21 @@ class CalibratedDecoder(Decoder):
 
     def _gate_rows(
         self, pred: FutureEntropyPredictor, device: torch.device
-    ) -> tuple[Tensor, Tensor]:
-        """``(strength per bucket (B,), threshold ())`` as tensors on ``device`` (cached)."""
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(strength per bucket (B,), threshold (), base ())`` as tensors on ``device``
+        (cached)."""
         cache = getattr(self, "_gate_cache", None)
         if cache is None or cache[0] is not pred or cache[1] != device:
-            g, c = self.gate()
+            g, c, base = self.gate()
             cache = (
                 pred, device,
                 torch.tensor(g, dtype=torch.float32, device=device),
                 torch.tensor(c, dtype=torch.float32, device=device),
                 torch.tensor(pred.gate_["bucket_edges"], dtype=torch.long, device=device),
+                torch.tensor(base, dtype=torch.float32, device=device),
             )  # fmt: skip
             self._gate_cache = cache
-        return cache[2], cache[3]
+        return cache[2], cache[3], cache[5]
 
     # ---- the step -----------------------------------------------------------------------------
     def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
@@ -270,11 +285,11 @@ class CalibratedDecoder(Decoder):
         lp = _log_softmax_keep_dead(logits)
         tracker = self._tracker(pred, n, logits.device)
         feats = tracker.features(step_stats(lp, pred.projection_on(logits.device)))
-        strength, threshold = self._gate_rows(pred, logits.device)
+        strength, threshold, base = self._gate_rows(pred, logits.device)
         edges = self._gate_cache[4]  # type: ignore[index]
         g = strength[torch.bucketize(tracker.count, edges, right=True)]
-        # lp is this call's own tensor: sharpened in place
-        return sharpen(lp, gate_alpha(pred.predict_tensor(feats), g, threshold), out=lp)
+        alpha = gate_alpha(pred.predict_tensor(feats), g, threshold, base)
+        return sharpen(lp, alpha, out=lp)  # lp is this call's own tensor: sharpened in place
 
     @classmethod
     def _apply_group(
@@ -303,17 +318,21 @@ class CalibratedDecoder(Decoder):
             stats = step_stats(rows, pred.projection_on(dev))
             trackers = [d._tracker(pred, len(rows_of[id(d)]), dev) for d in group]
             feats, count = StateTracker.stacked_features(trackers, stats)
-            # per instance: its strengths (one per bucket) and threshold; per row: its instance
+            # per instance: its strengths (one per bucket), threshold and base; per row: its
+            # instance
             gates = [d._gate_rows(pred, dev) for d in group]
-            table = torch.stack([g for g, _ in gates])
-            thresh = torch.stack([c for _, c in gates])
+            table = torch.stack([g for g, _, _ in gates])
+            thresh = torch.stack([c for _, c, _ in gates])
+            base = torch.stack([b for _, _, b in gates])
             owner = torch.repeat_interleave(
                 torch.arange(len(group), device=dev),
                 torch.tensor([len(rows_of[id(d)]) for d in group], device=dev),
             )
             edges = group[0]._gate_cache[4]  # type: ignore[index]
             bucket = torch.bucketize(count, edges, right=True)
-            a = gate_alpha(pred.predict_tensor(feats), table[owner, bucket], thresh[owner])
+            a = gate_alpha(
+                pred.predict_tensor(feats), table[owner, bucket], thresh[owner], base[owner]
+            )
             alpha.index_copy_(0, sel, a)
         return sharpen(lp, alpha, out=lp)
 

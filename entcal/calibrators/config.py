@@ -34,6 +34,8 @@ class TrainConfig:
     estimator: str = "ridge"
     #: thresholds tried, as quantiles of the predicted excess over the gate documents' human text
     threshold_quantiles: tuple[float, ...] = (0.96, 0.98)
+    #: constant parts of α tried under each threshold (0.01 ≈ temperature 0.99)
+    base_alphas: tuple[float, ...] = (0.0, 0.01, 0.02)
     #: position buckets with a strength each (generated-token index edges)
     bucket_edges: tuple[int, ...] = (64, 128, 192)
     #: rounds of the per-bucket strength update per threshold, from this strength
@@ -62,6 +64,8 @@ class TrainConfig:
             raise ValueError(
                 f"threshold_quantiles must be numbers in (0, 1), got {self.threshold_quantiles}"
             )
+        if not self.base_alphas or not all(0 <= a <= 1 for a in self.base_alphas):
+            raise ValueError(f"base_alphas must be numbers in [0, 1], got {self.base_alphas}")
         if list(self.bucket_edges) != sorted(set(self.bucket_edges)) or any(
             not 1 <= e < self.length for e in self.bucket_edges
         ):

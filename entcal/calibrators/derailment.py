@@ -5,7 +5,7 @@ Pure batched tensor functions (no model, no state, no Python loop over rows), in
 :class:`~entcal.calibrators.predictor.FutureEntropyPredictor` exports. Per sequence and step ``t``::
 
     D̂_t = ((x_t − m) / s) · W · σ_y + μ_y          # excess future entropy rate, nats/token
-    α_t = g · max(0, D̂_t − c)                      # the gate: strength g, threshold c
+    α_t = α_0 + g · max(0, D̂_t − c)                # base α_0; the gate: strength g, threshold c
     log p_t(v) ← (1 + α_t) · log p(v)               # logits of p^(1 + α_t)
 
 ``x_t`` are the state features of :mod:`entcal.calibrators.state`, ``(m, s)`` and ``(μ_y, σ_y)``
@@ -30,6 +30,8 @@ Example::
     >>> sharpen(torch.tensor([[-0.5, -1.0], [-0.5, -1.0]]), alpha)   # row 2: α = 0, unchanged
     tensor([[-1.3750, -2.7500],
             [-0.5000, -1.0000]])
+    >>> gate_alpha(d, 0.5, threshold=3.0, base=0.25)   # a base sharpens every row a little
+    tensor([2.0000, 0.2500])
 """
 
 from __future__ import annotations
@@ -101,13 +103,21 @@ def excess_entropy_rate(
     return out * y_scale + y_mean
 
 
-def gate_alpha(derail: Tensor, strength: Tensor | float, threshold: Tensor | float) -> Tensor:
-    """``α = strength · max(0, derail − threshold)`` per row.
+def gate_alpha(
+    derail: Tensor,
+    strength: Tensor | float,
+    threshold: Tensor | float,
+    base: Tensor | float = 0.0,
+) -> Tensor:
+    """``α = base + strength · max(0, derail − threshold)`` per row.
 
     ``derail``: ``(N,)`` predicted excess future entropy rate ``D̂`` (nats/token); ``strength``
-    (``≥ 0``) and ``threshold`` (nats/token): scalars or ``(N,)`` per row. Returns ``(N,)``.
+    (``≥ 0``), ``threshold`` (nats/token) and ``base`` (``≥ 0``, the constant α of Cao et al.'s
+    global calibration, a temperature ``1/(1 + base)``): scalars or ``(N,)`` per row. Returns
+    ``(N,)``.
     """
-    return (derail - threshold).clamp_min(0.0) * strength
+    alpha = (derail - threshold).clamp_min(0.0) * strength
+    return alpha + base if isinstance(base, Tensor) or base != 0.0 else alpha
 
 
 #: Above this α a row is sharpened as ``(1 + α)·(log p − max log p)``: the same distribution,

@@ -105,8 +105,9 @@ class FutureEntropyPredictor:
     ``scores_`` (held-out R²). Attached by the training recipe before :meth:`save` (they are not
     learned from ``X, y``), and read by :meth:`load`: ``projection_``
     (:class:`~entcal.calibrators.state.HiddenProjection` of the model), ``gate_`` (the fitted
-    rule ``α = g_b·max(0, D − c)``: ``{"threshold": c, "strength": [g_0, …, g_B],
-    "bucket_edges": [e_1, …, e_B]}``, bucket ``b`` holding positions ``e_b ≤ t < e_{b+1}``) and
+    rule ``α = α_0 + g_b·max(0, D − c)``: ``{"threshold": c, "strength": [g_0, …, g_B],
+    "bucket_edges": [e_1, …, e_B], "base": α_0}``, bucket ``b`` holding positions
+    ``e_b ≤ t < e_{b+1}``) and
     ``meta_`` (JSON-able training information); :meth:`load` also sets ``path_``.
     """
 

@@ -8,7 +8,7 @@ A saved :class:`~entcal.calibrators.predictor.FutureEntropyPredictor` is a folde
   :class:`~entcal.calibrators.state.HiddenProjection`);
 * ``predictor.json``: ``format_version`` (2), ``kind``, ``feature_names``, ``y_mean``,
   ``y_scale`` (nats/token), held-out ``scores``, the ``gate`` (``threshold``, ``strength`` per
-  position bucket, ``bucket_edges``), the ``fingerprint`` of the model it was fitted for, the
+  position bucket, ``bucket_edges``, the ``base`` α, absent = 0), the ``fingerprint`` of the model it was fitted for, the
   SHA-256 of the tensor file, and training information.
 
 :func:`load` never unpickles: a missing file raises ``FileNotFoundError``; a malformed,
@@ -204,10 +204,11 @@ def _sha256(path: Path) -> str:
 
 
 def _check_gate(gate: Any, what: str) -> dict:
-    """The gate as plain JSON (``threshold``, ``strength`` per bucket, ``bucket_edges``).
+    """The gate as plain JSON (``threshold``, ``strength`` per bucket, ``bucket_edges``,
+    ``base``; files written before the base existed read as ``base = 0``).
 
     Raises ``ValueError`` (naming ``what``) unless there are ``len(bucket_edges) + 1`` finite
-    strengths ``≥ 0``, increasing edges and a finite threshold.
+    strengths ``≥ 0``, increasing edges, a finite threshold and a finite base ``≥ 0``.
     """
     if not isinstance(gate, dict):
         raise ValueError(f"{what} must be a dict with threshold, strength and bucket_edges")
@@ -215,13 +216,16 @@ def _check_gate(gate: Any, what: str) -> dict:
         c = float(gate["threshold"])
         g = [float(x) for x in gate["strength"]]
         edges = [int(e) for e in gate["bucket_edges"]]
+        base = float(gate.get("base", 0.0))
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{what} lacks or garbles {exc}") from None
     if len(g) != len(edges) + 1 or not all(math.isfinite(x) and x >= 0 for x in g):
         raise ValueError(f"{what}: needs len(bucket_edges) + 1 strengths >= 0, got {g}")
     if edges != sorted(set(edges)) or not math.isfinite(c):
         raise ValueError(f"{what}: bucket_edges must increase and threshold be finite")
-    return {"threshold": c, "strength": g, "bucket_edges": edges}
+    if not (math.isfinite(base) and base >= 0):
+        raise ValueError(f"{what}: base must be finite and >= 0, got {base}")
+    return {"threshold": c, "strength": g, "bucket_edges": edges, "base": base}
 
 
 def save(pred: FutureEntropyPredictor, path: str | Path, fingerprint: dict | None = None) -> Path:

@@ -289,12 +289,12 @@ class _GateEvaluator:
             for b in range(n_b)
         ]
 
-    def __call__(self, threshold: float, strength: list[float]) -> GateEvaluation:
+    def __call__(self, threshold: float, strength: list[float], base: float) -> GateEvaluation:
         from entcal.calibrators.calibrated import CalibratedDecoder
         from entcal.generation import generate
 
         t0 = time.time()
-        dec = CalibratedDecoder.from_predictor(self.predictor, strength, threshold)
+        dec = CalibratedDecoder.from_predictor(self.predictor, strength, threshold, base)
         gens = generate(
             self.model, self.tokenizer, self.prompts, dec, max_new_tokens=self.cfg.length,
             seed=self.cfg.seed + 12345, batch_size=self.cfg.batch_size,
@@ -309,10 +309,12 @@ class _GateEvaluator:
             entce=float(gen_entropy.mean() - loss.mean()),
             cost=float(loss.mean() - self.raw_loss.mean()),
             gated_human_fraction=float((self.human_derail > threshold).float().mean()),
+            base=float(base),
         )
         if self.progress:
             print(
-                f"entcal train: gate c={threshold:.3f} g={[round(g, 3) for g in strength]}: "
+                f"entcal train: gate c={threshold:.3f} g={[round(g, 3) for g in strength]} "
+                f"base={base:g}: "
                 f"EntCE {ev.entce:+.3f} (buckets {[round(e, 3) for e in entce_b]}), "
                 f"cost {ev.cost:+.4f} ({time.time() - t0:.0f} s)",
                 flush=True,
@@ -381,12 +383,13 @@ def train_predictor(
     ]
     best, grid = fit_gate(
         evaluate, thresholds, n_buckets, rounds=cfg.gate_rounds, tolerance=cfg.entce_tolerance,
-        start=cfg.gate_start, log_path=out / "gate_grid.json",
+        start=cfg.gate_start, log_path=out / "gate_grid.json", bases=cfg.base_alphas,
     )  # fmt: skip
     pred.gate_ = {
         "threshold": best.threshold,
         "strength": best.strength,
         "bucket_edges": list(cfg.bucket_edges),
+        "base": best.base,
     }
     report: dict[str, Any] = {
         "config": cfg_json,

@@ -19,7 +19,7 @@ from entcal.commands.common import (
     load_options,
 )
 
-_TUPLES = {"threshold_quantiles": float, "bucket_edges": int}
+_TUPLES = {"threshold_quantiles": float, "base_alphas": float, "bucket_edges": int}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
