@@ -179,6 +179,10 @@ def test_predictor_file_errors(tmp_path):
     meta_path.write_text(json.dumps(bad_gate))
     with pytest.raises(PredictorFileError, match="base"):
         FutureEntropyPredictor.load(folder)
+    no_base = json.loads(good)  # a file written before the base existed: base 0
+    del no_base["gate"]["base"]
+    meta_path.write_text(json.dumps(no_base))
+    assert FutureEntropyPredictor.load(folder).gate_["base"] == 0.0
     meta_path.write_text(good)
     tensors = folder / "predictor.safetensors"
     data = tensors.read_bytes()
@@ -210,18 +214,23 @@ def test_gate_fit_recovers_a_known_temperature():
     steps = 24
 
     def evaluate(threshold: float, strength: list[float], base: float) -> GateEvaluation:
-        alpha = strength[0] * max(0.0, 1.0 - threshold)
+        alpha = base + strength[0] * max(0.0, 1.0 - threshold)
         q = model.processed(lambda logits: logits * (1 + alpha))
         gen = float(q.expected_entropy_per_step(None, steps).mean())
         loss = float(source.expected_log_loss_per_step(q, None, steps).mean())
         raw = float(source.expected_log_loss_per_step(model, None, steps).mean())
-        return GateEvaluation(threshold, list(strength), [gen - loss], gen - loss, loss - raw, 1.0)
+        entce = gen - loss
+        return GateEvaluation(threshold, list(strength), [entce], entce, loss - raw, 1.0, base)
 
     best, grid = fit_gate(evaluate, [0.0], n_buckets=1, rounds=40, tolerance=1e-4)
     assert abs(best.entce) <= 1e-4
     assert best.strength[0] == pytest.approx(tau0 - 1, abs=2e-3)
     assert best.cost < 0  # the recovered source has the lowest log loss
     assert len(grid) < 40
+    # a second base starts from the strengths the first ended with (a warm start)
+    _, grid = fit_gate(evaluate, [0.0], n_buckets=1, rounds=40, tolerance=1e-4, bases=(0, 1e-4))
+    first, second = ([e for e in grid if e.base == b] for b in (0, 1e-4))
+    assert second[0].strength == first[-1].strength and len(second) < len(first)
 
 
 def test_gate_fit_chooses_the_base_that_calibrates_where_the_gate_cannot_open():
@@ -277,6 +286,14 @@ def test_telescoping_identity_on_markov_source():
         assert float(grad.sum()) == pytest.approx(loss_total - gen_total, abs=1e-6)
 
 
+def test_gate_alpha_base_survives_an_infinite_strength():
+    """A closed gate under an infinite strength is 0, not 0·inf = NaN (which would drop α_0)."""
+    from entcal.calibrators.derailment import gate_alpha
+
+    alpha = gate_alpha(torch.tensor([0.0, 2.0]), torch.tensor(float("inf")), 1.0, 0.5)
+    assert alpha.tolist() == [0.5, float("inf")]
+
+
 def test_gate_update_moves_against_each_buckets_error():
     from entcal.calibrators.strength import STRENGTH_MAX, update_strengths
 
@@ -305,12 +322,15 @@ def test_closed_gate_is_the_identity_and_an_open_one_a_temperature_on_markov_sou
     for g in out:
         assert torch.equal(g.logprob, g.raw_logprob) and torch.equal(g.entropy, g.raw_entropy)
     opened = CalibratedDecoder.from_predictor(pred, [0.5, 0.5], threshold=-1.0)  # α = 0.5
+    # the gate closed, a base α_0 = 0.5 alone: the same temperature
+    based = CalibratedDecoder.from_predictor(pred, [3.0, 3.0], threshold=0.5, base=0.5)
     sharp = chain.processed(lambda logits: logits * 1.5).log_transition()
-    out = generate(lm, tok, prompts, opened, max_new_tokens=12, seed=0)
-    for g, p in zip(out, prompts):
-        prev = torch.tensor([p[-1], *g.token_ids[:-1]])
-        expect = sharp[prev, torch.tensor(g.token_ids)].float()
-        assert torch.allclose(g.logprob, expect, atol=1e-4)
+    for dec in (opened, based):
+        out = generate(lm, tok, prompts, dec, max_new_tokens=12, seed=0)
+        for g, p in zip(out, prompts):
+            prev = torch.tensor([p[-1], *g.token_ids[:-1]])
+            expect = sharp[prev, torch.tensor(g.token_ids)].float()
+            assert torch.allclose(g.logprob, expect, atol=1e-4)
 
 
 def test_decoder_spec_options_and_bad_input(tmp_path):
@@ -355,8 +375,8 @@ def test_mixed_instances_in_one_batch_equal_each_alone(tmp_path):
     model = _tiny_llama()
     folder = saved_predictor(tmp_path, model)
     specs = [
-        f"calibrated:predictor={folder}",
-        f"calibrated:predictor={folder},scale=2",
+        f"calibrated:predictor={folder},base=0.2",
+        f"calibrated:predictor={folder},scale=2,base=0.05",
         "top_p=0.9",
     ]
     together = [parse(s).bind(model) if s.startswith("cal") else parse(s) for s in specs]
@@ -381,7 +401,10 @@ def test_an_instance_with_rows_apart_in_the_batch(tmp_path):
 
     model = _tiny_llama()
     folder = saved_predictor(tmp_path, model)
-    a, b = (parse(f"calibrated:predictor={folder},scale={s}").bind(model) for s in (1, 3))
+    a, b = (
+        parse(f"calibrated:predictor={folder},scale={s},base={a0}").bind(model)
+        for s, a0 in ((1, 0.3), (3, 0))
+    )
     a_alone, b_alone = (parse(str(d)).bind(model) for d in (a, b))
     a.reset(2), b.reset(1), a_alone.reset(2), b_alone.reset(1)
     g = torch.Generator().manual_seed(1)
@@ -465,6 +488,16 @@ def test_train_recipe_end_to_end_and_resume(tmp_path, smollm2_tokenizer, capsys)
     assert (out / "predictor" / "predictor.safetensors").read_bytes() == first
     # a different config refuses to mix into the same folder
     assert main([*args[:-2], "--batch-size", "2"]) == 2
+    # the gate alone refitted: the same predictor, threshold and buckets; the base searched
+    refit = tmp_path / "refit"
+    gate_args = ["--gate-of", str(out / "predictor"), "--base-alphas", "0.05", "--gate-rounds", "1"]
+    assert main([*args[:4], str(refit), *args[5:], *gate_args]) == 0
+    again = FutureEntropyPredictor.load(refit / "predictor", model=model)
+    assert again.gate_["base"] == 0.05 and again.gate_["threshold"] == pred.gate_["threshold"]
+    assert again.gate_["bucket_edges"] == [12] and not (refit / "data").exists()
+    regrid = json.loads((refit / "report.json").read_text())["gate_grid"]
+    assert [e["strength"] for e in regrid] == [pred.gate_["strength"]]  # it starts from its own
+    assert (refit / "predictor" / "predictor.safetensors").read_bytes() == first
     d = parse(f"calibrated:predictor={out / 'predictor'}").bind(model)
     d.reset(2)
     assert torch.allclose(d(torch.randn(2, len(tok))).softmax(-1).sum(-1), torch.ones(2))

@@ -130,6 +130,9 @@ EXTREMES: dict[str, list[str]] = {
         f"calibrated:strength={HUGE},threshold=-{HUGE}",
         f"calibrated:threshold={HUGE}",
         "calibrated:strength=0",
+        "calibrated:base=0",
+        f"calibrated:base={HUGE}",
+        f"calibrated:strength={HUGE},base=0.5",
     ],
     "lookahead": [  # runs a model on its top-k candidates: bound to a tiny random Llama here
         "lookahead:alpha=0",

@@ -15,7 +15,7 @@ first steps before any history exists, plus a gated part that grows where the ge
 derails. The per-candidate term ``Ĥ(prefix, v)`` is left
 out: with state-dependent α it did not lower the log-loss cost at equal calibration
 (docs/results/calibrated-design.md). Human text almost never reaches states where ``D̂ > c``, so
-its log loss barely changes; a sampled generation that starts to derail is pulled back, so its
+beyond the base's mild temperature its log loss barely changes; a sampled generation that starts to derail is pulled back, so its
 entropy stays at the human level instead of drifting up. Nothing is truncated: every token the
 model allows keeps a positive probability.
 

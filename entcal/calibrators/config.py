@@ -17,8 +17,8 @@ class TrainConfig:
     Documents come from the corpus's training split; the first ``fit_docs`` train the predictor
     (their human continuations teacher forced, and one ancestral generation of
     ``length + horizon`` tokens from each prompt), the next ``gate_docs`` fit the gate (the
-    decoder's own generations and the human log loss of the same prompts). With the defaults the
-    shipped SmolLM2-135M predictor takes about 25 minutes on 2 CPU cores.
+    decoder's own generations and the human log loss of the same prompts). The defaults are the
+    shipped SmolLM2-135M predictor's settings (about 45 minutes on 2 CPU cores).
     """
 
     model: str = "smollm2-135m"
@@ -33,13 +33,14 @@ class TrainConfig:
     projection_dim: int = 32
     estimator: str = "ridge"
     #: thresholds tried, as quantiles of the predicted excess over the gate documents' human text
-    threshold_quantiles: tuple[float, ...] = (0.96, 0.98)
-    #: constant parts of α tried under each threshold (0.01 ≈ temperature 0.99)
-    base_alphas: tuple[float, ...] = (0.0, 0.01, 0.02)
+    threshold_quantiles: tuple[float, ...] = (0.96,)
+    #: constant parts of α tried under each threshold (0.015 ≈ temperature 0.985)
+    base_alphas: tuple[float, ...] = (0.0, 0.015, 0.03)
     #: position buckets with a strength each (generated-token index edges)
     bucket_edges: tuple[int, ...] = (64, 128, 192)
-    #: rounds of the per-bucket strength update per threshold, from this strength
-    gate_rounds: int = 5
+    #: rounds (at most) of the per-bucket strength update per threshold and base, from this
+    #: strength
+    gate_rounds: int = 4
     gate_start: float = 2.0
     #: a gate calibrates when |EntCE| of each position bucket is at most this (nats/token)
     entce_tolerance: float = 0.1
@@ -50,6 +51,9 @@ class TrainConfig:
     engine: str = "transformers"
     #: further ``vllm.LLM`` arguments for ``engine="vllm"`` (``dtype``, ``tensor_parallel_size``)
     vllm_args: dict = dataclasses.field(default_factory=dict)
+    #: a predictor folder whose gate alone is refitted (its predictor, threshold and buckets are
+    #: kept, the strengths start from its own): the base search without new rollouts
+    gate_of: str | None = None
 
     def validate(self) -> None:
         for name in ("fit_docs", "gate_docs", "prompt_tokens", "length", "horizon"):

@@ -116,7 +116,8 @@ def gate_alpha(
     global calibration, a temperature ``1/(1 + base)``): scalars or ``(N,)`` per row. Returns
     ``(N,)``.
     """
-    alpha = (derail - threshold).clamp_min(0.0) * strength
+    # a closed gate (excess 0) under an infinite strength is 0·inf = NaN: closed means 0
+    alpha = ((derail - threshold).clamp_min(0.0) * strength).nan_to_num(0.0, float("inf"))
     return alpha + base if isinstance(base, Tensor) or base != 0.0 else alpha
 
 

@@ -76,12 +76,13 @@ def fit_gate(
     n_buckets: int,
     rounds: int = 5,
     tolerance: float = 0.1,
-    start: float = 1.0,
+    start: float | Sequence[float] = 1.0,
     log_path: Path | None = None,
     bases: Sequence[float] = (0.0,),
 ) -> tuple[GateEvaluation, list[GateEvaluation]]:
     """Search the gate: for each threshold and each base in turn, ``rounds`` strength updates
-    (from ``start`` for the first base, then from where the previous base ended).
+    (from ``start``, one strength or one per bucket, for the first base, then from where the
+    previous base ended).
 
     ``evaluate(threshold, strengths, base)`` generates with that gate and scores it. Evaluations
     already in ``log_path`` (a JSON list, rewritten after each one) are reused, so an
@@ -106,7 +107,7 @@ def fit_gate(
         return done[key]
 
     for c in thresholds:
-        g = [start] * n_buckets
+        g = [float(start)] * n_buckets if isinstance(start, (int, float)) else list(start)
         for base in bases:
             for r in range(rounds):
                 ev = run(c, g, base)

@@ -16,6 +16,10 @@
    position bucket are set so that EntCE = 0 in every bucket, for each threshold tried; the
    calibrated gate of lowest human log-loss cost is kept (:mod:`entcal.calibrators.strength`).
 
+``gate_of`` (``entcal train --gate-of PREDICTOR``) skips steps 1–3 and refits the gate of an
+existing predictor (its threshold and buckets; the strengths start from its own), for example to
+search a base α_0 without new rollouts.
+
 Everything expensive is cached under ``OUT/data`` (written through temporary files and renames)
 and the gate grid in ``OUT/gate_grid.json``, so an interrupted run resumes where it stopped.
 Seeded: the same config gives the same predictor.
@@ -345,8 +349,11 @@ def train_predictor(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_json = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    for key, default in (("engine", "transformers"), ("vllm_args", {})):
-        if cfg_json[key] == default:  # runs of the default engine keep their config.json
+    for key, default in (
+        ("engine", "transformers"), ("vllm_args", {}), ("base_alphas", [0.0]), ("gate_of", None)
+    ):  # fmt: skip
+        # runs of the default engine, or without a base, keep the config.json of older releases
+        if cfg_json[key] == default:
             del cfg_json[key]
     cfg_path = out / "config.json"
     if cfg_path.exists() and json.loads(cfg_path.read_text()) != cfg_json:
@@ -360,42 +367,51 @@ def train_predictor(
     if model is None:
         model, tokenizer = models.load(cfg.model, **(load or {}))
     prompts, human = _pairs(cfg, tokenizer)
-    folder = out / "data"
-    projection, feats, labels, groups, info = _state_data(
-        model, tokenizer, cfg, prompts, human, folder, progress
-    )
-    pred = FutureEntropyPredictor(estimator=cfg.estimator, random_state=cfg.seed)
-    pred.fit(feats.numpy(), labels.numpy(), groups.numpy())
-    pred.projection_ = projection
     fp = predictor_fingerprint(model, cfg.model)
-    pred.meta_ = {"fingerprint": fp, "horizon": cfg.horizon}
-    # the buckets are fixed; the gate's values are what the search below sets
-    n_buckets = len(cfg.bucket_edges) + 1
-    pred.gate_ = {
-        "threshold": 0.0,
-        "strength": [0.0] * n_buckets,
-        "bucket_edges": list(cfg.bucket_edges),
-    }
+    start: float | list[float] = cfg.gate_start
+    if cfg.gate_of is not None:
+        # the gate alone: predictor, threshold and buckets as fitted, strengths from its own
+        pred = FutureEntropyPredictor.load(cfg.gate_of, model=model)
+        old = pred.meta_.get("report", {})
+        info, scores = old.get("states", {}), old.get("predictor", pred.scores_)
+        edges, start = list(pred.gate_["bucket_edges"]), list(pred.gate_["strength"])
+        thresholds = [pred.gate_["threshold"]]
+        cfg = dataclasses.replace(cfg, bucket_edges=tuple(edges))
+    else:
+        projection, feats, labels, groups, info = _state_data(
+            model, tokenizer, cfg, prompts, human, out / "data", progress
+        )
+        pred = FutureEntropyPredictor(estimator=cfg.estimator, random_state=cfg.seed)
+        pred.fit(feats.numpy(), labels.numpy(), groups.numpy())
+        pred.projection_ = projection
+        pred.meta_ = {"fingerprint": fp, "horizon": cfg.horizon}
+        scores, edges = pred.scores_, list(cfg.bucket_edges)
+        # the buckets are fixed; the gate's values are what the search below sets
+        pred.gate_ = {
+            "threshold": 0.0, "strength": [0.0] * (len(edges) + 1), "bucket_edges": edges,
+            "base": 0.0,
+        }  # fmt: skip
     gp, gh = prompts[cfg.fit_docs :], human[cfg.fit_docs :]
     evaluate = _GateEvaluator(model, tokenizer, pred, cfg, gp, gh, progress)
-    thresholds = [
-        float(torch.quantile(evaluate.human_derail.flatten(), q)) for q in cfg.threshold_quantiles
-    ]
+    if cfg.gate_of is None:
+        thresholds = [
+            float(torch.quantile(evaluate.human_derail.flatten(), q))
+            for q in cfg.threshold_quantiles
+        ]
     best, grid = fit_gate(
-        evaluate, thresholds, n_buckets, rounds=cfg.gate_rounds, tolerance=cfg.entce_tolerance,
-        start=cfg.gate_start, log_path=out / "gate_grid.json", bases=cfg.base_alphas,
+        evaluate, thresholds, len(edges) + 1, rounds=cfg.gate_rounds,
+        tolerance=cfg.entce_tolerance, start=start, log_path=out / "gate_grid.json",
+        bases=cfg.base_alphas,
     )  # fmt: skip
     pred.gate_ = {
-        "threshold": best.threshold,
-        "strength": best.strength,
-        "bucket_edges": list(cfg.bucket_edges),
+        "threshold": best.threshold, "strength": best.strength, "bucket_edges": edges,
         "base": best.base,
-    }
+    }  # fmt: skip
     report: dict[str, Any] = {
         "config": cfg_json,
         "fingerprint": fp,
         "states": info,
-        "predictor": pred.scores_,
+        "predictor": scores,
         "gate": best.to_json(),
         "gate_grid": [e.to_json() for e in grid],
         "seconds": round(time.time() - t0, 1),

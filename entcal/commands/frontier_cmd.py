@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "frontier",
         help="calibration-log-loss frontier: EntCE vs log-loss cost per decoder family",
         description=(
-            "Sweep decoder families (temperature, calibrated strength, lookahead alpha, top-p) "
+            "Sweep decoder families (temperature, calibrated scale, lookahead alpha, top-p) "
             "on the same prompts and seeds; write OUT/frontier.json and OUT/frontier.png. "
             "Each family option takes comma-separated values ('' leaves the family out)."
         ),

@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     add_corpus_argument(parser, "--corpus")
     for field in dataclasses.fields(TrainConfig):
-        if field.name in ("model", "corpus", "engine", "vllm_args"):
+        if field.name in ("model", "corpus", "engine", "vllm_args", "gate_of"):
             continue
         flag = "--" + field.name.replace("_", "-")
         value = getattr(defaults, field.name)
@@ -59,6 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "only, statistics from the same teacher-forced pass); the gate's generations use "
         "transformers",
     )
+    parser.add_argument(
+        "--gate-of", metavar="PREDICTOR", default=None,
+        help="refit only the gate of this predictor folder (its predictor, threshold and "
+        "buckets kept; strengths start from its own), e.g. to search --base-alphas",
+    )  # fmt: skip
     add_device_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
     parser.set_defaults(func=_run)

@@ -6,7 +6,7 @@ Cao, Valiant & Liang (arXiv 2511.11966, §4.3, Fig. 3) show the trade-off of tem
 at a lower log-loss cost. On the same prompts, seeds and documents, this sweeps
 
 * ``temperature``: ``temperature=τ``;
-* ``calibrated``: ``calibrated:scale=s`` (the fitted strengths times ``s``; ``s = 1`` is the
+* ``calibrated``: ``calibrated:scale=s`` (the fitted α, base and strengths, times ``s``; ``s = 1`` is the
   shipped decoder, ``s = 0`` the raw model);
 * ``lookahead``: ``lookahead:alpha=α`` (one-step lookahead future entropy, Braverman et al. 2020);
 * ``top_p``: ``top_p=p``, a reference: truncation gives human text an infinite log loss, so its
