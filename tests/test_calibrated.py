@@ -527,7 +527,6 @@ def test_train_killed_at_any_point_resumes_to_the_same_predictor(tmp_path, smoll
             str(out), "--quiet", "--fit-docs", "4", "--gate-docs", "2", "--prompt-tokens", "16",
             "--length", "24", "--horizon", "6", "--projection-dim", "4",
             "--threshold-quantiles", "0.5,0.9", "--bucket-edges", "12", "--gate-rounds", "2",
-            "--base-alphas", "0",
             "--batch-size", "4",
         ]  # fmt: skip
 

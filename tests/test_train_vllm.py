@@ -10,7 +10,7 @@ import pytest
 ARGS = [
     "--quiet", "--fit-docs", "4", "--gate-docs", "2", "--prompt-tokens", "16", "--length", "24",
     "--horizon", "6", "--projection-dim", "4", "--threshold-quantiles", "0.5,0.9",
-    "--base-alphas", "0", "--bucket-edges", "12", "--gate-rounds", "1", "--batch-size", "4",
+    "--bucket-edges", "12", "--gate-rounds", "1", "--batch-size", "4",
 ]  # fmt: skip
 
 
