@@ -1,8 +1,11 @@
 """``entcal train``: fit the calibrated decoder for a model (predictor, then gate).
 
-Example (the command that made the shipped SmolLM2 predictor)::
+Example (the commands that made the shipped SmolLM2 predictor: the predictor and its gate, then
+the gate refitted with a base)::
 
     entcal train --model smollm2-135m --out runs/train-smollm2 --seed 0
+    entcal train --model smollm2-135m --out runs/gate-smollm2 --seed 0 \
+        --gate-of runs/train-smollm2/predictor --base-alphas 0,0.01,0.02 --gate-rounds 1
 """
 
 from __future__ import annotations
