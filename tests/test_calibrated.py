@@ -498,6 +498,14 @@ def test_train_recipe_end_to_end_and_resume(tmp_path, smollm2_tokenizer, capsys)
     regrid = json.loads((refit / "report.json").read_text())["gate_grid"]
     assert [e["strength"] for e in regrid] == [pred.gate_["strength"]]  # it starts from its own
     assert (refit / "predictor" / "predictor.safetensors").read_bytes() == first
+    assert again.meta_["report"]["gate_of"]["folder"] == str(out / "predictor")
+    # a refit must draw the predictor's gate documents, and name a predictor folder that exists
+    capsys.readouterr()
+    other = [*args[:4], str(tmp_path / "r2"), *args[5:], *gate_args, "--fit-docs", "3"]
+    assert main(other) == 2 and "fit_docs=3" in capsys.readouterr().err
+    missing = [*args[:4], str(tmp_path / "r3"), *args[5:], "--gate-of", str(tmp_path / "none")]
+    assert main(missing) == 2 and "no predictor.json" in capsys.readouterr().err
+    assert not (tmp_path / "r3").exists()  # refused before anything was written
     d = parse(f"calibrated:predictor={out / 'predictor'}").bind(model)
     d.reset(2)
     assert torch.allclose(d(torch.randn(2, len(tok))).softmax(-1).sum(-1), torch.ones(2))

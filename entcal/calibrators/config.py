@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 __all__ = ["ENGINES", "TrainConfig"]
 
@@ -84,5 +85,7 @@ class TrainConfig:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.vllm_args and self.engine != "vllm":
             raise ValueError("vllm_args (--vllm-arg) need engine='vllm' (--engine vllm)")
+        if self.gate_of is not None and not (Path(self.gate_of) / "predictor.json").is_file():
+            raise ValueError(f"gate_of: no predictor.json in {self.gate_of}")
         if not self.entce_tolerance > 0:
             raise ValueError(f"entce_tolerance must be > 0, got {self.entce_tolerance}")

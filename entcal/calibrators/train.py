@@ -326,6 +326,27 @@ class _GateEvaluator:
         return ev
 
 
+#: what decides a run's documents: a gate refit must draw the same ones as the predictor's run
+_DOCUMENT_FIELDS = ("corpus", "seed", "fit_docs", "gate_docs", "prompt_tokens", "length")
+
+
+def _check_same_documents(cfg: TrainConfig, trained: dict | None, folder: str) -> None:
+    """``ValueError`` unless ``cfg`` selects the documents the predictor in ``folder`` was trained
+    with (files of older releases do not record their config: nothing to check)."""
+    if not trained:
+        return
+    differ = [
+        f"{k}={getattr(cfg, k)!r} (the predictor's run: {trained.get(k)!r})"
+        for k in _DOCUMENT_FIELDS
+        if k in trained and trained[k] != getattr(cfg, k)
+    ]
+    if differ:
+        raise ValueError(
+            f"--gate-of {folder}: the gate documents would differ from the predictor's run: "
+            + "; ".join(differ)
+        )
+
+
 def train_predictor(
     cfg: TrainConfig,
     out: str | Path,
@@ -373,6 +394,7 @@ def train_predictor(
         # the gate alone: predictor, threshold and buckets as fitted, strengths from its own
         pred = FutureEntropyPredictor.load(cfg.gate_of, model=model)
         old = pred.meta_.get("report", {})
+        _check_same_documents(cfg, old.get("config"), cfg.gate_of)
         info, scores = old.get("states", {}), old.get("predictor", pred.scores_)
         edges, start = list(pred.gate_["bucket_edges"]), list(pred.gate_["strength"])
         thresholds = [pred.gate_["threshold"]]
@@ -416,7 +438,10 @@ def train_predictor(
         "gate_grid": [e.to_json() for e in grid],
         "seconds": round(time.time() - t0, 1),
     }
-    pred.meta_["report"] = {k: report[k] for k in ("states", "predictor", "gate", "seconds")}
+    if cfg.gate_of is not None:  # states and predictor from the earlier run, the gate from this
+        report["gate_of"] = {"folder": cfg.gate_of, "config": old.get("config")}
+    keep = ("config", "states", "predictor", "gate", "seconds", "gate_of")
+    pred.meta_["report"] = {k: report[k] for k in keep if k in report}
     pred.save(out / "predictor", fingerprint=fp)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     return report
