@@ -12,20 +12,20 @@ Language Models", arXiv 2511.11966, Eq. 9 of the NeurIPS version),
 generation's state instead of a constant per step: a small constant ``α_0`` (their global
 calibration, a temperature ``1/(1 + α_0)``) for what no state reveals, such as the offset of the
 first steps before any history exists, plus a gated part that grows where the generation
-derails. The per-candidate term ``Ĥ(prefix, v)`` is left
-out: with state-dependent α it did not lower the log-loss cost at equal calibration
-(docs/results/calibrated-design.md). Human text almost never reaches states where ``D̂ > c``, so
-beyond the base's mild temperature its log loss barely changes; a sampled generation that starts to derail is pulled back, so its
-entropy stays at the human level instead of drifting up. Nothing is truncated: every token the
-model allows keeps a positive probability.
+derails. The per-candidate term ``Ĥ(prefix, v)`` is left out: with state-dependent α it did not
+lower the log-loss cost at equal calibration (docs/results/calibrated-design.md). Human text almost
+never reaches states where ``D̂ > c``, so beyond the base's mild temperature its log loss barely
+changes; a sampled generation that starts to derail is pulled back, so its entropy stays at the
+human level instead of drifting up. Nothing is truncated: every token the model allows keeps a
+positive probability.
 
 The per-row math (``D̂`` from the predictor's exported weights, ``α``, the sharpening) lives in the
 pure functions of :mod:`entcal.calibrators.derailment`; this module holds the per-sequence state
 and the choice of predictor and gate.
 
-The base ``α_0``, the strengths ``g_b`` and the threshold ``c`` are fitted by ``entcal train`` so that entropy
-calibration error (EntCE) is 0 in every position bucket on the training split's own generations,
-at the lowest human log-loss cost (:mod:`entcal.calibrators.strength`), and stored with the
+The base ``α_0``, the strengths ``g_b`` and the threshold ``c`` are fitted by ``entcal train`` so
+that entropy calibration error (EntCE) is 0 in every position bucket on the training split's own
+generations, at the lowest human log-loss cost (:mod:`entcal.calibrators.strength`), and stored with the
 predictor.
 
 Spec: ``calibrated[:predictor=PATH,scale=S,strength=G,threshold=C,base=A]``
@@ -155,8 +155,9 @@ class CalibratedDecoder(Decoder):
         base: float | None = None,
     ) -> CalibratedDecoder:
         """A decoder over an in-memory predictor (training), optionally with another gate: one
-        strength per position bucket of the predictor's ``bucket_edges``, a threshold, a base. Its spec records the
-        gate (so decoders with different gates differ) but does not parse back: no file."""
+        strength per position bucket of the predictor's ``bucket_edges``, a threshold, a base. Its
+        spec records the gate (so decoders with different gates differ) but does not parse back:
+        no file."""
         n_buckets = len(predictor.gate_["bucket_edges"]) + 1
         if strength is not None:
             strength = [float(g) for g in strength]

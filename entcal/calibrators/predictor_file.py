@@ -8,8 +8,8 @@ A saved :class:`~entcal.calibrators.predictor.FutureEntropyPredictor` is a folde
   :class:`~entcal.calibrators.state.HiddenProjection`);
 * ``predictor.json``: ``format_version`` (2), ``kind``, ``feature_names``, ``y_mean``,
   ``y_scale`` (nats/token), held-out ``scores``, the ``gate`` (``threshold``, ``strength`` per
-  position bucket, ``bucket_edges``, the ``base`` α, absent = 0), the ``fingerprint`` of the model it was fitted for, the
-  SHA-256 of the tensor file, and training information.
+  position bucket, ``bucket_edges``, the ``base`` α, absent = 0), the ``fingerprint`` of the
+  model it was fitted for, the SHA-256 of the tensor file, and training information.
 
 :func:`load` never unpickles: a missing file raises ``FileNotFoundError``; a malformed,
 truncated or corrupted one, or one fitted for another model, :class:`PredictorFileError`, before

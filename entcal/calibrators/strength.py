@@ -3,9 +3,10 @@
 The gate is ``α_t = α_0 + g_b(t) · max(0, D̂_t − c)``: a threshold ``c`` on the predicted excess
 future entropy, a strength ``g_b`` per position bucket ``b`` and a small base ``α_0`` (a mild
 temperature, for the part of the error no state reveals: in the first steps the state has no
-history yet, so the gate cannot open there however strong it is). Human log loss cannot choose it: human
-text almost never enters the states where the gate opens, so the log-loss optimum is ``g ≈ 0``.
-Instead, for each candidate threshold and base, the strengths are set so that entropy calibration error
+history yet, so the gate cannot open there however strong it is). Human log loss cannot choose
+it: human text almost never enters the states where the gate opens, so the log-loss optimum is
+``g ≈ 0``. Instead, for each candidate threshold and base, the strengths are set so that entropy
+calibration error
 
     EntCE_b = mean entropy of the decoder's generations in bucket b
               − mean human log loss under the decoder in bucket b        (nats/token)
@@ -15,8 +16,8 @@ own prompts. Generations are re-sampled after each update with the same seed (co
 numbers), and each strength moves multiplicatively against its bucket's error,
 ``g_b ← g_b · exp(κ · EntCE_b)``; an upstream bucket changes the states downstream, so all buckets
 are updated together for a few rounds (each base starting from the strengths the previous one
-ended with). Of all gates evaluated, those whose every bucket is within
-``tolerance`` of 0 calibrate, and the one of them with the lowest human log-loss cost wins (cost:
+ended with). Of all gates evaluated, those whose every bucket is within ``tolerance`` of 0
+calibrate, and the one of them with the lowest human log-loss cost wins (cost:
 the human log loss under the decoder minus under the raw model, on the same documents); if none
 does, the one of smallest root-mean-square bucket error. (Each evaluation is one sample of
 generations: with 32 prompts a bucket's EntCE has a standard error of about 0.1 nats/token, so

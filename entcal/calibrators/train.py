@@ -395,6 +395,8 @@ def train_predictor(
         pred = FutureEntropyPredictor.load(cfg.gate_of, model=model)
         old = pred.meta_.get("report", {})
         _check_same_documents(cfg, old.get("config"), cfg.gate_of)
+        # states and predictor come from the earlier run, the gate from this one
+        refit = {"folder": cfg.gate_of, "config": old.get("config")}
         info, scores = old.get("states", {}), old.get("predictor", pred.scores_)
         edges, start = list(pred.gate_["bucket_edges"]), list(pred.gate_["strength"])
         thresholds = [pred.gate_["threshold"]]
@@ -407,7 +409,7 @@ def train_predictor(
         pred.fit(feats.numpy(), labels.numpy(), groups.numpy())
         pred.projection_ = projection
         pred.meta_ = {"fingerprint": fp, "horizon": cfg.horizon}
-        scores, edges = pred.scores_, list(cfg.bucket_edges)
+        scores, edges, refit = pred.scores_, list(cfg.bucket_edges), None
         # the buckets are fixed; the gate's values are what the search below sets
         pred.gate_ = {
             "threshold": 0.0, "strength": [0.0] * (len(edges) + 1), "bucket_edges": edges,
@@ -438,8 +440,8 @@ def train_predictor(
         "gate_grid": [e.to_json() for e in grid],
         "seconds": round(time.time() - t0, 1),
     }
-    if cfg.gate_of is not None:  # states and predictor from the earlier run, the gate from this
-        report["gate_of"] = {"folder": cfg.gate_of, "config": old.get("config")}
+    if refit is not None:
+        report["gate_of"] = refit
     keep = ("config", "states", "predictor", "gate", "seconds", "gate_of")
     pred.meta_["report"] = {k: report[k] for k in keep if k in report}
     pred.save(out / "predictor", fingerprint=fp)
