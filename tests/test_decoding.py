@@ -403,3 +403,21 @@ def test_dead_rows_stay_dead_beside_a_nan_row():
     out = keep_dead_rows(torch.zeros(3, 2), torch.tensor([float("nan"), NEG, 1.0]))
     assert out[1].tolist() == [NEG, NEG]
     assert out[0].tolist() == [0.0, 0.0] and out[2].tolist() == [0.0, 0.0]
+
+
+def test_finite_extent_is_none_unless_every_row_maximum_is_finite():
+    """The one-synchronization check behind every call: max |row max| when all are finite, and
+    None for a NaN, +inf or all -inf row (then the call takes the checking path), or no rows."""
+    from entcal.decoding.ops import checked_row_max, finite_extent
+
+    assert finite_extent(torch.tensor([-3.0, 2.0])) == 3.0
+    for bad in (float("nan"), float("inf"), NEG):
+        assert finite_extent(torch.tensor([1.0, bad])) is None
+    assert finite_extent(torch.zeros(0)) is None
+    mx, extent = checked_row_max(torch.tensor([[0.0, NEG], [NEG, NEG]]))
+    assert mx.tolist() == [0.0, NEG] and extent is None
+    dec = parse("temperature=0.5")
+    out = dec(torch.tensor([[1.0, 0.0], [NEG, NEG]]))
+    assert out[0].tolist() == [2.0, 0.0] and out[1].tolist() == [NEG, NEG]
+    with pytest.raises(ValueError, match=r"NaN logits in batch row\(s\) \[1\]"):
+        dec(torch.tensor([[1.0, 0.0], [float("nan"), 0.0]]))

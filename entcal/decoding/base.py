@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from entcal.decoding.ops import check_logits, keep_dead_rows
+from entcal.decoding.ops import checked_row_max, keep_dead_rows
 
 __all__ = [
     "Decoder",
@@ -48,11 +48,10 @@ class Decoder:
     requires_input_ids: ClassVar[bool] = False
 
     def __call__(self, logits: Tensor, input_ids: Tensor | None = None) -> Tensor:
-        row_max = check_logits(logits)
+        row_max, extent = checked_row_max(logits)
         with torch.no_grad():
-            return keep_dead_rows(
-                self._process_checked(logits.float(), input_ids, row_max), row_max
-            )
+            out = self._process_checked(logits.float(), input_ids, row_max)
+        return out if extent is not None else keep_dead_rows(out, row_max)
 
     def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
         raise NotImplementedError

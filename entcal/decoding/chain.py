@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -226,28 +226,32 @@ def chain_apply(logits: Tensor, params: Mapping[str, Any], row_max: Tensor | Non
     if not _neutral(factor, 0.0):
         x = ops.quadratic_smoothing(x, factor, params.get("smoothing_curve", 1.0))
         owned = True
-    stages = (
-        ("top_n_sigma", lambda z, v: ops.top_n_sigma_mask(z, v)),
-        ("top_h", lambda z, v: ops.top_h_mask(z, v)),
-        ("top_k", lambda z, v: ops.top_k_mask(z, v, mk)),
-        ("top_p", lambda z, v: ops.top_p_mask(z, v, mk)),
-        ("min_p", lambda z, v: ops.min_p_mask(z, v, mk)),
-        ("typical", lambda z, v: ops.typical_mask(z, v, mk)),
-        ("epsilon", lambda z, v: _only_active(ops.epsilon_mask(z, v, mk), v, 0.0)),
-        ("eta", lambda z, v: _only_active(ops.eta_mask(z, v, mk), v, 0.0)),
-    )
-    for name, fn in stages:
+    for name, fn in _MASK_STAGES:
         if name not in params:
             continue
         v = params[name]
         if _neutral(v, CHAIN_KEYS[name][0]):
             continue
         if owned:
-            x.masked_fill_(fn(x, v), float("-inf"))
+            x.masked_fill_(fn(x, v, mk), float("-inf"))
         else:  # one pass that writes the output, instead of a copy and a fill
-            x = torch.where(fn(x, v), float("-inf"), x)
+            x = torch.where(fn(x, v, mk), float("-inf"), x)
             owned = True
     return x if owned else logits.clone()
+
+
+#: The truncation stages in transformers' order: (key, mask of the tokens to remove, from the
+#: logits, the stage's value and min_tokens_to_keep).
+_MASK_STAGES: tuple[tuple[str, Callable[[Tensor, Any, Any], Tensor]], ...] = (
+    ("top_n_sigma", lambda z, v, mk: ops.top_n_sigma_mask(z, v)),
+    ("top_h", lambda z, v, mk: ops.top_h_mask(z, v)),
+    ("top_k", ops.top_k_mask),
+    ("top_p", ops.top_p_mask),
+    ("min_p", ops.min_p_mask),
+    ("typical", ops.typical_mask),
+    ("epsilon", lambda z, v, mk: _only_active(ops.epsilon_mask(z, v, mk), v, 0.0)),
+    ("eta", lambda z, v, mk: _only_active(ops.eta_mask(z, v, mk), v, 0.0)),
+)
 
 
 def _only_active(remove: Tensor, value: Any, neutral: Any) -> Tensor:

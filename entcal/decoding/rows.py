@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from entcal.decoding.base import Decoder
-from entcal.decoding.ops import check_logits, faulty_rows, keep_dead_rows
+from entcal.decoding.ops import checked_row_max, faulty_rows, keep_dead_rows
 
 __all__ = ["apply_rows", "apply_rows_at", "apply_rows_isolated"]
 
@@ -27,8 +27,9 @@ def apply_rows(
     Raises ``ValueError`` naming the rows that hold NaN or ``+inf`` (see
     :func:`apply_rows_isolated` for a batch that must go on without them).
     """
-    row_max = check_logits(logits)
-    out, failed = _apply(logits, decoders, input_ids, row_max, isolate=False)
+    row_max, extent = checked_row_max(logits)
+    dead = None if extent is not None else row_max  # (no row is all -inf: nothing to restore)
+    out, failed = _apply(logits, decoders, input_ids, dead, isolate=False)
     assert not failed
     return out
 
@@ -80,10 +81,11 @@ def _apply(
     logits: Tensor,
     decoders: Sequence[Decoder | None],
     input_ids: Tensor | None,
-    row_max: Tensor,
+    row_max: Tensor | None,
     *,
     isolate: bool,
 ) -> tuple[Tensor, dict[int, str]]:
+    # row_max: the rows' maxima, for keep_dead_rows; None when no row is all -inf
     n = logits.shape[0]
     if len(decoders) != n:
         raise ValueError(f"apply_rows: {len(decoders)} decoders for {n} logits rows")
@@ -101,7 +103,7 @@ def _apply(
         if len(idx) == n:
             with torch.no_grad():
                 out = cls._apply_group([decoders[i] for i in idx], x, input_ids)  # type: ignore[misc]
-            return keep_dead_rows(out, row_max), failed
+            return _restore_dead(out, row_max), failed
     out = x.clone()
     with torch.no_grad():
         for cls, idx in groups.items():
@@ -119,4 +121,8 @@ def _apply(
                 failed.update({i: f"{cls.__name__} raised {exc!r}" for i in idx})
                 continue
             out.index_copy_(0, rows_t, res)
-    return keep_dead_rows(out, row_max), failed
+    return _restore_dead(out, row_max), failed
+
+
+def _restore_dead(out: Tensor, row_max: Tensor | None) -> Tensor:
+    return out if row_max is None else keep_dead_rows(out, row_max)

@@ -43,7 +43,14 @@ top-nσ), :mod:`~entcal.decoding.ops.nucleus` (top-p and typical),
 from __future__ import annotations
 
 from entcal.decoding.ops.adaptive import edt_temperature, mirostat_mask
-from entcal.decoding.ops.common import check_logits, faulty_rows, keep_dead_rows, rows
+from entcal.decoding.ops.common import (
+    check_logits,
+    checked_row_max,
+    faulty_rows,
+    finite_extent,
+    keep_dead_rows,
+    rows,
+)
 from entcal.decoding.ops.entropy import entropy_stats, entropy_varentropy
 from entcal.decoding.ops.nucleus import EXACT_TOL, NORM_ERR, top_p_mask, typical_mask
 from entcal.decoding.ops.serving import (
@@ -66,6 +73,7 @@ __all__ = [
     "EXACT_TOL",
     "NORM_ERR",
     "check_logits",
+    "checked_row_max",
     "dynatemp_temperature",
     "edt_temperature",
     "entropy_stats",
@@ -73,6 +81,7 @@ __all__ = [
     "epsilon_mask",
     "eta_mask",
     "faulty_rows",
+    "finite_extent",
     "keep_dead_rows",
     "min_p_mask",
     "mirostat_mask",

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from entcal.decoding.ops.common import NEG_INF, kth_largest, min_keep_guard, rows
+from entcal.decoding.ops.common import NEG_INF, finite_extent, kth_largest, min_keep_guard, rows
 
 
 def temperature(logits: Tensor, t: float | Tensor, row_max: Tensor | None = None) -> Tensor:
@@ -35,9 +35,9 @@ def temperature(logits: Tensor, t: float | Tensor, row_max: Tensor | None = None
             return logits / min(t, amax)
         # Overflow check before the division (a few scalar ops on the row maxima: fewer
         # temporaries around the one full-size result)
-        # (an all -inf row makes this inf: the general path below handles it)
-        top_abs = float((logits.amax(-1) if row_max is None else row_max).abs().amax())
-        if t >= torch.finfo(acc).tiny and top_abs / t <= out_max:
+        # (an all -inf row makes this None: the general path below handles it)
+        top_abs = finite_extent(logits.amax(-1) if row_max is None else row_max)
+        if top_abs is not None and t >= torch.finfo(acc).tiny and top_abs / t <= out_max:
             return logits / t
         plain = logits / t  # a float32 division by the same float32 value as below
     else:
