@@ -117,16 +117,20 @@ def blocks(t: Tensor, fill: float) -> Tensor:
     return t.reshape(r, -1, BLOCK)
 
 
-def kth_largest(logits: Tensor, k: Tensor) -> Tensor:
-    """Value of the k-th largest logit per row ``[N, 1]`` (k >= 1, clipped to V).
+def kth_largest(logits: Tensor, k: int | Tensor) -> Tensor:
+    """Value of the k-th largest logit per row ``[N, 1]`` (k >= 1, clipped to V; one number
+    for every row, or ``[N]``).
 
     For small k, ``topk`` runs on the k blocks (of ``BLOCK`` tokens) with the largest maxima
     only: any token among the row's k largest lies in such a block, and those blocks hold k
     values at least as large as the k-th, so the k largest *values* are unchanged.
     """
     v = logits.shape[-1]
-    k = k.clamp(1, v)
-    kmax = int(k.max())
+    if isinstance(k, Tensor):
+        k = k.clamp(1, v)
+        kmax = int(k.max())
+    else:
+        kmax = k = min(max(k, 1), v)
     if kmax == 1:
         return logits.amax(dim=-1, keepdim=True)
     x = logits
@@ -134,7 +138,7 @@ def kth_largest(logits: Tensor, k: Tensor) -> Tensor:
         kb = blocks(logits, NEG_INF)
         ids = kb.amax(-1).topk(kmax, dim=-1, sorted=False).indices
         x = kb.gather(1, ids.unsqueeze(-1).expand(-1, -1, BLOCK)).flatten(1)
-    if bool((k == kmax).all()):
+    if not isinstance(k, Tensor) or bool((k == kmax).all()):
         return x.topk(kmax, dim=-1, sorted=False).values.amin(-1, keepdim=True)
     vals = x.topk(kmax, dim=-1, sorted=True).values
     return vals.gather(-1, (k - 1).view(-1, 1))

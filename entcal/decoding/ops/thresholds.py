@@ -70,6 +70,11 @@ def top_k_mask(logits: Tensor, k: int | Tensor, min_keep: int | Tensor = 1) -> T
 
     Like transformers, ``k`` is raised to ``min_keep`` and ties with the k-th logit are kept.
     """
+    if not isinstance(k, Tensor) and not isinstance(min_keep, Tensor):
+        # one k for every row (the common case): no per-row tensors, no synchronization
+        if k <= 0:
+            return torch.zeros_like(logits, dtype=torch.bool)
+        return logits < kth_largest(logits, max(k, min_keep))
     n = logits.shape[0]
     kk = rows(k, n, logits.device, torch.long)
     mk = rows(min_keep, n, logits.device, torch.long)
