@@ -421,3 +421,14 @@ def test_finite_extent_is_none_unless_every_row_maximum_is_finite():
     assert out[0].tolist() == [2.0, 0.0] and out[1].tolist() == [NEG, NEG]
     with pytest.raises(ValueError, match=r"NaN logits in batch row\(s\) \[1\]"):
         dec(torch.tensor([[1.0, 0.0], [float("nan"), 0.0]]))
+
+
+@pytest.mark.parametrize("spec", ["top_k=50", "top_k=50,top_p=0.9", "temperature=0.7", "min_p=0.1"])
+def test_an_empty_batch_comes_back_empty(spec):
+    out = parse(spec)(torch.empty(0, 49152))
+    assert out.shape == (0, 49152)
+
+
+def test_top_k_op_takes_an_integral_float_k():
+    x = torch.tensor([[1.0, 3.0, 2.0]])
+    assert ops.top_k_mask(x, 2.0).tolist() == [[True, False, False]]

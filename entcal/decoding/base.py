@@ -50,16 +50,19 @@ class Decoder:
     def __call__(self, logits: Tensor, input_ids: Tensor | None = None) -> Tensor:
         row_max, extent = checked_row_max(logits)
         with torch.no_grad():
-            out = self._process_checked(logits.float(), input_ids, row_max)
+            out = self._process_checked(logits.float(), input_ids, row_max, extent)
         return out if extent is not None else keep_dead_rows(out, row_max)
 
     def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
         raise NotImplementedError
 
-    def _process_checked(self, logits: Tensor, input_ids: Tensor | None, row_max: Tensor) -> Tensor:
+    def _process_checked(
+        self, logits: Tensor, input_ids: Tensor | None, row_max: Tensor, extent: float | None
+    ) -> Tensor:
         """:meth:`_process` on logits the call has validated; ``row_max`` ``[N]`` holds each
-        row's maximum, which the validation computed (a decoder that needs it overrides this
-        instead of computing it again)."""
+        row's maximum and ``extent`` their :func:`~entcal.decoding.ops.finite_extent`, which
+        the validation computed (a decoder that needs them overrides this instead of computing
+        them again)."""
         return self._process(logits, input_ids)
 
     # ---- the model (a no-op for decoders that do not depend on it) -----------------------

@@ -178,9 +178,11 @@ class ChainDecoder(Decoder):
         return {n: getattr(self, n) for n, (neutral, _) in CHAIN_KEYS.items()
                 if getattr(self, n) != neutral}  # fmt: skip
 
-    def _process_checked(self, logits: Tensor, input_ids: Tensor | None, row_max: Tensor) -> Tensor:
+    def _process_checked(
+        self, logits: Tensor, input_ids: Tensor | None, row_max: Tensor, extent: float | None
+    ) -> Tensor:
         # The temperature stage's overflow check needs the row maxima the validation found.
-        return chain_apply(logits, self._params, row_max=row_max)
+        return chain_apply(logits, self._params, row_max=row_max, extent=extent)
 
     def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
         return chain_apply(logits, self._params)
@@ -206,11 +208,17 @@ def _neutral(value: Any, neutral: Any) -> bool:
     return value == neutral
 
 
-def chain_apply(logits: Tensor, params: Mapping[str, Any], row_max: Tensor | None = None) -> Tensor:
+def chain_apply(
+    logits: Tensor,
+    params: Mapping[str, Any],
+    row_max: Tensor | None = None,
+    extent: float | None = None,
+) -> Tensor:
     """Apply the chain with per-row (tensor ``[N]``) or shared (number) parameters.
 
     Rows at a stage's neutral value are untouched by that stage; a stage whose parameter is
-    neutral for every row is skipped entirely. ``row_max`` ``[N]``: the rows' maxima, if known.
+    neutral for every row is skipped entirely. ``row_max`` ``[N]``: the rows' maxima, and
+    ``extent`` their :func:`~entcal.decoding.ops.finite_extent`, if known.
     """
     x = logits
     owned = False  # whether x is our own tensor (then masks are applied in place)
@@ -220,7 +228,7 @@ def chain_apply(logits: Tensor, params: Mapping[str, Any], row_max: Tensor | Non
     if not _neutral(spread, 0.0):
         t = ops.dynatemp_temperature(x, t, spread, params.get("dynatemp_exponent", 1.0))
     if not _neutral(t, 1.0):
-        x = ops.temperature(x, t, row_max=row_max)
+        x = ops.temperature(x, t, row_max=row_max, extent=extent)
         owned = True
     factor = params.get("smoothing_factor", 0.0)
     if not _neutral(factor, 0.0):

@@ -28,8 +28,10 @@ def apply_rows(
     :func:`apply_rows_isolated` for a batch that must go on without them).
     """
     row_max, extent = checked_row_max(logits)
-    dead = None if extent is not None else row_max  # (no row is all -inf: nothing to restore)
-    out, failed = _apply(logits, decoders, input_ids, dead, isolate=False)
+    # (every row maximum finite: no row is all -inf, nothing to restore)
+    out, failed = _apply(
+        logits, decoders, input_ids, None if extent is not None else row_max, isolate=False
+    )
     assert not failed
     return out
 
@@ -125,4 +127,5 @@ def _apply(
 
 
 def _restore_dead(out: Tensor, row_max: Tensor | None) -> Tensor:
+    """:func:`keep_dead_rows`, unless the caller knows no row is all ``-inf`` (``None``)."""
     return out if row_max is None else keep_dead_rows(out, row_max)

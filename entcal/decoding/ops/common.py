@@ -87,7 +87,8 @@ def check_logits(logits: Tensor) -> Tensor:
 
 def checked_row_max(logits: Tensor) -> tuple[Tensor, float | None]:
     """:func:`check_logits`, also returning :func:`finite_extent` of the row maxima (``None``
-    when some row is all ``-inf``: then :func:`keep_dead_rows` has work to do)."""
+    when some row is all ``-inf``, then :func:`keep_dead_rows` has work to do, or there are
+    no rows)."""
     mx = _row_max(logits)
     extent = finite_extent(mx)
     if extent is not None:  # the common case

@@ -11,7 +11,12 @@ from torch import Tensor
 from entcal.decoding.ops.common import NEG_INF, finite_extent, kth_largest, min_keep_guard, rows
 
 
-def temperature(logits: Tensor, t: float | Tensor, row_max: Tensor | None = None) -> Tensor:
+def temperature(
+    logits: Tensor,
+    t: float | Tensor,
+    row_max: Tensor | None = None,
+    extent: float | None = None,
+) -> Tensor:
     """``logits / T`` per row (``T > 0``); bitwise equal to transformers' TemperatureLogitsWarper.
 
     Where that division would overflow (``|max logit| / T`` beyond the dtype's range, or ``T``
@@ -21,7 +26,8 @@ def temperature(logits: Tensor, t: float | Tensor, row_max: Tensor | None = None
     exact ``softmax(x / T)``, so in the limit ``T -> 0`` the argmax (and its ties) at 0 and every
     other token at ``-inf``, never NaN or ``+inf``. All-``-inf`` rows stay all ``-inf``.
     ``row_max`` ``[N]``: the rows' maxima if the caller has them (:func:`check_logits` returns
-    them), which saves the pass that finds them.
+    them), which saves the pass that finds them; ``extent``: their :func:`finite_extent` if the
+    caller has it (``Decoder.__call__`` does), which saves the synchronization.
 
     >>> temperature(torch.tensor([[0.0, 1.0, -1.0]]), 1e-300)
     tensor([[-inf, 0., -inf]])
@@ -36,7 +42,9 @@ def temperature(logits: Tensor, t: float | Tensor, row_max: Tensor | None = None
         # Overflow check before the division (a few scalar ops on the row maxima: fewer
         # temporaries around the one full-size result)
         # (an all -inf row makes this None: the general path below handles it)
-        top_abs = finite_extent(logits.amax(-1) if row_max is None else row_max)
+        top_abs = extent
+        if top_abs is None:
+            top_abs = finite_extent(logits.amax(-1) if row_max is None else row_max)
         if top_abs is not None and t >= torch.finfo(acc).tiny and top_abs / t <= out_max:
             return logits / t
         plain = logits / t  # a float32 division by the same float32 value as below
@@ -72,9 +80,9 @@ def top_k_mask(logits: Tensor, k: int | Tensor, min_keep: int | Tensor = 1) -> T
     """
     if not isinstance(k, Tensor) and not isinstance(min_keep, Tensor):
         # one k for every row (the common case): no per-row tensors, no synchronization
-        if k <= 0:
+        if k <= 0 or logits.shape[0] == 0:
             return torch.zeros_like(logits, dtype=torch.bool)
-        return logits < kth_largest(logits, max(k, min_keep))
+        return logits < kth_largest(logits, int(max(k, min_keep)))
     n = logits.shape[0]
     kk = rows(k, n, logits.device, torch.long)
     mk = rows(min_keep, n, logits.device, torch.long)
