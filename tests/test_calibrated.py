@@ -331,6 +331,14 @@ def test_closed_gate_is_the_identity_and_an_open_one_a_temperature_on_markov_sou
             prev = torch.tensor([p[-1], *g.token_ids[:-1]])
             expect = sharp[prev, torch.tensor(g.token_ids)].float()
             assert torch.allclose(g.logprob, expect, atol=1e-4)
+    # warmup=5: the open gate stays closed for the first 5 steps (the raw model), then opens
+    warm = CalibratedDecoder.from_predictor(pred, [0.5, 0.5], threshold=-1.0, warmup=5)
+    for g, p in zip(generate(lm, tok, prompts, warm, max_new_tokens=12, seed=0), prompts):
+        prev = torch.tensor([p[-1], *g.token_ids[:-1]])
+        expect = sharp[prev, torch.tensor(g.token_ids)].float()
+        assert torch.equal(g.logprob[:5], g.raw_logprob[:5])
+        assert torch.allclose(g.logprob[5:], expect[5:], atol=1e-4)
+        assert not torch.allclose(g.logprob[5:], g.raw_logprob[5:], atol=1e-3)
 
 
 def test_decoder_spec_options_and_bad_input(tmp_path):
@@ -346,8 +354,12 @@ def test_decoder_spec_options_and_bad_input(tmp_path):
     # the base is scaled with the strengths: scale=0 is the raw model
     based = parse(f"calibrated:predictor={folder},base=0.1,scale=0.5")
     assert parse(str(based)) == based and based.bind(model).gate()[2] == pytest.approx(0.05)
+    warm = parse(f"calibrated:predictor={folder},warmup=8")
+    assert str(warm) == f"calibrated:predictor={folder},warmup=8" and parse(str(warm)) == warm
+    assert warm.warmup == 8 and d.warmup == 0
     for bad, key in (("scale=-1", "scale"), ("strength=nan", "strength"), ("base=-0.1", "base"),
-                     ("threshold=inf", "threshold"), ("alpha=1", "alpha")):  # fmt: skip
+                     ("threshold=inf", "threshold"), ("alpha=1", "alpha"),
+                     ("warmup=-1", "warmup"), ("warmup=1.5", "warmup")):  # fmt: skip
         with pytest.raises(ValueError, match=key):
             parse(f"calibrated:predictor={folder},{bad}")
     with pytest.raises(FileNotFoundError):
@@ -376,7 +388,7 @@ def test_mixed_instances_in_one_batch_equal_each_alone(tmp_path):
     folder = saved_predictor(tmp_path, model)
     specs = [
         f"calibrated:predictor={folder},base=0.2",
-        f"calibrated:predictor={folder},scale=2,base=0.05",
+        f"calibrated:predictor={folder},scale=2,base=0.05,warmup=3",
         "top_p=0.9",
     ]
     together = [parse(s).bind(model) if s.startswith("cal") else parse(s) for s in specs]

@@ -133,6 +133,8 @@ EXTREMES: dict[str, list[str]] = {
         "calibrated:base=0",
         f"calibrated:base={HUGE}",
         f"calibrated:strength={HUGE},base=0.5",
+        "calibrated:warmup=8",
+        f"calibrated:warmup=1000000,strength={HUGE}",
     ],
     "lookahead": [  # runs a model on its top-k candidates: bound to a tiny random Llama here
         "lookahead:alpha=0",

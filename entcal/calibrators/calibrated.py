@@ -28,7 +28,7 @@ that entropy calibration error (EntCE) is 0 in every position bucket on the trai
 generations, at the lowest human log-loss cost (:mod:`entcal.calibrators.strength`), and stored with the
 predictor.
 
-Spec: ``calibrated[:predictor=PATH,scale=S,strength=G,threshold=C,base=A]``
+Spec: ``calibrated[:predictor=PATH,scale=S,strength=G,threshold=C,base=A,warmup=K]``
 
 * ``predictor``: a folder written by ``entcal train`` (default: the predictor shipped for the
   model the decoder is bound to; unbound, the shipped one whose vocabulary matches the logits);
@@ -36,7 +36,11 @@ Spec: ``calibrated[:predictor=PATH,scale=S,strength=G,threshold=C,base=A]``
   raw model; the ``entcal frontier`` sweep);
 * ``strength`` (``≥ 0``): one strength for every bucket instead of the fitted ones;
 * ``threshold`` (nats/token): instead of the fitted one;
-* ``base`` (``≥ 0``): ``α_0`` instead of the fitted one (0 = the gate alone).
+* ``base`` (``≥ 0``): ``α_0`` instead of the fitted one (0 = the gate alone);
+* ``warmup`` (integer ``≥ 0``, default 0): the gate stays closed for the first ``K`` generated
+  steps (``α_t = α_0`` there), whose state has too little history to be read; on the pydoc and
+  Austen test sets every human position where the shipped gate opened before step 8 was such a
+  false alarm (``benchmarks/gate_transfer.py``).
 
 The decoder is stateful (``requires_history``): per sequence it keeps the moving averages of
 :mod:`entcal.calibrators.state`, fed by ``reset``/``observe`` (transformers' ``generate`` through
@@ -82,6 +86,7 @@ from entcal.decoding.base import (
     format_value,
     instance_rows,
     parse_float,
+    parse_int,
 )
 from entcal.decoding.spec import register_method
 
@@ -118,7 +123,7 @@ class CalibratedDecoder(Decoder):
     """Gated future-entropy-calibrated sampling (see the module docstring for rule and spec)."""
 
     requires_history: ClassVar[bool] = True
-    OPTIONS = ("predictor", "scale", "strength", "threshold", "base")
+    OPTIONS = ("predictor", "scale", "strength", "threshold", "base", "warmup")
 
     def __init__(
         self,
@@ -127,7 +132,9 @@ class CalibratedDecoder(Decoder):
         threshold: float | str | None = None,
         scale: float | str = 1.0,
         base: float | str | None = None,
+        warmup: int | str = 0,
     ) -> None:
+        self.warmup = parse_int("warmup", warmup, lo=0, range_text="an integer >= 0")
         self.strength = None if strength is None else parse_float("strength", strength, lo=0.0)
         self.base = None if base is None else parse_float("base", base, lo=0.0)
         self.threshold = None if threshold is None else parse_float("threshold", threshold)
@@ -143,7 +150,7 @@ class CalibratedDecoder(Decoder):
         check_known("calibrated", options, cls.OPTIONS)
         return cls(
             options.get("predictor"), options.get("strength"), options.get("threshold"),
-            options.get("scale", 1.0), options.get("base"),
+            options.get("scale", 1.0), options.get("base"), options.get("warmup", 0),
         )  # fmt: skip
 
     @classmethod
@@ -153,9 +160,11 @@ class CalibratedDecoder(Decoder):
         strength: Sequence[float] | None = None,
         threshold: float | None = None,
         base: float | None = None,
+        warmup: int = 0,
     ) -> CalibratedDecoder:
         """A decoder over an in-memory predictor (training), optionally with another gate: one
-        strength per position bucket of the predictor's ``bucket_edges``, a threshold, a base. Its
+        strength per position bucket of the predictor's ``bucket_edges``, a threshold, a base, a
+        warm-up. Its
         spec records the gate (so decoders with different gates differ) but does not parse back:
         no file."""
         n_buckets = len(predictor.gate_["bucket_edges"]) + 1
@@ -166,7 +175,7 @@ class CalibratedDecoder(Decoder):
                     f"strength needs {n_buckets} finite values >= 0 (one per position bucket), "
                     f"got {strength}"
                 )
-        self = cls()
+        self = cls(warmup=warmup)
         self._predictor = predictor
         self._strengths = strength
         self.threshold = None if threshold is None else parse_float("threshold", threshold)
@@ -189,6 +198,8 @@ class CalibratedDecoder(Decoder):
             parts.append(f"threshold={format_value(self.threshold)}")
         if self.base is not None:
             parts.append(f"base={format_value(self.base)}")
+        if self.warmup:
+            parts.append(f"warmup={self.warmup}")
         return "calibrated" + (":" + ",".join(parts) if parts else "")
 
     # ---- the predictor ------------------------------------------------------------------------
@@ -289,6 +300,8 @@ class CalibratedDecoder(Decoder):
         strength, threshold, base = self._gate_rows(pred, logits.device)
         edges = self._gate_cache[4]  # type: ignore[index]
         g = strength[torch.bucketize(tracker.count, edges, right=True)]
+        if self.warmup:
+            g = torch.where(tracker.count < self.warmup, 0.0, g)
         alpha = gate_alpha(pred.predict_tensor(feats), g, threshold, base)
         return sharpen(lp, alpha, out=lp)  # lp is this call's own tensor: sharpened in place
 
@@ -331,9 +344,9 @@ class CalibratedDecoder(Decoder):
             )
             edges = group[0]._gate_cache[4]  # type: ignore[index]
             bucket = torch.bucketize(count, edges, right=True)
-            a = gate_alpha(
-                pred.predict_tensor(feats), table[owner, bucket], thresh[owner], base[owner]
-            )
+            warm = torch.tensor([d.warmup for d in group], device=dev)[owner]
+            g = torch.where(count < warm, 0.0, table[owner, bucket])
+            a = gate_alpha(pred.predict_tensor(feats), g, thresh[owner], base[owner])
             alpha.index_copy_(0, sel, a)
         return sharpen(lp, alpha, out=lp)
 
