@@ -148,7 +148,7 @@ def test_predictor_torch_matches_sklearn_and_roundtrips(tmp_path, kind):
     back = FutureEntropyPredictor.load(folder, model=model)
     assert np.allclose(back.predict(X), pred.predict(X), atol=1e-5)
     assert back.gate_ == {
-        "threshold": 0.0, "strength": [0.5, 1.0], "bucket_edges": [4], "base": 0.0
+        "threshold": 0.0, "strength": [0.5, 1.0], "bucket_edges": [4], "base": 0.0, "warmup": 0
     }  # fmt: skip
     meta = json.loads((folder / "predictor.json").read_text())
     assert meta["format_version"] == 2 and meta["fingerprint"]["name"] == "tiny"
@@ -183,6 +183,17 @@ def test_predictor_file_errors(tmp_path):
     del no_base["gate"]["base"]
     meta_path.write_text(json.dumps(no_base))
     assert FutureEntropyPredictor.load(folder).gate_["base"] == 0.0
+    assert FutureEntropyPredictor.load(folder).gate_["warmup"] == 0  # (no warm-up either)
+    for bad in (-1, 1.5, True, "8"):
+        bad_gate = json.loads(good)
+        bad_gate["gate"]["warmup"] = bad
+        meta_path.write_text(json.dumps(bad_gate))
+        with pytest.raises(PredictorFileError, match="warmup"):
+            FutureEntropyPredictor.load(folder)
+    warm = json.loads(good)
+    warm["gate"]["warmup"] = 6
+    meta_path.write_text(json.dumps(warm))
+    assert FutureEntropyPredictor.load(folder).gate_["warmup"] == 6
     meta_path.write_text(good)
     tensors = folder / "predictor.safetensors"
     data = tensors.read_bytes()
@@ -356,7 +367,7 @@ def test_decoder_spec_options_and_bad_input(tmp_path):
     assert parse(str(based)) == based and based.bind(model).gate()[2] == pytest.approx(0.05)
     warm = parse(f"calibrated:predictor={folder},warmup=8")
     assert str(warm) == f"calibrated:predictor={folder},warmup=8" and parse(str(warm)) == warm
-    assert warm.warmup == 8 and d.warmup == 0
+    assert warm.bind(model).warmup_steps() == 8 and d.warmup_steps() == 0  # (the file's)
     for bad, key in (("scale=-1", "scale"), ("strength=nan", "strength"), ("base=-0.1", "base"),
                      ("threshold=inf", "threshold"), ("alpha=1", "alpha"),
                      ("warmup=-1", "warmup"), ("warmup=1.5", "warmup")):  # fmt: skip
@@ -472,10 +483,11 @@ def test_train_recipe_end_to_end_and_resume(tmp_path, smollm2_tokenizer, capsys)
         "train", "--model", str(folder), "--out", str(out), "--quiet", "--fit-docs", "4",
         "--gate-docs", "2", "--prompt-tokens", "16", "--length", "24", "--horizon", "6",
         "--projection-dim", "4", "--threshold-quantiles", "0.5,0.9", "--bucket-edges", "12",
-        "--gate-rounds", "2", "--base-alphas", "0,0.05", "--batch-size", "4",
+        "--gate-rounds", "2", "--base-alphas", "0,0.05", "--batch-size", "4", "--warmup", "3",
     ]  # fmt: skip
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["config"]["warmup"] == 3
     assert report["states"]["n_states"] == 2 * 4 * 24
     assert report["predictor"]["chosen"] == "ridge"
     grid = report["gate_grid"]
@@ -486,7 +498,10 @@ def test_train_recipe_end_to_end_and_resume(tmp_path, smollm2_tokenizer, capsys)
     assert {e["base"] for e in grid} == {0.0, 0.05}
     pred = FutureEntropyPredictor.load(out / "predictor", model=model)
     assert pred.gate_["bucket_edges"] == [12] and len(pred.gate_["strength"]) == 2
-    assert pred.gate_["base"] == report["gate"]["base"]
+    assert pred.gate_["base"] == report["gate"]["base"] and pred.gate_["warmup"] == 3
+
+    # the warm-up reaches decoders through the file
+    assert parse(f"calibrated:predictor={out / 'predictor'}").bind(model).warmup_steps() == 3
     first = (out / "predictor" / "predictor.safetensors").read_bytes()
     # resume: everything cached is reused; same seed, same predictor
     assert main(args) == 0

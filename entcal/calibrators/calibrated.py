@@ -37,10 +37,9 @@ Spec: ``calibrated[:predictor=PATH,scale=S,strength=G,threshold=C,base=A,warmup=
 * ``strength`` (``≥ 0``): one strength for every bucket instead of the fitted ones;
 * ``threshold`` (nats/token): instead of the fitted one;
 * ``base`` (``≥ 0``): ``α_0`` instead of the fitted one (0 = the gate alone);
-* ``warmup`` (integer ``≥ 0``, default 0): the gate stays closed for the first ``K`` generated
-  steps (``α_t = α_0`` there), whose state has too little history to be read; on the pydoc and
-  Austen test sets every human position where the shipped gate opened before step 8 was such a
-  false alarm (``benchmarks/gate_transfer.py``).
+* ``warmup`` (integer ``≥ 0``): the gate stays closed for the first ``K`` generated steps
+  (``α_t = α_0`` there), whose state has too little history to be read, instead of the
+  predictor's (0 in files written before it existed).
 
 The decoder is stateful (``requires_history``): per sequence it keeps the moving averages of
 :mod:`entcal.calibrators.state`, fed by ``reset``/``observe`` (transformers' ``generate`` through
@@ -132,9 +131,13 @@ class CalibratedDecoder(Decoder):
         threshold: float | str | None = None,
         scale: float | str = 1.0,
         base: float | str | None = None,
-        warmup: int | str = 0,
+        warmup: int | str | None = None,
     ) -> None:
-        self.warmup = parse_int("warmup", warmup, lo=0, range_text="an integer >= 0")
+        self.warmup = (
+            None
+            if warmup is None
+            else parse_int("warmup", warmup, lo=0, range_text="an integer >= 0")
+        )
         self.strength = None if strength is None else parse_float("strength", strength, lo=0.0)
         self.base = None if base is None else parse_float("base", base, lo=0.0)
         self.threshold = None if threshold is None else parse_float("threshold", threshold)
@@ -150,7 +153,7 @@ class CalibratedDecoder(Decoder):
         check_known("calibrated", options, cls.OPTIONS)
         return cls(
             options.get("predictor"), options.get("strength"), options.get("threshold"),
-            options.get("scale", 1.0), options.get("base"), options.get("warmup", 0),
+            options.get("scale", 1.0), options.get("base"), options.get("warmup"),
         )  # fmt: skip
 
     @classmethod
@@ -160,7 +163,7 @@ class CalibratedDecoder(Decoder):
         strength: Sequence[float] | None = None,
         threshold: float | None = None,
         base: float | None = None,
-        warmup: int = 0,
+        warmup: int | None = None,
     ) -> CalibratedDecoder:
         """A decoder over an in-memory predictor (training), optionally with another gate: one
         strength per position bucket of the predictor's ``bucket_edges``, a threshold, a base, a
@@ -198,7 +201,7 @@ class CalibratedDecoder(Decoder):
             parts.append(f"threshold={format_value(self.threshold)}")
         if self.base is not None:
             parts.append(f"base={format_value(self.base)}")
-        if self.warmup:
+        if self.warmup is not None:
             parts.append(f"warmup={self.warmup}")
         return "calibrated" + (":" + ",".join(parts) if parts else "")
 
@@ -247,6 +250,14 @@ class CalibratedDecoder(Decoder):
         c = fitted["threshold"] if self.threshold is None else self.threshold
         base = fitted.get("base", 0.0) if self.base is None else self.base
         return [x * self.scale for x in g], c, base * self.scale
+
+    def warmup_steps(self) -> int:
+        """Generated steps at the start whose gate stays closed: the spec's, else the
+        predictor's."""
+        if self.warmup is not None:
+            return self.warmup
+        assert self._predictor is not None
+        return int(self._predictor.gate_.get("warmup", 0))
 
     # ---- state --------------------------------------------------------------------------------
     def reset(self, batch_size: int) -> None:
@@ -300,8 +311,9 @@ class CalibratedDecoder(Decoder):
         strength, threshold, base = self._gate_rows(pred, logits.device)
         edges = self._gate_cache[4]  # type: ignore[index]
         g = strength[torch.bucketize(tracker.count, edges, right=True)]
-        if self.warmup:
-            g = torch.where(tracker.count < self.warmup, 0.0, g)
+        warmup = self.warmup_steps()
+        if warmup:
+            g = torch.where(tracker.count < warmup, 0.0, g)
         alpha = gate_alpha(pred.predict_tensor(feats), g, threshold, base)
         return sharpen(lp, alpha, out=lp)  # lp is this call's own tensor: sharpened in place
 
@@ -344,7 +356,7 @@ class CalibratedDecoder(Decoder):
             )
             edges = group[0]._gate_cache[4]  # type: ignore[index]
             bucket = torch.bucketize(count, edges, right=True)
-            warm = torch.tensor([d.warmup for d in group], device=dev)[owner]
+            warm = torch.tensor([d.warmup_steps() for d in group], device=dev)[owner]
             g = torch.where(count < warm, 0.0, table[owner, bucket])
             a = gate_alpha(pred.predict_tensor(feats), g, thresh[owner], base[owner])
             alpha.index_copy_(0, sel, a)

@@ -56,6 +56,9 @@ class TrainConfig:
     #: a predictor folder whose gate alone is refitted (its predictor, threshold and buckets are
     #: kept, the strengths start from its own): the base search without new rollouts
     gate_of: str | None = None
+    #: generated steps at the start whose gate stays closed (their state has too little history
+    #: to be read; the base alone acts there)
+    warmup: int = 0
 
     def validate(self) -> None:
         for name in ("fit_docs", "gate_docs", "prompt_tokens", "length", "horizon"):
@@ -64,6 +67,8 @@ class TrainConfig:
         for name in ("projection_dim", "gate_rounds", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup < self.length:
+            raise ValueError(f"warmup must lie in [0, length={self.length}), got {self.warmup}")
         if self.estimator not in ("auto", "ridge", "mlp"):
             raise ValueError(f"estimator must be auto, ridge or mlp, got {self.estimator!r}")
         if not self.threshold_quantiles or not all(0 < q < 1 for q in self.threshold_quantiles):

@@ -205,10 +205,11 @@ def _sha256(path: Path) -> str:
 
 def _check_gate(gate: Any, what: str) -> dict:
     """The gate as plain JSON (``threshold``, ``strength`` per bucket, ``bucket_edges``,
-    ``base``; files written before the base existed read as ``base = 0``).
+    ``base``, ``warmup``; files written before the base or the warm-up existed read them as 0).
 
     Raises ``ValueError`` (naming ``what``) unless there are ``len(bucket_edges) + 1`` finite
-    strengths ``≥ 0``, increasing edges, a finite threshold and a finite base ``≥ 0``.
+    strengths ``≥ 0``, increasing edges, a finite threshold, a finite base ``≥ 0`` and an integer
+    warm-up ``≥ 0``.
     """
     if not isinstance(gate, dict):
         raise ValueError(f"{what} must be a dict with threshold, strength and bucket_edges")
@@ -217,6 +218,7 @@ def _check_gate(gate: Any, what: str) -> dict:
         g = [float(x) for x in gate["strength"]]
         edges = [int(e) for e in gate["bucket_edges"]]
         base = float(gate.get("base", 0.0))
+        warmup = gate.get("warmup", 0)
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{what} lacks or garbles {exc}") from None
     if len(g) != len(edges) + 1 or not all(math.isfinite(x) and x >= 0 for x in g):
@@ -225,7 +227,9 @@ def _check_gate(gate: Any, what: str) -> dict:
         raise ValueError(f"{what}: bucket_edges must increase and threshold be finite")
     if not (math.isfinite(base) and base >= 0):
         raise ValueError(f"{what}: base must be finite and >= 0, got {base}")
-    return {"threshold": c, "strength": g, "bucket_edges": edges, "base": base}
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"{what}: warmup must be an integer >= 0, got {warmup!r}")
+    return {"threshold": c, "strength": g, "bucket_edges": edges, "base": base, "warmup": warmup}
 
 
 def save(pred: FutureEntropyPredictor, path: str | Path, fingerprint: dict | None = None) -> Path:

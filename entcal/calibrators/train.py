@@ -298,7 +298,9 @@ class _GateEvaluator:
         from entcal.generation import generate
 
         t0 = time.time()
-        dec = CalibratedDecoder.from_predictor(self.predictor, strength, threshold, base)
+        dec = CalibratedDecoder.from_predictor(
+            self.predictor, strength, threshold, base, warmup=self.cfg.warmup
+        )
         gens = generate(
             self.model, self.tokenizer, self.prompts, dec, max_new_tokens=self.cfg.length,
             seed=self.cfg.seed + 12345, batch_size=self.cfg.batch_size,
@@ -312,7 +314,9 @@ class _GateEvaluator:
             entce_buckets=entce_b,
             entce=float(gen_entropy.mean() - loss.mean()),
             cost=float(loss.mean() - self.raw_loss.mean()),
-            gated_human_fraction=float((self.human_derail > threshold).float().mean()),
+            gated_human_fraction=float(
+                (self.human_derail[:, self.cfg.warmup :] > threshold).float().mean()
+            ),
             base=float(base),
         )
         if self.progress:
@@ -371,9 +375,11 @@ def train_predictor(
     out.mkdir(parents=True, exist_ok=True)
     cfg_json = json.loads(json.dumps(dataclasses.asdict(cfg)))
     for key, default in (
-        ("engine", "transformers"), ("vllm_args", {}), ("base_alphas", [0.0]), ("gate_of", None)
+        ("engine", "transformers"), ("vllm_args", {}), ("base_alphas", [0.0]), ("gate_of", None),
+        ("warmup", 0),
     ):  # fmt: skip
-        # runs of the default engine, or without a base, keep the config.json of older releases
+        # runs of the default engine, without a base or a warm-up, keep the config.json of older
+        # releases
         if cfg_json[key] == default:
             del cfg_json[key]
     cfg_path = out / "config.json"
@@ -429,7 +435,7 @@ def train_predictor(
     )  # fmt: skip
     pred.gate_ = {
         "threshold": best.threshold, "strength": best.strength, "bucket_edges": edges,
-        "base": best.base,
+        "base": best.base, "warmup": cfg.warmup,
     }  # fmt: skip
     report: dict[str, Any] = {
         "config": cfg_json,
