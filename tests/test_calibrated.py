@@ -584,3 +584,30 @@ def test_train_killed_at_any_point_resumes_to_the_same_predictor(tmp_path, smoll
                 m.pop("seconds", None)
                 m.get("report", {}).pop("seconds", None)
         assert a == b, name
+
+
+def test_cache_key_follows_the_predictor_file_not_only_the_spec(tmp_path):
+    """compare caches results per decoder: a predictor retrained (or its gate changed) at the
+    same path must not be answered from the old entry, while unchanged decoders keep their keys."""
+    from entcal.decoding import parse
+    from entcal.eval.results_cache import decoder_key
+
+    model = _tiny_llama()
+    folder = saved_predictor(tmp_path, model)
+    spec = f"calibrated:predictor={folder}"
+    before = parse(spec).bind(model)
+    again = parse(spec).bind(model)
+    assert before.cache_key() == again.cache_key() != spec
+    meta_path = folder / "predictor.json"
+    meta = json.loads(meta_path.read_text())
+    meta["gate"]["warmup"] = 4
+    meta_path.write_text(json.dumps(meta))
+    from entcal.calibrators.calibrated import _CACHE
+
+    _CACHE.clear()  # (keyed by the file's mtime, which a fast rewrite may leave unchanged)
+    after = parse(spec).bind(model)
+    assert after.spec == before.spec and after.cache_key() != before.cache_key()
+    assert (
+        decoder_key(spec, before)["decoder_content"] != decoder_key(spec, after)["decoder_content"]
+    )
+    assert decoder_key("top_p=0.9", parse("top_p=0.9")) == {"decoder": "top_p=0.9"}

@@ -65,6 +65,8 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import threading
 import weakref
@@ -204,6 +206,15 @@ class CalibratedDecoder(Decoder):
         if self.warmup is not None:
             parts.append(f"warmup={self.warmup}")
         return "calibrated" + (":" + ",".join(parts) if parts else "")
+
+    def cache_key(self) -> str:
+        """The spec plus a digest of the bound predictor's tensors (their SHA-256) and gate."""
+        pred = self._predictor
+        if pred is None:
+            return self.spec
+        content = {"sha256": getattr(pred, "meta_", {}).get("sha256"), "gate": pred.gate_}
+        blob = json.dumps(content, sort_keys=True, default=float).encode()
+        return f"{self.spec}#{hashlib.sha256(blob).hexdigest()[:16]}"
 
     # ---- the predictor ------------------------------------------------------------------------
     def bind(self, model) -> CalibratedDecoder:

@@ -93,6 +93,13 @@ class Decoder:
         """Canonical spec string; ``entcal.decoding.parse(d.spec) == d``."""
         raise NotImplementedError
 
+    def cache_key(self) -> str:
+        """What the decoder's output depends on besides its inputs: the spec, and for a decoder
+        that reads a file (``calibrated``'s predictor) also what the file held when it was bound.
+        Result caches (``entcal compare``) key on it, so a retrained predictor at the same path is
+        not answered from a stale entry."""
+        return self.spec
+
     def __str__(self) -> str:
         return self.spec
 

@@ -36,7 +36,7 @@ from entcal import devices, models
 from entcal.decoding.base import Decoder
 from entcal.eval import compare_generation, compare_metrics, scoring, typical
 from entcal.eval.defaults import DEFAULT_DECODERS, ENGINES
-from entcal.eval.results_cache import digest, load_cached, save_cached, to_json
+from entcal.eval.results_cache import decoder_key, digest, load_cached, save_cached, to_json
 
 __all__ = [
     "DEFAULT_DECODERS",
@@ -343,7 +343,9 @@ def _score_all(
             k = config.samples
             for d in decoders:
                 gen = digest(generations[d]["tokens"][s * k : e * k].tolist())
-                key = digest({**rows, "what": "score-decoder", "decoder": d, "gen": gen})
+                key = digest(
+                    {**rows, "what": "score-decoder", **decoder_key(d, decoders[d]), "gen": gen}
+                )
                 paths[d] = cache / f"score-{key}.pt"
             data = {name: load_cached(path) for name, path in paths.items()}
             missing = [d for d in decoders if data[d] is None]

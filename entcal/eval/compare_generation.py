@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from entcal.eval.results_cache import digest, load_cached, save_cached
+from entcal.eval.results_cache import decoder_key, digest, load_cached, save_cached
 
 __all__ = ["generate_all", "log", "statistics_from_scores"]
 
@@ -71,8 +71,9 @@ def _generate_transformers(model, tokenizer, prompts, decoders, config, base_key
                 # "sampler": generations drawn per sequence (batch-independent); older cache
                 # entries, drawn from one RNG per batch, are not reused.
                 key = digest(
-                    {**base_key, "decoder": spec, "rows": [s, e], "what": "gen", "sampler": 2}
-                )
+                    {**base_key, **decoder_key(spec, dec), "rows": [s, e], "what": "gen",
+                     "sampler": 2}
+                )  # fmt: skip
                 path = cache / f"gen-{key}.pt"
                 data = load_cached(path)
                 if data is None:
@@ -98,8 +99,9 @@ def _generate_vllm(prompts, decoders, config, base_key, cache):
     from entcal.decoding.vllm.engine import vllm_generate
 
     result, missing, paths = {}, [], {}
-    for spec in decoders:
-        paths[spec] = cache / f"gen-{digest({**base_key, 'decoder': spec, 'what': 'gen-vllm'})}.pt"
+    for spec, dec in decoders.items():
+        key = digest({**base_key, **decoder_key(spec, dec), "what": "gen-vllm"})
+        paths[spec] = cache / f"gen-{key}.pt"
         data = load_cached(paths[spec])
         if data is None:
             missing.append(spec)

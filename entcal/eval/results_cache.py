@@ -43,6 +43,14 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def decoder_key(spec: str, decoder: Any) -> dict:
+    """The part of a cache key naming a decoder: its spec, plus what a file-reading decoder's
+    output also depends on (:meth:`~entcal.decoding.base.Decoder.cache_key`) when that differs
+    from the spec (so the keys of every other decoder stay as they were)."""
+    key = decoder.cache_key()
+    return {"decoder": spec} if key == spec else {"decoder": spec, "decoder_content": key}
+
+
 def load_cached(path: Path) -> Any | None:
     """The tensors saved at ``path`` (``weights_only``: never unpickles code), or ``None`` if
     there is none or it is unreadable (it is then recomputed)."""
