@@ -11,7 +11,8 @@ the mean ``D̂_t`` and the mean ``α_t``; plus the raw entropy of the generation
 optionally the ``D̂`` arrays as a ``.pt`` file for further analysis.
 
     python benchmarks/corpora/janeausten.py --out runs/austen.txt
-    python benchmarks/gate_transfer.py --other runs/austen.txt --arrays runs/gate-dhat.pt
+    python benchmarks/gate_transfer.py --other runs/austen.txt --arrays runs/gate-dhat.pt \
+        --spec calibrated:warmup=0     # as committed: the gate before the warm-up shipped
 
 About 12 minutes on 2 CPU threads (41 + 48 prompts).
 """
@@ -51,9 +52,12 @@ def excess_along(model, pred, prompts, continuations, batch: int = 8) -> torch.T
     return torch.cat(out)
 
 
-def gate_summary(d: torch.Tensor, strength, threshold, base, edges) -> dict:
-    bucket = torch.bucketize(torch.arange(d.shape[1]), torch.tensor(edges), right=True)
-    g = torch.tensor(strength)[bucket].expand_as(d)
+def gate_summary(d: torch.Tensor, strength, threshold, base, edges, warmup: int) -> dict:
+    """Per position bucket: the share of steps with ``D̂ > c`` (whatever the warm-up), the mean
+    ``D̂``, and the mean and largest ``α`` (the gate closed during the warm-up)."""
+    steps = torch.arange(d.shape[1])
+    bucket = torch.bucketize(steps, torch.tensor(edges), right=True)
+    g = torch.where(steps < warmup, 0.0, torch.tensor(strength)[bucket]).expand_as(d)
     alpha = gate_alpha(d, g, torch.tensor(threshold), torch.tensor(base))
     res: dict = {"open_fraction": [], "mean_dhat": [], "mean_alpha": [], "max_alpha": []}
     for b in range(len(strength)):
@@ -108,15 +112,17 @@ def human_openings(arrays: dict, threshold: float) -> dict:
 def run(args: argparse.Namespace) -> tuple[dict, dict]:
     torch.set_num_threads(args.threads)
     model, tok = models.load("smollm2-135m")
-    dec = parse("calibrated").bind(model)
+    dec = parse(args.spec).bind(model)
     pred = dec.predictor_for(model.config.vocab_size)
     strength, threshold, base = dec.gate()
-    edges = pred.gate_["bucket_edges"]
+    edges, warmup = pred.gate_["bucket_edges"], dec.warmup_steps()
     report: dict = {
         "benchmark": "where the shipped SmolLM2 gate opens: human text vs generations",
         "torch_threads": torch.get_num_threads(),
-        "gate": {"threshold": threshold, "strength": strength, "base": base, "bucket_edges": edges},
-    }
+        "spec": args.spec,
+        "gate": {"threshold": threshold, "strength": strength, "base": base, "bucket_edges": edges,
+                 "warmup": warmup},
+    }  # fmt: skip
     arrays: dict = {}
     for name, source, n in (("pydoc", None, args.n_pydoc), ("other", args.other, args.n_other)):
         corpus = corpora.load_corpus(source).split("test")
@@ -124,21 +130,22 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
         prompts = [p.prompt_ids for p in pairs]
         entry: dict = {"corpus": corpus.name, "prompts": len(pairs)}
         texts = {"human": [p.continuation_ids for p in pairs]}
-        for spec in ("ancestral", "calibrated"):
+        for spec in ("ancestral", args.spec):
             t0 = time.time()
             gens = generate(model, tok, [list(p) for p in prompts], decoder=spec,
                             max_new_tokens=256, seed=0)  # fmt: skip
-            texts[spec] = [g.token_ids for g in gens]
+            kind = "ancestral" if spec == "ancestral" else "calibrated"
+            texts[kind] = [g.token_ids for g in gens]
             raw = torch.stack([g.raw_entropy for g in gens])
-            arrays[(name, spec, "raw_entropy")] = raw
-            entry[f"{spec}_raw_entropy_by_quarter"] = [
+            arrays[(name, kind, "raw_entropy")] = raw
+            entry[f"{kind}_raw_entropy_by_quarter"] = [
                 round(float(raw[:, s:e].mean()), 3) for s, e in QUARTERS
             ]
             print(f"{name} {spec}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
         for kind, conts in texts.items():
             d = excess_along(model, pred, prompts, conts)
             arrays[(name, kind)] = d
-            entry[kind] = gate_summary(d, strength, threshold, base, edges)
+            entry[kind] = gate_summary(d, strength, threshold, base, edges, warmup)
         report[name] = entry
         print(json.dumps(entry), file=sys.stderr, flush=True)
     return report, arrays
@@ -147,6 +154,7 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--other", required=True, help="a .txt corpus the predictor never saw")
+    p.add_argument("--spec", default="calibrated", help="the calibrated decoder (default: shipped)")
     p.add_argument("--n-pydoc", type=int, default=41, help="pydoc test prompts (default 41)")
     p.add_argument("--n-other", type=int, default=48, help="prompts of the other corpus")
     p.add_argument("--threads", type=int, default=2, help="torch threads")

@@ -483,7 +483,7 @@ def test_train_recipe_end_to_end_and_resume(tmp_path, smollm2_tokenizer, capsys)
         "train", "--model", str(folder), "--out", str(out), "--quiet", "--fit-docs", "4",
         "--gate-docs", "2", "--prompt-tokens", "16", "--length", "24", "--horizon", "6",
         "--projection-dim", "4", "--threshold-quantiles", "0.5,0.9", "--bucket-edges", "12",
-        "--gate-rounds", "2", "--base-alphas", "0,0.05", "--batch-size", "4", "--warmup", "3",
+        "--gate-rounds", "2", "--base-alphas", "0,0.05", "--warmup", "3", "--batch-size", "4",
     ]  # fmt: skip
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
@@ -518,9 +518,11 @@ def test_train_recipe_end_to_end_and_resume(tmp_path, smollm2_tokenizer, capsys)
     # the gate alone refitted: the same predictor, threshold and buckets; the base searched
     refit = tmp_path / "refit"
     gate_args = ["--gate-of", str(out / "predictor"), "--base-alphas", "0.05", "--gate-rounds", "1"]
-    assert main([*args[:4], str(refit), *args[5:], *gate_args]) == 0
+    no_warmup = [a for i, a in enumerate(args) if "--warmup" not in args[max(i - 1, 0) : i + 1]]
+    assert main([*no_warmup[:4], str(refit), *no_warmup[5:], *gate_args]) == 0
     again = FutureEntropyPredictor.load(refit / "predictor", model=model)
     assert again.gate_["base"] == 0.05 and again.gate_["threshold"] == pred.gate_["threshold"]
+    assert again.gate_["warmup"] == 3  # no --warmup: the refit keeps the predictor's
     assert again.gate_["bucket_edges"] == [12] and not (refit / "data").exists()
     regrid = json.loads((refit / "report.json").read_text())["gate_grid"]
     assert [e["strength"] for e in regrid] == [pred.gate_["strength"]]  # it starts from its own
@@ -611,3 +613,13 @@ def test_cache_key_follows_the_predictor_file_not_only_the_spec(tmp_path):
         decoder_key(spec, before)["decoder_content"] != decoder_key(spec, after)["decoder_content"]
     )
     assert decoder_key("top_p=0.9", parse("top_p=0.9")) == {"decoder": "top_p=0.9"}
+
+
+def test_train_config_checks_the_warmup_before_any_rollout():
+    from entcal.calibrators.config import TrainConfig
+
+    TrainConfig(warmup=8).validate()
+    TrainConfig().validate()  # None: 0, or with gate_of the predictor's own
+    for bad in (2.5, True, -1, 256):
+        with pytest.raises(ValueError, match="warmup"):
+            TrainConfig(warmup=bad).validate()

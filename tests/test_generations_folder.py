@@ -144,3 +144,27 @@ def test_checks_flag_rows_the_decoder_did_not_sample(markov_run, tmp_path):
     check = res["decoders"]["top_k=1"]["check"]
     assert check["max_abs_raw_logprob_diff_generate_vs_score"] is None
     assert check["tokens_outside_decoder"] > 0.3
+
+
+def test_ray_parts_remember_which_predictor_made_them(tmp_path):
+    """A Ray generations part records each decoder's cache key: a part made by another predictor
+    at the same spec is not reused (parts without the record count as made by the spec alone)."""
+    from entcal.decoding import parse
+    from entcal.eval.compare_generation import _CONTENT, _same_content
+
+    class FileDecoder:  # what matters here: a cache key beyond the spec
+        def __init__(self, key):
+            self.key = key
+
+        def cache_key(self):
+            return self.key
+
+    part = tmp_path / "part-a"
+    part.mkdir()
+    plain = {"top_p=0.9": parse("top_p=0.9")}
+    assert _same_content(part, "top_p=0.9", plain)  # no record: the spec alone
+    assert not _same_content(part, "calibrated", {"calibrated": FileDecoder("calibrated#1")})
+    (part / _CONTENT).write_text(json.dumps({"calibrated": "calibrated#1"}))
+    assert _same_content(part, "calibrated", {"calibrated": FileDecoder("calibrated#1")})
+    assert not _same_content(part, "calibrated", {"calibrated": FileDecoder("calibrated#2")})
+    assert not _same_content(part, "top_k=5", plain)  # not a decoder of this run

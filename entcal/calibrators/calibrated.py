@@ -208,11 +208,14 @@ class CalibratedDecoder(Decoder):
         return "calibrated" + (":" + ",".join(parts) if parts else "")
 
     def cache_key(self) -> str:
-        """The spec plus a digest of the bound predictor's tensors (their SHA-256) and gate."""
+        """The spec plus a digest of the bound predictor: its file's JSON (the tensors' SHA-256,
+        standardization, horizon, features; not the training report) and its gate."""
         pred = self._predictor
         if pred is None:
             return self.spec
-        content = {"sha256": getattr(pred, "meta_", {}).get("sha256"), "gate": pred.gate_}
+        meta = getattr(pred, "meta_", {})
+        content = {k: v for k, v in meta.items() if k not in ("report", "scores")}
+        content["gate"] = pred.gate_
         blob = json.dumps(content, sort_keys=True, default=float).encode()
         return f"{self.spec}#{hashlib.sha256(blob).hexdigest()[:16]}"
 

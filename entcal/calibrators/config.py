@@ -57,8 +57,8 @@ class TrainConfig:
     #: kept, the strengths start from its own): the base search without new rollouts
     gate_of: str | None = None
     #: generated steps at the start whose gate stays closed (their state has too little history
-    #: to be read; the base alone acts there)
-    warmup: int = 0
+    #: to be read; the base alone acts there); None: 0, or with ``gate_of`` the predictor's own
+    warmup: int | None = None
 
     def validate(self) -> None:
         for name in ("fit_docs", "gate_docs", "prompt_tokens", "length", "horizon"):
@@ -67,8 +67,14 @@ class TrainConfig:
         for name in ("projection_dim", "gate_rounds", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.warmup < self.length:
-            raise ValueError(f"warmup must lie in [0, length={self.length}), got {self.warmup}")
+        if self.warmup is not None and (
+            isinstance(self.warmup, bool)
+            or not isinstance(self.warmup, int)
+            or not 0 <= self.warmup < self.length
+        ):
+            raise ValueError(
+                f"warmup must be an integer in [0, length={self.length}), got {self.warmup!r}"
+            )
         if self.estimator not in ("auto", "ridge", "mlp"):
             raise ValueError(f"estimator must be auto, ridge or mlp, got {self.estimator!r}")
         if not self.threshold_quantiles or not all(0 < q < 1 for q in self.threshold_quantiles):

@@ -376,7 +376,7 @@ def train_predictor(
     cfg_json = json.loads(json.dumps(dataclasses.asdict(cfg)))
     for key, default in (
         ("engine", "transformers"), ("vllm_args", {}), ("base_alphas", [0.0]), ("gate_of", None),
-        ("warmup", 0),
+        ("warmup", None),
     ):  # fmt: skip
         # runs of the default engine, without a base or a warm-up, keep the config.json of older
         # releases
@@ -406,7 +406,8 @@ def train_predictor(
         info, scores = old.get("states", {}), old.get("predictor", pred.scores_)
         edges, start = list(pred.gate_["bucket_edges"]), list(pred.gate_["strength"])
         thresholds = [pred.gate_["threshold"]]
-        cfg = dataclasses.replace(cfg, bucket_edges=tuple(edges))
+        warmup = pred.gate_.get("warmup", 0) if cfg.warmup is None else cfg.warmup
+        cfg = dataclasses.replace(cfg, bucket_edges=tuple(edges), warmup=warmup)
     else:
         projection, feats, labels, groups, info = _state_data(
             model, tokenizer, cfg, prompts, human, out / "data", progress
@@ -421,11 +422,14 @@ def train_predictor(
             "threshold": 0.0, "strength": [0.0] * (len(edges) + 1), "bucket_edges": edges,
             "base": 0.0,
         }  # fmt: skip
+    if cfg.warmup is None:
+        cfg = dataclasses.replace(cfg, warmup=0)
     gp, gh = prompts[cfg.fit_docs :], human[cfg.fit_docs :]
     evaluate = _GateEvaluator(model, tokenizer, pred, cfg, gp, gh, progress)
     if cfg.gate_of is None:
         thresholds = [
-            float(torch.quantile(evaluate.human_derail.flatten(), q))
+            # (quantiles of the steps where the gate can open: after the warm-up)
+            float(torch.quantile(evaluate.human_derail[:, cfg.warmup :].flatten(), q))
             for q in cfg.threshold_quantiles
         ]
     best, grid = fit_gate(

@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     add_corpus_argument(parser, "--corpus")
     for field in dataclasses.fields(TrainConfig):
-        if field.name in ("model", "corpus", "engine", "vllm_args", "gate_of"):
+        if field.name in ("model", "corpus", "engine", "vllm_args", "gate_of", "warmup"):
             continue
         flag = "--" + field.name.replace("_", "-")
         value = getattr(defaults, field.name)
@@ -66,6 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--gate-of", metavar="PREDICTOR", default=None,
         help="refit only the gate of this predictor folder (its predictor, threshold and "
         "buckets kept; strengths start from its own), e.g. to search --base-alphas",
+    )  # fmt: skip
+    parser.add_argument(
+        "--warmup", type=int, default=None, metavar="K",
+        help="generated steps at the start with the gate closed (default 0; with --gate-of, "
+        "the predictor's own)",
     )  # fmt: skip
     add_device_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress messages")

@@ -12,6 +12,7 @@ filled in afterwards from the teacher-forced scores (:func:`statistics_from_scor
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -151,7 +152,9 @@ def _generate_ray(prompts, decoders, config, base_key, folder: Path):
             log(f"removing the incomplete {part.name} ({exc})", config.progress)
             shutil.rmtree(part)
             continue
-        result.update({spec: gen for spec, gen in got.items() if spec in decoders})
+        result.update(
+            {spec: gen for spec, gen in got.items() if _same_content(part, spec, decoders)}
+        )
     missing = [spec for spec in specs if spec not in result]
     if missing:
         log(f"generating with Ray Data + vLLM: {'; '.join(missing)}", config.progress)
@@ -164,8 +167,26 @@ def _generate_ray(prompts, decoders, config, base_key, folder: Path):
             address=config.ray_address, actors=config.ray_actors,
             actor_gpus=config.ray_actor_gpus,
         )  # fmt: skip
+        (part / _CONTENT).write_text(
+            json.dumps({spec: decoders[spec].cache_key() for spec in missing}, sort_keys=True)
+        )
         result.update(generated)
     return {spec: result[spec] for spec in specs}
+
+
+#: per part of a Ray generations folder: ``{spec: Decoder.cache_key()}`` of what it generated
+_CONTENT = "CONTENT"  # (not *.json: those are the shards)
+
+
+def _same_content(part: Path, spec: str, decoders: dict) -> bool:
+    """Whether ``part``'s generations of ``spec`` came from the decoder this run holds (for a
+    file-reading decoder, the same predictor file); parts written before the record existed
+    count as made by the spec alone."""
+    if spec not in decoders:
+        return False
+    path = part / _CONTENT
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    return recorded.get(spec, spec) == decoders[spec].cache_key()
 
 
 def statistics_from_scores(generations: dict, scores: dict) -> None:
