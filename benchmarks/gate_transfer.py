@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from entcal import corpora, models
-from entcal.calibrators.derailment import gate_alpha
+from entcal.calibrators.derailment import gate_alpha, step_strength
 from entcal.calibrators.state import sequence_features, step_stats
 from entcal.decoding import parse
 from entcal.generation import generate
@@ -57,7 +57,7 @@ def gate_summary(d: torch.Tensor, strength, threshold, base, edges, warmup: int)
     ``D̂``, and the mean and largest ``α`` (the gate closed during the warm-up)."""
     steps = torch.arange(d.shape[1])
     bucket = torch.bucketize(steps, torch.tensor(edges), right=True)
-    g = torch.where(steps < warmup, 0.0, torch.tensor(strength)[bucket]).expand_as(d)
+    g = step_strength(torch.tensor(strength), steps, torch.tensor(edges), warmup).expand_as(d)
     alpha = gate_alpha(d, g, torch.tensor(threshold), torch.tensor(base))
     res: dict = {"open_fraction": [], "mean_dhat": [], "mean_alpha": [], "max_alpha": []}
     for b in range(len(strength)):

@@ -77,7 +77,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from entcal.calibrators.derailment import gate_alpha, sharpen
+from entcal.calibrators.derailment import gate_alpha, sharpen, step_strength
 from entcal.calibrators.predictor import FutureEntropyPredictor
 from entcal.calibrators.predictor_file import shipped_predictor_for
 from entcal.calibrators.state import StateTracker, step_stats
@@ -324,10 +324,7 @@ class CalibratedDecoder(Decoder):
         feats = tracker.features(step_stats(lp, pred.projection_on(logits.device)))
         strength, threshold, base = self._gate_rows(pred, logits.device)
         edges = self._gate_cache[4]  # type: ignore[index]
-        g = strength[torch.bucketize(tracker.count, edges, right=True)]
-        warmup = self.warmup_steps()
-        if warmup:
-            g = torch.where(tracker.count < warmup, 0.0, g)
+        g = step_strength(strength, tracker.count, edges, self.warmup_steps())
         alpha = gate_alpha(pred.predict_tensor(feats), g, threshold, base)
         return sharpen(lp, alpha, out=lp)  # lp is this call's own tensor: sharpened in place
 
@@ -369,9 +366,8 @@ class CalibratedDecoder(Decoder):
                 torch.tensor([len(rows_of[id(d)]) for d in group], device=dev),
             )
             edges = group[0]._gate_cache[4]  # type: ignore[index]
-            bucket = torch.bucketize(count, edges, right=True)
             warm = torch.tensor([d.warmup_steps() for d in group], device=dev)[owner]
-            g = torch.where(count < warm, 0.0, table[owner, bucket])
+            g = step_strength(table[owner], count, edges, warm)
             a = gate_alpha(pred.predict_tensor(feats), g, thresh[owner], base[owner])
             alpha.index_copy_(0, sel, a)
         return sharpen(lp, alpha, out=lp)

@@ -46,6 +46,7 @@ __all__ = [
     "fold_standardization",
     "gate_alpha",
     "sharpen",
+    "step_strength",
     "weights_kind",
 ]
 
@@ -101,6 +102,24 @@ def excess_entropy_rate(
     else:
         out = torch.relu(x @ weights["w0"] + weights["b0"]) @ weights["w1"] + weights["b1"]
     return out * y_scale + y_mean
+
+
+def step_strength(
+    strengths: Tensor, steps: Tensor, edges: Tensor, warmup: Tensor | int = 0
+) -> Tensor:
+    """``g_b(t)``: the strength of each step's position bucket, 0 during the warm-up.
+
+    ``strengths``: ``(B,)`` one per bucket, or ``(N, B)`` a table per row (instances of a mixed
+    batch); ``steps``: ``(N,)`` generated steps so far; ``edges``: ``(B − 1,)`` increasing bucket
+    edges (step ``t`` is in bucket ``b`` when ``edges[b − 1] ≤ t < edges[b]``); ``warmup``: a
+    number or ``(N,)``, the steps at the start whose gate stays closed. Returns ``(N,)``.
+    """
+    bucket = torch.bucketize(steps, edges, right=True)
+    if strengths.dim() == 1:
+        g = strengths[bucket]
+    else:
+        g = strengths.gather(1, bucket[:, None])[:, 0]
+    return torch.where(steps < warmup, 0.0, g)
 
 
 def gate_alpha(

@@ -406,8 +406,7 @@ def train_predictor(
         info, scores = old.get("states", {}), old.get("predictor", pred.scores_)
         edges, start = list(pred.gate_["bucket_edges"]), list(pred.gate_["strength"])
         thresholds = [pred.gate_["threshold"]]
-        warmup = pred.gate_.get("warmup", 0) if cfg.warmup is None else cfg.warmup
-        cfg = dataclasses.replace(cfg, bucket_edges=tuple(edges), warmup=warmup)
+        cfg = dataclasses.replace(cfg, bucket_edges=tuple(edges))
     else:
         projection, feats, labels, groups, info = _state_data(
             model, tokenizer, cfg, prompts, human, out / "data", progress
@@ -422,8 +421,8 @@ def train_predictor(
             "threshold": 0.0, "strength": [0.0] * (len(edges) + 1), "bucket_edges": edges,
             "base": 0.0,
         }  # fmt: skip
-    if cfg.warmup is None:
-        cfg = dataclasses.replace(cfg, warmup=0)
+    if cfg.warmup is None:  # a refit keeps its predictor's (a new gate has none: 0)
+        cfg = dataclasses.replace(cfg, warmup=pred.gate_.get("warmup", 0))
     gp, gh = prompts[cfg.fit_docs :], human[cfg.fit_docs :]
     evaluate = _GateEvaluator(model, tokenizer, pred, cfg, gp, gh, progress)
     if cfg.gate_of is None:
