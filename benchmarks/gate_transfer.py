@@ -28,7 +28,12 @@ from pathlib import Path
 import torch
 
 from entcal import corpora, models
-from entcal.calibrators.derailment import gate_alpha, step_strength
+from entcal.calibrators.derailment import (
+    early_level_along,
+    gate_alpha,
+    lifted_excess_along,
+    step_strength,
+)
 from entcal.calibrators.state import sequence_features, step_stats
 from entcal.decoding import parse
 from entcal.generation import generate
@@ -52,9 +57,14 @@ def excess_along(model, pred, prompts, continuations, batch: int = 8) -> torch.T
     return torch.cat(out)
 
 
-def gate_summary(d: torch.Tensor, strength, threshold, base, edges, warmup: int) -> dict:
-    """Per position bucket: the share of steps with ``D̂ > c`` (whatever the warm-up), the mean
-    ``D̂``, and the mean and largest ``α`` (the gate closed during the warm-up)."""
+def gate_summary(
+    d: torch.Tensor, strength, threshold, base, edges, warmup: int, lift=(0.0, 0.0)
+) -> dict:
+    """Per position bucket: the share of steps whose score (``D̂``, lifted by ``lift = (λ, ℓ)``)
+    exceeds ``c`` (whatever the warm-up), the mean ``D̂``, and the mean and largest ``α`` (the
+    gate closed during the warm-up)."""
+    mean_d = d
+    d = lifted_excess_along(d, warmup, *lift)
     steps = torch.arange(d.shape[1])
     bucket = torch.bucketize(steps, torch.tensor(edges), right=True)
     g = step_strength(torch.tensor(strength), steps, torch.tensor(edges), warmup).expand_as(d)
@@ -63,24 +73,32 @@ def gate_summary(d: torch.Tensor, strength, threshold, base, edges, warmup: int)
     for b in range(len(strength)):
         sel = bucket == b
         res["open_fraction"].append(round(float((d[:, sel] > threshold).float().mean()), 4))
-        res["mean_dhat"].append(round(float(d[:, sel].mean()), 3))
+        res["mean_dhat"].append(round(float(mean_d[:, sel].mean()), 3))
         res["mean_alpha"].append(round(float(alpha[:, sel].mean()), 4))
         res["max_alpha"].append(round(float(alpha[:, sel].max()), 3))
     res["open_all"] = round(float((d > threshold).float().mean()), 4)
     return res
 
 
-def separation(arrays: dict, late: int = 64) -> dict:
+def separation(arrays: dict, level: float | None = None, late: int = 64) -> dict:
     """How well a score separates ancestral states from human states at steps >= ``late``:
     AUROC, and the shares flagged at the threshold that flags 2% of pydoc's human states, for
-    ``D̂`` itself and for ``D̂`` minus its own mean over early steps of the same text (a level
-    relative to the text, which a logits processor can compute in vLLM too)."""
+    ``D̂`` itself, for ``D̂`` minus its own mean over early steps of the same text (steps 8-23),
+    and for ``D̂`` lifted by ``λ`` times the text's shortfall below the human level ``ℓ`` over
+    those steps (the decoder's ``lift`` with warm-up 8; ``ℓ`` the gate's own if it has one, else
+    the mean of pydoc's human texts here)."""
     from sklearn.metrics import roc_auc_score
 
+    if not level:
+        level = float(early_level_along(arrays[("pydoc", "human")], 8)[:, 23].mean())
     scores = {
         "dhat": lambda d: d,
-        "dhat minus its mean over steps 8-23": lambda d: d - d[:, 8:24].mean(1, keepdim=True),
+        "dhat minus its mean over steps 8-23": lambda d: d - early_level_along(d, 8)[:, 23:24],
     }
+    for lift in (0.5, 1.0):
+        scores[f"dhat lifted: lift={lift:g}, level={level:.3f}"] = lambda d, w=lift: (
+            lifted_excess_along(d, 8, w, level)
+        )
     out = {}
     for name, score in scores.items():
         thr = float(torch.quantile(score(arrays[("pydoc", "human")])[:, late:].flatten(), 0.98))
@@ -98,11 +116,14 @@ def separation(arrays: dict, late: int = 64) -> dict:
     return out
 
 
-def human_openings(arrays: dict, threshold: float) -> dict:
-    """The steps at which the gate opened on human text, per corpus (counts by step range)."""
+def human_openings(arrays: dict, gate: dict) -> dict:
+    """The steps at which the gate's score exceeded its threshold on human text, per corpus
+    (counts by step range)."""
     out = {}
     for corpus in ("pydoc", "other"):
-        steps = (arrays[(corpus, "human")] > threshold).nonzero()[:, 1]
+        lift = gate.get("lift", (0.0, 0.0))
+        score = lifted_excess_along(arrays[(corpus, "human")], gate["warmup"], *lift)
+        steps = (score > gate["threshold"]).nonzero()[:, 1]
         out[corpus] = {"total": len(steps), "steps 0-7": int((steps < 8).sum()),
                        "steps 8-63": int(((steps >= 8) & (steps < 64)).sum())}  # fmt: skip
     return out
@@ -115,13 +136,13 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
     dec = parse(args.spec).bind(model)
     pred = dec.predictor_for(model.config.vocab_size)
     strength, threshold, base = dec.gate()
-    edges, warmup = pred.gate_["bucket_edges"], dec.warmup_steps()
+    edges, warmup, lift = pred.gate_["bucket_edges"], dec.warmup_steps(), dec.lift_weights()
     report: dict = {
         "benchmark": "where the shipped SmolLM2 gate opens: human text vs generations",
         "torch_threads": torch.get_num_threads(),
         "spec": args.spec,
         "gate": {"threshold": threshold, "strength": strength, "base": base, "bucket_edges": edges,
-                 "warmup": warmup},
+                 "warmup": warmup, "lift": list(lift)},
     }  # fmt: skip
     arrays: dict = {}
     for name, source, n in (("pydoc", None, args.n_pydoc), ("other", args.other, args.n_other)):
@@ -145,7 +166,7 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
         for kind, conts in texts.items():
             d = excess_along(model, pred, prompts, conts)
             arrays[(name, kind)] = d
-            entry[kind] = gate_summary(d, strength, threshold, base, edges, warmup)
+            entry[kind] = gate_summary(d, strength, threshold, base, edges, warmup, lift)
         report[name] = entry
         print(json.dumps(entry), file=sys.stderr, flush=True)
     return report, arrays
@@ -170,8 +191,8 @@ def main() -> int:
         arrays = torch.load(args.from_arrays, weights_only=True)
     else:
         report, arrays = run(args)
-    report["human_openings"] = human_openings(arrays, report["gate"]["threshold"])
-    report["separation_after_step_64"] = separation(arrays)
+    report["human_openings"] = human_openings(arrays, report["gate"])
+    report["separation_after_step_64"] = separation(arrays, report["gate"].get("lift", [0, 0])[1])
     out.mkdir(parents=True, exist_ok=True)
     (out / "gate_transfer.json").write_text(json.dumps(report, indent=1) + "\n")
     if args.arrays and not args.from_arrays:

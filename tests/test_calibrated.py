@@ -194,6 +194,21 @@ def test_predictor_file_errors(tmp_path):
     warm["gate"]["warmup"] = 6
     meta_path.write_text(json.dumps(warm))
     assert FutureEntropyPredictor.load(folder).gate_["warmup"] == 6
+    assert "lift" not in FutureEntropyPredictor.load(folder).gate_  # absent: no lift
+    for key, bad, level in (("lift", -0.5, 0.1), ("lift", 1.5, 0.1), ("lift", "half", 0.1),
+                            ("lift", None, 0.1), ("reference_level", 0.5, None),
+                            ("reference_level", 0.5, float("nan"))):  # fmt: skip
+        bad_gate = json.loads(good)
+        bad_gate["gate"]["lift"] = bad
+        if level is not None:
+            bad_gate["gate"]["reference_level"] = level
+        meta_path.write_text(json.dumps(bad_gate))
+        with pytest.raises(PredictorFileError, match=key):
+            FutureEntropyPredictor.load(folder)
+    warm["gate"].update(lift=0.5, reference_level=0.25)
+    meta_path.write_text(json.dumps(warm))
+    lifted = FutureEntropyPredictor.load(folder).gate_
+    assert lifted["lift"] == 0.5 and lifted["reference_level"] == 0.25
     meta_path.write_text(good)
     tensors = folder / "predictor.safetensors"
     data = tensors.read_bytes()
@@ -305,6 +320,41 @@ def test_gate_alpha_base_survives_an_infinite_strength():
     assert alpha.tolist() == [0.5, float("inf")]
 
 
+def test_lifted_excess_step_by_step_equals_the_whole_sequence():
+    """The decoder's step-wise early level (a running sum committed per step) gives what the
+    training-time sequence version gives, per-row warm-up, lift and level included."""
+    from entcal.calibrators.derailment import (
+        REFERENCE_WINDOW,
+        early_level_along,
+        lifted_excess,
+        lifted_excess_along,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(3, REFERENCE_WINDOW + 30, generator=g)
+    warm, lift = torch.tensor([0, 5, 9]), torch.tensor([0.5, 1.0, 0.25])
+    level = torch.tensor([0.3, 0.0, 2.0])
+    ref = torch.zeros(3)
+    for t in range(d.shape[1]):
+        score, share = lifted_excess(d[:, t], torch.full((3,), t), ref, warm, lift, level)
+        ref = ref + share
+        for i in range(3):
+            along = lifted_excess_along(d[i : i + 1], int(warm[i]), float(lift[i]), float(level[i]))
+            assert score[i].item() == pytest.approx(along[0, t].item(), abs=1e-5)
+    # known answers. A text at a constant level 2 under a human level 3: lifted by λ·1 from the
+    # window on, not during the warm-up; above the human level: not lifted (one-sided)
+    const = torch.full((1, 40), 2.0)
+    assert lifted_excess_along(const, 4, 1.0, 3.0)[0].tolist() == [2.0] * 4 + [3.0] * 36
+    assert lifted_excess_along(const, 0, 0.5, 3.0)[0].tolist() == [2.5] * 40
+    assert torch.equal(lifted_excess_along(const, 0, 1.0, 1.0), const)
+    # the early level is the running mean inside the window, then stays fixed
+    ramp = torch.arange(40.0)[None]
+    early = early_level_along(ramp, 4)[0]
+    assert early[:4].isnan().all() and early[4:8].tolist() == [4.0, 4.5, 5.0, 5.5]
+    fixed = (4 + 4 + REFERENCE_WINDOW - 1) / 2
+    assert early[4 + REFERENCE_WINDOW :].tolist() == [fixed] * (36 - REFERENCE_WINDOW)
+
+
 def test_gate_update_moves_against_each_buckets_error():
     from entcal.calibrators.strength import STRENGTH_MAX, update_strengths
 
@@ -350,6 +400,20 @@ def test_closed_gate_is_the_identity_and_an_open_one_a_temperature_on_markov_sou
         assert torch.equal(g.logprob[:5], g.raw_logprob[:5])
         assert torch.allclose(g.logprob[5:], expect[5:], atol=1e-4)
         assert not torch.allclose(g.logprob[5:], g.raw_logprob[5:], atol=1e-3)
+    # a predictor at a constant level D̂ ≡ 0 and threshold 0.5: closed (the raw model) unless
+    # lifted: toward a human level of 1, lift=0.75 reads 0.75 (α = 0.5·0.25) from the first step
+    # after the warm-up (here 2); toward a level of 0 (the text is not below it) no lift at all
+    lift = {"threshold": 0.5, "warmup": 2, "lift": 0.75}
+    level_one = CalibratedDecoder.from_predictor(pred, [0.5, 0.5], reference_level=1.0, **lift)
+    level_zero = CalibratedDecoder.from_predictor(pred, [0.5, 0.5], reference_level=0.0, **lift)
+    for g in generate(lm, tok, prompts, level_zero, max_new_tokens=24, seed=0):
+        assert torch.equal(g.logprob, g.raw_logprob)
+    sharp = chain.processed(lambda logits: logits * 1.125).log_transition()
+    for g, p in zip(generate(lm, tok, prompts, level_one, max_new_tokens=24, seed=0), prompts):
+        prev = torch.tensor([p[-1], *g.token_ids[:-1]])
+        expect = sharp[prev, torch.tensor(g.token_ids)].float()
+        assert torch.equal(g.logprob[:2], g.raw_logprob[:2])
+        assert torch.allclose(g.logprob[2:], expect[2:], atol=1e-4)
 
 
 def test_decoder_spec_options_and_bad_input(tmp_path):
@@ -368,9 +432,16 @@ def test_decoder_spec_options_and_bad_input(tmp_path):
     warm = parse(f"calibrated:predictor={folder},warmup=8")
     assert str(warm) == f"calibrated:predictor={folder},warmup=8" and parse(str(warm)) == warm
     assert warm.bind(model).warmup_steps() == 8 and d.warmup_steps() == 0  # (the file's)
+    lifted = parse(f"calibrated:predictor={folder},lift=0.5")
+    assert str(lifted) == f"calibrated:predictor={folder},lift=0.5" and parse(str(lifted)) == lifted
+    assert d.lift_weights() == (0.0, 0.0)
+    # this predictor's gate records no human reference level: a lift is refused at bind
+    with pytest.raises(ValueError, match=r"lift=0\.5 needs the human reference level"):
+        lifted.bind(model)
     for bad, key in (("scale=-1", "scale"), ("strength=nan", "strength"), ("base=-0.1", "base"),
                      ("threshold=inf", "threshold"), ("alpha=1", "alpha"),
-                     ("warmup=-1", "warmup"), ("warmup=1.5", "warmup")):  # fmt: skip
+                     ("warmup=-1", "warmup"), ("warmup=1.5", "warmup"),
+                     ("lift=1.5", "lift"), ("lift=-0.1", "lift"), ("lift=nan", "lift")):  # fmt: skip
         with pytest.raises(ValueError, match=key):
             parse(f"calibrated:predictor={folder},{bad}")
     with pytest.raises(FileNotFoundError):
@@ -396,10 +467,11 @@ def test_mixed_instances_in_one_batch_equal_each_alone(tmp_path):
     from entcal.decoding import apply_rows, parse
 
     model = _tiny_llama()
-    folder = saved_predictor(tmp_path, model)
+    folder = saved_predictor(tmp_path, model, reference_level=2.0)  # (a lift lifts toward 2)
     specs = [
         f"calibrated:predictor={folder},base=0.2",
-        f"calibrated:predictor={folder},scale=2,base=0.05,warmup=3",
+        f"calibrated:predictor={folder},scale=2,base=0.05,warmup=3,lift=0.7",
+        f"calibrated:predictor={folder},threshold=0.5,lift=0.3",
         "top_p=0.9",
     ]
     together = [parse(s).bind(model) if s.startswith("cal") else parse(s) for s in specs]
@@ -407,13 +479,13 @@ def test_mixed_instances_in_one_batch_equal_each_alone(tmp_path):
     for d in together + alone:
         d.reset(1)
     g = torch.Generator().manual_seed(0)
-    for _ in range(8):  # long enough to pass the bucket edge at position 4
-        logits = torch.randn(3, 96, generator=g) * 3
+    for _ in range(24):  # long enough to pass the bucket edge (4) and the reference window
+        logits = torch.randn(4, 96, generator=g) * 3
         mixed = apply_rows(logits, together)
         for i, d in enumerate(alone):
             assert torch.allclose(mixed[i], d(logits[i : i + 1])[0], atol=1e-5)
         tokens = torch.multinomial(mixed.softmax(-1), 1, generator=g)[:, 0]
-        for i in range(3):
+        for i in range(4):
             together[i].observe(tokens[i : i + 1])
             alone[i].observe(tokens[i : i + 1])
 
@@ -524,10 +596,20 @@ def test_train_recipe_end_to_end_and_resume(tmp_path, smollm2_tokenizer, capsys)
     assert again.gate_["base"] == 0.05 and again.gate_["threshold"] == pred.gate_["threshold"]
     assert again.gate_["warmup"] == 3  # no --warmup: the refit keeps the predictor's
     assert again.gate_["bucket_edges"] == [12] and not (refit / "data").exists()
+    assert "lift" not in again.gate_  # (no lift, as in older files)
     regrid = json.loads((refit / "report.json").read_text())["gate_grid"]
     assert [e["strength"] for e in regrid] == [pred.gate_["strength"]]  # it starts from its own
     assert (refit / "predictor" / "predictor.safetensors").read_bytes() == first
     assert again.meta_["report"]["gate_of"]["folder"] == str(out / "predictor")
+    # a refit with a lift: written to the file with the gate documents' human reference level
+    lift = tmp_path / "refit-lift"
+    assert main([*no_warmup[:4], str(lift), *no_warmup[5:], *gate_args, "--lift", "0.5"]) == 0
+    lifted = FutureEntropyPredictor.load(lift / "predictor", model=model)
+    assert lifted.gate_["lift"] == 0.5 and lifted.gate_["warmup"] == 3
+    assert math.isfinite(lifted.gate_["reference_level"])
+    assert lifted.gate_["threshold"] == pred.gate_["threshold"]
+    weights = parse(f"calibrated:predictor={lift / 'predictor'}").bind(model).lift_weights()
+    assert weights == (0.5, lifted.gate_["reference_level"])
     # a refit must draw the predictor's gate documents, and name a predictor folder that exists
     capsys.readouterr()
     other = [*args[:4], str(tmp_path / "r2"), *args[5:], *gate_args, "--fit-docs", "3"]
@@ -615,7 +697,7 @@ def test_cache_key_follows_the_predictor_file_not_only_the_spec(tmp_path):
     assert decoder_key("top_p=0.9", parse("top_p=0.9")) == {"decoder": "top_p=0.9"}
 
 
-def test_train_config_checks_the_warmup_before_any_rollout():
+def test_train_config_checks_the_warmup_and_the_lift_before_any_rollout():
     from entcal.calibrators.config import TrainConfig
 
     TrainConfig(warmup=8).validate()
@@ -623,3 +705,10 @@ def test_train_config_checks_the_warmup_before_any_rollout():
     for bad in (2.5, True, -1, 256):
         with pytest.raises(ValueError, match="warmup"):
             TrainConfig(warmup=bad).validate()
+    TrainConfig(lift=0.5).validate()
+    for bad in (1.5, -0.1, float("nan"), True):
+        with pytest.raises(ValueError, match="lift"):
+            TrainConfig(lift=bad).validate()
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="lift_quantile"):
+            TrainConfig(lift_quantile=bad).validate()

@@ -3,8 +3,12 @@
 Rule (per sequence and step ``t``)::
 
     D̂_t = FutureEntropyPredictor(state_t)            # excess future entropy rate, nats/token
-    α_t = α_0 + g_b(t) · max(0, D̂_t − c)               # base α_0; the gate: threshold c,
+    s_t = D̂_t + λ · max(0, ℓ − r_t)                  # lifted if the text started low
+    α_t = α_0 + g_b(t) · max(0, s_t − c)               # base α_0; the gate: threshold c,
     p_t(v) ∝ p(v)^(1 + α_t)                            # strength g_b of t's position bucket b
+
+(``r_t``: the text's early level of ``D̂``; ``ℓ``: the same on the human text of the training
+domain; ``λ``: the lift, 0 unless fitted; :mod:`entcal.calibrators.derailment`.)
 
 This is the future-entropy-scaled model of Cao, Valiant & Liang ("On the Entropy Calibration of
 Language Models", arXiv 2511.11966, Eq. 9 of the NeurIPS version),
@@ -28,7 +32,7 @@ that entropy calibration error (EntCE) is 0 in every position bucket on the trai
 generations, at the lowest human log-loss cost (:mod:`entcal.calibrators.strength`), and stored with the
 predictor.
 
-Spec: ``calibrated[:predictor=PATH,scale=S,strength=G,threshold=C,base=A,warmup=K]``
+Spec: ``calibrated[:predictor=PATH,scale=S,strength=G,threshold=C,base=A,warmup=K,lift=L]``
 
 * ``predictor``: a folder written by ``entcal train`` (default: the predictor shipped for the
   model the decoder is bound to; unbound, the shipped one whose vocabulary matches the logits);
@@ -39,7 +43,12 @@ Spec: ``calibrated[:predictor=PATH,scale=S,strength=G,threshold=C,base=A,warmup=
 * ``base`` (``≥ 0``): ``α_0`` instead of the fitted one (0 = the gate alone);
 * ``warmup`` (integer ``≥ 0``): the gate stays closed for the first ``K`` generated steps
   (``α_t = α_0`` there), whose state has too little history to be read, instead of the
-  predictor's (0 in files written before it existed).
+  predictor's (0 in files written before it existed);
+* ``lift`` (``λ`` in ``[0, 1]``): how much of a text's shortfall below the human level ``ℓ`` is
+  added to ``D̂`` (:func:`~entcal.calibrators.derailment.lifted_excess`; its early level ``r_t``
+  is the mean ``D̂`` of its first 16 steps after the warm-up), instead of the predictor's (0 in
+  files written before it existed). Needs a predictor whose gate records ``ℓ``
+  (``reference_level``, written by ``entcal train --lift``), else ``ValueError``.
 
 The decoder is stateful (``requires_history``): per sequence it keeps the moving averages of
 :mod:`entcal.calibrators.state`, fed by ``reset``/``observe`` (transformers' ``generate`` through
@@ -77,7 +86,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from entcal.calibrators.derailment import gate_alpha, sharpen, step_strength
+from entcal.calibrators.derailment import gate_alpha, lifted_excess, sharpen, step_strength
 from entcal.calibrators.predictor import FutureEntropyPredictor
 from entcal.calibrators.predictor_file import shipped_predictor_for
 from entcal.calibrators.state import StateTracker, step_stats
@@ -124,7 +133,7 @@ class CalibratedDecoder(Decoder):
     """Gated future-entropy-calibrated sampling (see the module docstring for rule and spec)."""
 
     requires_history: ClassVar[bool] = True
-    OPTIONS = ("predictor", "scale", "strength", "threshold", "base", "warmup")
+    OPTIONS = ("predictor", "scale", "strength", "threshold", "base", "warmup", "lift")
 
     def __init__(
         self,
@@ -134,7 +143,9 @@ class CalibratedDecoder(Decoder):
         scale: float | str = 1.0,
         base: float | str | None = None,
         warmup: int | str | None = None,
+        lift: float | str | None = None,
     ) -> None:
+        self.lift = None if lift is None else parse_float("lift", lift, lo=0.0, hi=1.0)
         self.warmup = (
             None
             if warmup is None
@@ -149,6 +160,7 @@ class CalibratedDecoder(Decoder):
         self._predictor = None if predictor is None else load_predictor(predictor)
         self.tracker: StateTracker | None = None
         self._strengths: list[float] | None = None
+        self._reference_level: float | None = None  # (training: the gate's ℓ before it is saved)
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> CalibratedDecoder:
@@ -156,6 +168,7 @@ class CalibratedDecoder(Decoder):
         return cls(
             options.get("predictor"), options.get("strength"), options.get("threshold"),
             options.get("scale", 1.0), options.get("base"), options.get("warmup"),
+            options.get("lift"),
         )  # fmt: skip
 
     @classmethod
@@ -166,10 +179,12 @@ class CalibratedDecoder(Decoder):
         threshold: float | None = None,
         base: float | None = None,
         warmup: int | None = None,
+        lift: float | None = None,
+        reference_level: float | None = None,
     ) -> CalibratedDecoder:
         """A decoder over an in-memory predictor (training), optionally with another gate: one
         strength per position bucket of the predictor's ``bucket_edges``, a threshold, a base, a
-        warm-up. Its
+        warm-up, a lift and its human reference level. Its
         spec records the gate (so decoders with different gates differ) but does not parse back:
         no file."""
         n_buckets = len(predictor.gate_["bucket_edges"]) + 1
@@ -180,7 +195,8 @@ class CalibratedDecoder(Decoder):
                     f"strength needs {n_buckets} finite values >= 0 (one per position bucket), "
                     f"got {strength}"
                 )
-        self = cls(warmup=warmup)
+        self = cls(warmup=warmup, lift=lift)
+        self._reference_level = reference_level
         self._predictor = predictor
         self._strengths = strength
         self.threshold = None if threshold is None else parse_float("threshold", threshold)
@@ -205,6 +221,10 @@ class CalibratedDecoder(Decoder):
             parts.append(f"base={format_value(self.base)}")
         if self.warmup is not None:
             parts.append(f"warmup={self.warmup}")
+        if self.lift is not None:
+            parts.append(f"lift={format_value(self.lift)}")
+        if self._reference_level is not None:
+            parts.append(f"level={format_value(self._reference_level)}")
         return "calibrated" + (":" + ",".join(parts) if parts else "")
 
     def cache_key(self) -> str:
@@ -234,6 +254,7 @@ class CalibratedDecoder(Decoder):
         else:
             assert self._predictor is not None
         self._predictor.check_model(model)  # type: ignore[union-attr]
+        self.lift_weights()  # a lift the predictor cannot serve fails now, not at a step
         try:  # a weak reference: a decoder kept around must not keep the model alive
             self._bound_to = weakref.ref(model)
         except TypeError:  # not weakly referenceable: check again next time
@@ -272,6 +293,26 @@ class CalibratedDecoder(Decoder):
             return self.warmup
         assert self._predictor is not None
         return int(self._predictor.gate_.get("warmup", 0))
+
+    def lift_weights(self) -> tuple[float, float]:
+        """``(λ, ℓ)``: the lift (the spec's, else the predictor's) and the human reference level
+        it lifts to (the predictor's; 0 when ``λ = 0``). Raises ``ValueError`` for a lift over a
+        predictor that records no reference level."""
+        assert self._predictor is not None
+        gate = self._predictor.gate_
+        lift = float(gate.get("lift", 0.0)) if self.lift is None else self.lift
+        level = self._reference_level
+        if level is None:
+            level = gate.get("reference_level")
+        if lift == 0.0:
+            return 0.0, 0.0
+        if level is None:
+            raise ValueError(
+                f"calibrated: lift={format_value(lift)} needs the human reference level of the "
+                f"predictor's gate, which {getattr(self._predictor, 'path_', 'this predictor')} "
+                "does not record (fit one with 'entcal train --gate-of PREDICTOR --lift L')"
+            )
+        return lift, float(level)
 
     # ---- state --------------------------------------------------------------------------------
     def reset(self, batch_size: int) -> None:
@@ -324,8 +365,14 @@ class CalibratedDecoder(Decoder):
         feats = tracker.features(step_stats(lp, pred.projection_on(logits.device)))
         strength, threshold, base = self._gate_rows(pred, logits.device)
         edges = self._gate_cache[4]  # type: ignore[index]
-        g = step_strength(strength, tracker.count, edges, self.warmup_steps())
-        alpha = gate_alpha(pred.predict_tensor(feats), g, threshold, base)
+        warmup = self.warmup_steps()
+        g = step_strength(strength, tracker.count, edges, warmup)
+        lift, level = self.lift_weights()
+        derail, share = lifted_excess(
+            pred.predict_tensor(feats), tracker.count, tracker.reference_sum, warmup, lift, level
+        )
+        tracker.add_reference(share)
+        alpha = gate_alpha(derail, g, threshold, base)
         return sharpen(lp, alpha, out=lp)  # lp is this call's own tensor: sharpened in place
 
     @classmethod
@@ -354,7 +401,7 @@ class CalibratedDecoder(Decoder):
             rows = lp.index_select(0, sel)
             stats = step_stats(rows, pred.projection_on(dev))
             trackers = [d._tracker(pred, len(rows_of[id(d)]), dev) for d in group]
-            feats, count = StateTracker.stacked_features(trackers, stats)
+            feats, count, reference = StateTracker.stacked_features(trackers, stats)
             # per instance: its strengths (one per bucket), threshold and base; per row: its
             # instance
             gates = [d._gate_rows(pred, dev) for d in group]
@@ -367,8 +414,13 @@ class CalibratedDecoder(Decoder):
             )
             edges = group[0]._gate_cache[4]  # type: ignore[index]
             warm = torch.tensor([d.warmup_steps() for d in group], device=dev)[owner]
+            lifts = torch.tensor([d.lift_weights() for d in group], device=dev)[owner]
             g = step_strength(table[owner], count, edges, warm)
-            a = gate_alpha(pred.predict_tensor(feats), g, thresh[owner], base[owner])
+            derail, share = lifted_excess(
+                pred.predict_tensor(feats), count, reference, warm, lifts[:, 0], lifts[:, 1]
+            )
+            StateTracker.add_stacked_reference(trackers, share)
+            a = gate_alpha(derail, g, thresh[owner], base[owner])
             alpha.index_copy_(0, sel, a)
         return sharpen(lp, alpha, out=lp)
 

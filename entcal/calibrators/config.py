@@ -59,6 +59,13 @@ class TrainConfig:
     #: generated steps at the start whose gate stays closed (their state has too little history
     #: to be read; the base alone acts there); None: 0, or with ``gate_of`` the predictor's own
     warmup: int | None = None
+    #: lift λ in [0, 1]: the share of a text's shortfall below the human reference level ℓ
+    #: added to its predicted excess (its early level: the mean predicted excess over the
+    #: REFERENCE_WINDOW steps after the warm-up); None: 0, or with ``gate_of`` the predictor's own
+    lift: float | None = None
+    #: ℓ is this quantile of the early levels of the gate documents' human texts (low, so that
+    #: few texts of the training domain are lifted)
+    lift_quantile: float = 0.25
 
     def validate(self) -> None:
         for name in ("fit_docs", "gate_docs", "prompt_tokens", "length", "horizon"):
@@ -75,6 +82,14 @@ class TrainConfig:
             raise ValueError(
                 f"warmup must be an integer in [0, length={self.length}), got {self.warmup!r}"
             )
+        if self.lift is not None and (
+            isinstance(self.lift, bool)
+            or not isinstance(self.lift, (int, float))
+            or not 0.0 <= self.lift <= 1.0
+        ):
+            raise ValueError(f"lift must be a number in [0, 1], got {self.lift!r}")
+        if not 0.0 <= self.lift_quantile <= 1.0:
+            raise ValueError(f"lift_quantile must lie in [0, 1], got {self.lift_quantile}")
         if self.estimator not in ("auto", "ridge", "mlp"):
             raise ValueError(f"estimator must be auto, ridge or mlp, got {self.estimator!r}")
         if not self.threshold_quantiles or not all(0 < q < 1 for q in self.threshold_quantiles):

@@ -5,12 +5,25 @@ Pure batched tensor functions (no model, no state, no Python loop over rows), in
 :class:`~entcal.calibrators.predictor.FutureEntropyPredictor` exports. Per sequence and step ``t``::
 
     D̂_t = ((x_t − m) / s) · W · σ_y + μ_y          # excess future entropy rate, nats/token
-    α_t = α_0 + g · max(0, D̂_t − c)                # base α_0; the gate: strength g, threshold c
+    s_t = D̂_t + λ · max(0, ℓ − r_t)                 # the lift of a text that starts low
+    α_t = α_0 + g · max(0, s_t − c)                 # base α_0; the gate: strength g, threshold c
     log p_t(v) ← (1 + α_t) · log p(v)               # logits of p^(1 + α_t)
 
 ``x_t`` are the state features of :mod:`entcal.calibrators.state`, ``(m, s)`` and ``(μ_y, σ_y)``
 the standardization of features and labels learned by ``fit``, ``W`` the ridge map (or the
-one-hidden-layer MLP ``relu(x·W0 + b0)·w1 + b1``). ``D̂`` predicts how far the mean entropy of
+one-hidden-layer MLP ``relu(x·W0 + b0)·w1 + b1``).
+
+``r_t`` is the text's early level: the mean of ``D̂`` over its first :data:`REFERENCE_WINDOW` steps
+after the warm-up (over those seen so far, the current one included, while inside them); ``ℓ``
+(``reference_level``) the same mean on the human text the gate was fitted on; ``λ`` (``lift``, 0
+in files written before it existed) the weight of the lift. The predictor's level shifts from one
+kind of text to another (on Jane Austen's prose human text sits about 0.5 nats/token below the
+Python documentation it was fitted on, and derailed generations there stay under the threshold),
+so a text that starts below the training domain's human level is read as shifted by that
+shortfall. The lift is one-sided: a text that starts high (perhaps derailing early) is read as
+before, and on the training domain the score stays close to ``D̂`` itself.
+
+``D̂`` predicts how far the mean entropy of
 the next steps will exceed the model's log loss on human text (Cao, Valiant & Liang, "On the
 Entropy Calibration of Language Models", arXiv 2511.11966, §4: sampled text drifts to higher
 entropy as it grows); the sharpening is their future-entropy-scaled model (Eq. 9 of the NeurIPS
@@ -42,9 +55,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "REFERENCE_WINDOW",
+    "early_level_along",
     "excess_entropy_rate",
     "fold_standardization",
     "gate_alpha",
+    "lifted_excess",
+    "lifted_excess_along",
     "sharpen",
     "step_strength",
     "weights_kind",
@@ -120,6 +137,53 @@ def step_strength(
     else:
         g = strengths.gather(1, bucket[:, None])[:, 0]
     return torch.where(steps < warmup, 0.0, g)
+
+
+#: Steps after the warm-up whose mean ``D̂`` is a text's early level ``r_t``.
+REFERENCE_WINDOW = 16
+
+
+def lifted_excess(
+    derail: Tensor,
+    steps: Tensor,
+    reference_sum: Tensor,
+    warmup: Tensor | int,
+    lift: Tensor | float,
+    level: Tensor | float,
+) -> tuple[Tensor, Tensor]:
+    """``(D̂_t + λ·max(0, ℓ − r_t), this step's share of r_t)`` for one step of ``N`` sequences.
+
+    ``derail``: ``(N,)`` ``D̂_t`` (nats/token); ``steps``: ``(N,)`` generated steps so far;
+    ``reference_sum``: ``(N,)`` the sum of ``D̂`` over the earlier steps of the reference window
+    ``[warmup, warmup + REFERENCE_WINDOW)``; ``warmup``, ``lift`` (``λ``) and ``level`` (``ℓ``,
+    the human reference level, nats/token): numbers or ``(N,)``. ``r_t`` is the mean ``D̂`` over
+    the window's steps up to ``t``; before the window there is none, and no lift. The second
+    result is what to add to ``reference_sum`` once the step is committed (``D̂_t`` inside the
+    window, else 0). Agrees with :func:`lifted_excess_along` step by step.
+    """
+    inside = (steps >= warmup) & (steps < warmup + REFERENCE_WINDOW)
+    share = torch.where(inside, derail, 0.0)
+    seen = (steps - warmup).clamp(0, REFERENCE_WINDOW) + inside.long()
+    early = (reference_sum + share) / seen.clamp_min(1)
+    shortfall = torch.where(seen > 0, (level - early).clamp_min(0.0), 0.0)
+    return derail + lift * shortfall, share
+
+
+def early_level_along(derail: Tensor, warmup: int) -> Tensor:
+    """``r_t`` along whole sequences ``derail (N, T)``: the mean ``D̂`` over the reference window's
+    steps up to ``t`` (NaN before the window)."""
+    steps = torch.arange(derail.shape[1], device=derail.device)
+    inside = (steps >= warmup) & (steps < warmup + REFERENCE_WINDOW)
+    sums = torch.cumsum(torch.where(inside, derail, 0.0), dim=1)
+    seen = torch.cumsum(inside.long(), dim=0)
+    return torch.where(seen > 0, sums / seen.clamp_min(1), float("nan"))
+
+
+def lifted_excess_along(derail: Tensor, warmup: int, lift: float, level: float) -> Tensor:
+    """``D̂_t + λ·max(0, ℓ − r_t)`` along whole sequences ``derail (N, T)`` (training,
+    diagnostics): what :func:`lifted_excess` gives at each step."""
+    shortfall = (level - early_level_along(derail, warmup)).clamp_min(0.0).nan_to_num(0.0)
+    return derail + lift * shortfall
 
 
 def gate_alpha(

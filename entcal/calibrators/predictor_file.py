@@ -205,11 +205,12 @@ def _sha256(path: Path) -> str:
 
 def _check_gate(gate: Any, what: str) -> dict:
     """The gate as plain JSON (``threshold``, ``strength`` per bucket, ``bucket_edges``,
-    ``base``, ``warmup``; files written before the base or the warm-up existed read them as 0).
+    ``base``, ``warmup``; files written before the base or the warm-up existed read them as 0;
+    ``lift`` and ``reference_level``, only where the file has them: no lift reads as 0).
 
     Raises ``ValueError`` (naming ``what``) unless there are ``len(bucket_edges) + 1`` finite
-    strengths ``≥ 0``, increasing edges, a finite threshold, a finite base ``≥ 0`` and an integer
-    warm-up ``≥ 0``.
+    strengths ``≥ 0``, increasing edges, a finite threshold, a finite base ``≥ 0``, an integer
+    warm-up ``≥ 0``, a lift in ``[0, 1]`` and, with a lift above 0, a finite reference level.
     """
     if not isinstance(gate, dict):
         raise ValueError(f"{what} must be a dict with threshold, strength and bucket_edges")
@@ -229,7 +230,21 @@ def _check_gate(gate: Any, what: str) -> dict:
         raise ValueError(f"{what}: base must be finite and >= 0, got {base}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"{what}: warmup must be an integer >= 0, got {warmup!r}")
-    return {"threshold": c, "strength": g, "bucket_edges": edges, "base": base, "warmup": warmup}
+    out = {"threshold": c, "strength": g, "bucket_edges": edges, "base": base, "warmup": warmup}
+    for key in ("lift", "reference_level"):
+        if key in gate:
+            value = gate[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{what}: {key} must be a number, got {value!r}")
+            out[key] = float(value)
+    if not 0.0 <= out.get("lift", 0.0) <= 1.0:
+        raise ValueError(f"{what}: lift must lie in [0, 1], got {out['lift']}")
+    if out.get("lift", 0.0) > 0 and not math.isfinite(out.get("reference_level", math.nan)):
+        raise ValueError(
+            f"{what}: a lift of {out['lift']} needs a finite reference_level, got "
+            f"{gate.get('reference_level')!r}"
+        )
+    return out
 
 
 def save(pred: FutureEntropyPredictor, path: str | Path, fingerprint: dict | None = None) -> Path:

@@ -189,6 +189,10 @@ class StateTracker:
     """The state of ``N`` sequences: ``reset``, then per step ``features(stats)`` and, once the
     step's token is known, ``commit()`` (the stats of the last ``features`` call are committed).
 
+    Beside the features' state it keeps a per-sequence sum, ``reference_sum`` ``(N,)``, of values
+    its user adds per step with :meth:`add_reference` (committed with the step): the calibrated
+    decoder's early level of ``D̂`` (:func:`entcal.calibrators.derailment.lifted_excess`).
+
     Calling ``features`` again before ``commit`` recomputes from the same committed state, so a
     step is counted once however often its row is processed. A commit is applied lazily, when the
     state is next read, so that :meth:`stacked_features` can apply the commits of many trackers
@@ -204,7 +208,9 @@ class StateTracker:
         self._count = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._sums = torch.zeros(batch_size, w, 1 + self.dim, dtype=torch.float32, device=device)
         self._first = torch.zeros(batch_size, dtype=torch.float32, device=device)
+        self._reference = torch.zeros(batch_size, dtype=torch.float32, device=device)
         self._pending: StepStats | None = None
+        self._pending_reference: Tensor | None = None
         self._due = False
 
     # the committed state (steps seen, EMA sums, sum of the first entropies)
@@ -224,21 +230,32 @@ class StateTracker:
         return self._first
 
     @property
+    def reference_sum(self) -> Tensor:
+        self._settle()
+        return self._reference
+
+    @property
     def batch_size(self) -> int:
         return int(self._count.shape[0])
 
     def to(self, device: torch.device) -> None:
         if self._count.device != device:
             self._settle()
-            self._count, self._sums, self._first = (
-                t.to(device) for t in (self._count, self._sums, self._first)
+            self._count, self._sums, self._first, self._reference = (
+                t.to(device) for t in (self._count, self._sums, self._first, self._reference)
             )
 
     def features(self, stats: StepStats) -> Tensor:
         """``(N, F)`` features of this step; remembers ``stats`` for :meth:`commit`."""
         self._settle()
         self._pending = stats
+        self._pending_reference = None
         return state_features(self._count, self._sums, self._first, stats)
+
+    def add_reference(self, values: Tensor) -> None:
+        """``(N,)`` values to add to :attr:`reference_sum` when this step is committed (replacing
+        any given earlier for the same step)."""
+        self._pending_reference = values
 
     def commit(self) -> None:
         """Advance every row past the step whose stats were last given to :meth:`features`."""
@@ -251,7 +268,10 @@ class StateTracker:
             self._count, self._sums, self._first = _advance(
                 self._count, self._sums, self._first, self._pending
             )
+            if self._pending_reference is not None:
+                self._reference = self._reference + self._pending_reference
             self._pending = None
+            self._pending_reference = None
             self._due = False
 
     @staticmethod
@@ -259,12 +279,21 @@ class StateTracker:
         trackers: Sequence[StateTracker], stats: StepStats
     ) -> tuple[Tensor, Tensor]:
         """Features of several trackers' rows (stacked in order) from one stats batch:
-        ``(features (N, F), steps seen (N,))``. Their due commits are applied in one batched
-        update, and each tracker keeps its slice of the new state and of ``stats``."""
+        ``(features (N, F), steps seen (N,), reference sums (N,))``. Their due commits are
+        applied in one batched update, and each tracker keeps its slice of the new state and of
+        ``stats`` (give the step's reference values with :meth:`add_stacked_reference`)."""
         sizes = [t.batch_size for t in trackers]
         count = torch.cat([t._count for t in trackers])
         sums = torch.cat([t._sums for t in trackers])
         first = torch.cat([t._first for t in trackers])
+        reference = torch.cat(
+            [
+                t._reference + t._pending_reference
+                if t._due and t._pending_reference is not None
+                else t._reference
+                for t in trackers
+            ]
+        )
         if any(t._due for t in trackers):
             # the not-due rows advance by placeholder stats, then keep their old state
             parts, start = [], 0
@@ -290,10 +319,21 @@ class StateTracker:
         for t, n in zip(trackers, sizes):
             rows = slice(start, start + n)
             t._count, t._sums, t._first = count[rows], sums[rows], first[rows]
+            t._reference = reference[rows]
             t._pending = StepStats(stats.entropy[rows], stats.z[rows])
+            t._pending_reference = None
             t._due = False
             start += n
-        return feats, count
+        return feats, count, reference
+
+    @staticmethod
+    def add_stacked_reference(trackers: Sequence[StateTracker], values: Tensor) -> None:
+        """:meth:`add_reference` for trackers whose rows are stacked in order in ``values``."""
+        start = 0
+        for t in trackers:
+            n = t.batch_size
+            t.add_reference(values[start : start + n])
+            start += n
 
 
 def sequence_features(entropy: Tensor, z: Tensor) -> Tensor:

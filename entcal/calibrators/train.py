@@ -39,6 +39,11 @@ import torch
 from torch import Tensor
 
 from entcal.calibrators.config import TrainConfig
+from entcal.calibrators.derailment import (
+    REFERENCE_WINDOW,
+    early_level_along,
+    lifted_excess_along,
+)
 from entcal.calibrators.predictor import FutureEntropyPredictor
 from entcal.calibrators.predictor_file import predictor_fingerprint
 from entcal.calibrators.state import HiddenProjection, sequence_features, step_stats
@@ -278,9 +283,17 @@ class _GateEvaluator:
         self.model, self.tokenizer, self.predictor = model, tokenizer, predictor
         self.cfg, self.prompts, self.human, self.progress = cfg, prompts, human, progress
         self.raw_loss = -decoder_logprobs(model, prompts, human).double()
-        # the gate's features on human text do not depend on the gate: D̂ once
+        # the gate's features on human text do not depend on the gate: D̂ once, and the human
+        # reference level ℓ that a lift lifts to (a low quantile of these documents' early
+        # levels: a lift toward their mean would lift half of them and cost log loss)
         entropy, z, _ = sequence_stats(model, prompts, human, predictor.projection_)
-        self.human_derail = predictor.predict_tensor(sequence_features(entropy, z))
+        derail = predictor.predict_tensor(sequence_features(entropy, z))
+        end = min(cfg.warmup + REFERENCE_WINDOW, derail.shape[1]) - 1
+        early = early_level_along(derail, cfg.warmup)[:, end]
+        self.reference_level = float(torch.quantile(early, cfg.lift_quantile))
+        self.human_derail = lifted_excess_along(
+            derail, cfg.warmup, cfg.lift or 0.0, self.reference_level
+        )
         self.buckets = torch.bucketize(
             torch.arange(cfg.length), torch.tensor(list(cfg.bucket_edges)), right=True
         )
@@ -299,8 +312,9 @@ class _GateEvaluator:
 
         t0 = time.time()
         dec = CalibratedDecoder.from_predictor(
-            self.predictor, strength, threshold, base, warmup=self.cfg.warmup
-        )
+            self.predictor, strength, threshold, base, warmup=self.cfg.warmup,
+            lift=self.cfg.lift, reference_level=self.reference_level,
+        )  # fmt: skip
         gens = generate(
             self.model, self.tokenizer, self.prompts, dec, max_new_tokens=self.cfg.length,
             seed=self.cfg.seed + 12345, batch_size=self.cfg.batch_size,
@@ -376,7 +390,7 @@ def train_predictor(
     cfg_json = json.loads(json.dumps(dataclasses.asdict(cfg)))
     for key, default in (
         ("engine", "transformers"), ("vllm_args", {}), ("base_alphas", [0.0]), ("gate_of", None),
-        ("warmup", None),
+        ("warmup", None), ("lift", None), ("lift_quantile", 0.25),
     ):  # fmt: skip
         # runs of the default engine, without a base or a warm-up, keep the config.json of older
         # releases
@@ -421,8 +435,11 @@ def train_predictor(
             "threshold": 0.0, "strength": [0.0] * (len(edges) + 1), "bucket_edges": edges,
             "base": 0.0,
         }  # fmt: skip
-    if cfg.warmup is None:  # a refit keeps its predictor's (a new gate has none: 0)
+    # a refit keeps its predictor's warm-up and lift (a new gate has none: 0)
+    if cfg.warmup is None:
         cfg = dataclasses.replace(cfg, warmup=pred.gate_.get("warmup", 0))
+    if cfg.lift is None:
+        cfg = dataclasses.replace(cfg, lift=pred.gate_.get("lift", 0.0))
     gp, gh = prompts[cfg.fit_docs :], human[cfg.fit_docs :]
     evaluate = _GateEvaluator(model, tokenizer, pred, cfg, gp, gh, progress)
     if cfg.gate_of is None:
@@ -440,6 +457,9 @@ def train_predictor(
         "threshold": best.threshold, "strength": best.strength, "bucket_edges": edges,
         "base": best.base, "warmup": cfg.warmup,
     }  # fmt: skip
+    if cfg.lift:  # (absent: no lift, as in files written before it existed)
+        pred.gate_["lift"] = float(cfg.lift)
+        pred.gate_["reference_level"] = evaluate.reference_level
     report: dict[str, Any] = {
         "config": cfg_json,
         "fingerprint": fp,

@@ -23,6 +23,8 @@ from entcal.commands.common import (
 )
 
 _TUPLES = {"threshold_quantiles": float, "base_alphas": float, "bucket_edges": int}
+#: config fields with flags of their own (or none), not the generic one per field
+_OWN_FLAGS = ("model", "corpus", "engine", "vllm_args", "gate_of", "warmup", "lift")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     add_corpus_argument(parser, "--corpus")
     for field in dataclasses.fields(TrainConfig):
-        if field.name in ("model", "corpus", "engine", "vllm_args", "gate_of", "warmup"):
+        if field.name in _OWN_FLAGS:
             continue
         flag = "--" + field.name.replace("_", "-")
         value = getattr(defaults, field.name)
@@ -71,6 +73,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--warmup", type=int, default=None, metavar="K",
         help="generated steps at the start with the gate closed (default 0; with --gate-of, "
         "the predictor's own)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lift", type=float, default=None, metavar="L",
+        help="share in [0, 1] of a text's shortfall below the human reference level (the mean "
+        "predicted excess over its 16 steps after the warm-up, against the same on the gate "
+        "documents' human text) added to its predicted excess before the threshold (default 0; "
+        "with --gate-of, the predictor's own)",
     )  # fmt: skip
     add_device_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
