@@ -89,7 +89,7 @@ def separation(arrays: dict, level: float | None = None, late: int = 64) -> dict
     the mean of pydoc's human texts here)."""
     from sklearn.metrics import roc_auc_score
 
-    if not level:
+    if level is None:
         level = float(early_level_along(arrays[("pydoc", "human")], 8)[:, 23].mean())
     scores = {
         "dhat": lambda d: d,
@@ -142,7 +142,8 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
         "torch_threads": torch.get_num_threads(),
         "spec": args.spec,
         "gate": {"threshold": threshold, "strength": strength, "base": base, "bucket_edges": edges,
-                 "warmup": warmup, "lift": list(lift)},
+                 "warmup": warmup, "lift": list(lift),
+                 "reference_level": pred.gate_.get("reference_level")},
     }  # fmt: skip
     arrays: dict = {}
     for name, source, n in (("pydoc", None, args.n_pydoc), ("other", args.other, args.n_other)):
@@ -192,7 +193,7 @@ def main() -> int:
     else:
         report, arrays = run(args)
     report["human_openings"] = human_openings(arrays, report["gate"])
-    report["separation_after_step_64"] = separation(arrays, report["gate"].get("lift", [0, 0])[1])
+    report["separation_after_step_64"] = separation(arrays, report["gate"].get("reference_level"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "gate_transfer.json").write_text(json.dumps(report, indent=1) + "\n")
     if args.arrays and not args.from_arrays:

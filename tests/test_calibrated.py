@@ -197,7 +197,8 @@ def test_predictor_file_errors(tmp_path):
     assert "lift" not in FutureEntropyPredictor.load(folder).gate_  # absent: no lift
     for key, bad, level in (("lift", -0.5, 0.1), ("lift", 1.5, 0.1), ("lift", "half", 0.1),
                             ("lift", None, 0.1), ("reference_level", 0.5, None),
-                            ("reference_level", 0.5, float("nan"))):  # fmt: skip
+                            ("reference_level", 0.5, float("nan")),
+                            ("reference_level", 0.0, float("inf"))):  # fmt: skip
         bad_gate = json.loads(good)
         bad_gate["gate"]["lift"] = bad
         if level is not None:
@@ -432,12 +433,11 @@ def test_decoder_spec_options_and_bad_input(tmp_path):
     warm = parse(f"calibrated:predictor={folder},warmup=8")
     assert str(warm) == f"calibrated:predictor={folder},warmup=8" and parse(str(warm)) == warm
     assert warm.bind(model).warmup_steps() == 8 and d.warmup_steps() == 0  # (the file's)
-    lifted = parse(f"calibrated:predictor={folder},lift=0.5")
-    assert str(lifted) == f"calibrated:predictor={folder},lift=0.5" and parse(str(lifted)) == lifted
     assert d.lift_weights() == (0.0, 0.0)
-    # this predictor's gate records no human reference level: a lift is refused at bind
+    # this predictor's gate records no human reference level: a lift is refused at parse
+    # (vLLM admission answers it), and for the shipped predictor at bind
     with pytest.raises(ValueError, match=r"lift=0\.5 needs the human reference level"):
-        lifted.bind(model)
+        parse(f"calibrated:predictor={folder},lift=0.5")
     for bad, key in (("scale=-1", "scale"), ("strength=nan", "strength"), ("base=-0.1", "base"),
                      ("threshold=inf", "threshold"), ("alpha=1", "alpha"),
                      ("warmup=-1", "warmup"), ("warmup=1.5", "warmup"),
@@ -474,6 +474,7 @@ def test_mixed_instances_in_one_batch_equal_each_alone(tmp_path):
         f"calibrated:predictor={folder},threshold=0.5,lift=0.3",
         "top_p=0.9",
     ]
+    assert parse(str(parse(specs[1]))) == parse(specs[1]) and "lift=0.7" in str(parse(specs[1]))
     together = [parse(s).bind(model) if s.startswith("cal") else parse(s) for s in specs]
     alone = [parse(s).bind(model) if s.startswith("cal") else parse(s) for s in specs]
     for d in together + alone:

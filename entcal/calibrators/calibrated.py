@@ -7,8 +7,8 @@ Rule (per sequence and step ``t``)::
     α_t = α_0 + g_b(t) · max(0, s_t − c)               # base α_0; the gate: threshold c,
     p_t(v) ∝ p(v)^(1 + α_t)                            # strength g_b of t's position bucket b
 
-(``r_t``: the text's early level of ``D̂``; ``ℓ``: the same on the human text of the training
-domain; ``λ``: the lift, 0 unless fitted; :mod:`entcal.calibrators.derailment`.)
+(``r_t``: the text's early level of ``D̂``; ``ℓ``: a low quantile of the same over the training
+domain's human texts; ``λ``: the lift, 0 unless fitted; :mod:`entcal.calibrators.derailment`.)
 
 This is the future-entropy-scaled model of Cao, Valiant & Liang ("On the Entropy Calibration of
 Language Models", arXiv 2511.11966, Eq. 9 of the NeurIPS version),
@@ -161,6 +161,8 @@ class CalibratedDecoder(Decoder):
         self.tracker: StateTracker | None = None
         self._strengths: list[float] | None = None
         self._reference_level: float | None = None  # (training: the gate's ℓ before it is saved)
+        if self._predictor is not None:
+            self.lift_weights()  # (and a lift it cannot serve: ValueError at parse, not at a step)
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> CalibratedDecoder:
@@ -196,8 +198,10 @@ class CalibratedDecoder(Decoder):
                     f"got {strength}"
                 )
         self = cls(warmup=warmup, lift=lift)
-        self._reference_level = reference_level
+        if reference_level is not None:
+            reference_level = parse_float("reference_level", reference_level)
         self._predictor = predictor
+        self._reference_level = reference_level
         self._strengths = strength
         self.threshold = None if threshold is None else parse_float("threshold", threshold)
         self.base = None if base is None else parse_float("base", base, lo=0.0)
@@ -296,7 +300,8 @@ class CalibratedDecoder(Decoder):
 
     def lift_weights(self) -> tuple[float, float]:
         """``(λ, ℓ)``: the lift (the spec's, else the predictor's) and the human reference level
-        it lifts to (the predictor's; 0 when ``λ = 0``). Raises ``ValueError`` for a lift over a
+        it lifts to (nats/token: the one given to :meth:`from_predictor`, else the predictor's
+        gate's ``reference_level``; 0 when ``λ = 0``). Raises ``ValueError`` for a lift over a
         predictor that records no reference level."""
         assert self._predictor is not None
         gate = self._predictor.gate_
@@ -309,7 +314,7 @@ class CalibratedDecoder(Decoder):
         if level is None:
             raise ValueError(
                 f"calibrated: lift={format_value(lift)} needs the human reference level of the "
-                f"predictor's gate, which {getattr(self._predictor, 'path_', 'this predictor')} "
+                f"predictor's gate (reference_level), which {getattr(self._predictor, 'path_', 'this predictor')} "
                 "does not record (fit one with 'entcal train --gate-of PREDICTOR --lift L')"
             )
         return lift, float(level)

@@ -64,8 +64,9 @@ class TrainConfig:
     #: REFERENCE_WINDOW steps after the warm-up); None: 0, or with ``gate_of`` the predictor's own
     lift: float | None = None
     #: ℓ is this quantile of the early levels of the gate documents' human texts (low, so that
-    #: few texts of the training domain are lifted)
-    lift_quantile: float = 0.25
+    #: few texts of the training domain are lifted); None: 0.25, or with ``gate_of`` the
+    #: predictor's run's own
+    lift_quantile: float | None = None
 
     def validate(self) -> None:
         for name in ("fit_docs", "gate_docs", "prompt_tokens", "length", "horizon"):
@@ -88,8 +89,14 @@ class TrainConfig:
             or not 0.0 <= self.lift <= 1.0
         ):
             raise ValueError(f"lift must be a number in [0, 1], got {self.lift!r}")
-        if not 0.0 <= self.lift_quantile <= 1.0:
-            raise ValueError(f"lift_quantile must lie in [0, 1], got {self.lift_quantile}")
+        if self.lift_quantile is not None and (
+            isinstance(self.lift_quantile, bool)
+            or not isinstance(self.lift_quantile, (int, float))
+            or not 0.0 <= self.lift_quantile <= 1.0
+        ):
+            raise ValueError(
+                f"lift_quantile must be a number in [0, 1], got {self.lift_quantile!r}"
+            )
         if self.estimator not in ("auto", "ridge", "mlp"):
             raise ValueError(f"estimator must be auto, ridge or mlp, got {self.estimator!r}")
         if not self.threshold_quantiles or not all(0 < q < 1 for q in self.threshold_quantiles):

@@ -15,7 +15,8 @@ one-hidden-layer MLP ``relu(x·W0 + b0)·w1 + b1``).
 
 ``r_t`` is the text's early level: the mean of ``D̂`` over its first :data:`REFERENCE_WINDOW` steps
 after the warm-up (over those seen so far, the current one included, while inside them); ``ℓ``
-(``reference_level``) the same mean on the human text the gate was fitted on; ``λ`` (``lift``, 0
+(``reference_level``) a low quantile (``entcal train --lift-quantile``, 0.25) of the same over the
+human texts the gate was fitted on, measured with the gate's own warm-up; ``λ`` (``lift``, 0
 in files written before it existed) the weight of the lift. The predictor's level shifts from one
 kind of text to another (on Jane Austen's prose human text sits about 0.5 nats/token below the
 Python documentation it was fitted on, and derailed generations there stay under the threshold),
@@ -170,8 +171,8 @@ def lifted_excess(
 
 
 def early_level_along(derail: Tensor, warmup: int) -> Tensor:
-    """``r_t`` along whole sequences ``derail (N, T)``: the mean ``D̂`` over the reference window's
-    steps up to ``t`` (NaN before the window)."""
+    """``r_t (N, T)`` (nats/token) along whole sequences ``derail (N, T)``: the mean ``D̂`` over
+    the reference window's steps up to ``t`` (NaN before the window)."""
     steps = torch.arange(derail.shape[1], device=derail.device)
     inside = (steps >= warmup) & (steps < warmup + REFERENCE_WINDOW)
     sums = torch.cumsum(torch.where(inside, derail, 0.0), dim=1)
@@ -180,8 +181,8 @@ def early_level_along(derail: Tensor, warmup: int) -> Tensor:
 
 
 def lifted_excess_along(derail: Tensor, warmup: int, lift: float, level: float) -> Tensor:
-    """``D̂_t + λ·max(0, ℓ − r_t)`` along whole sequences ``derail (N, T)`` (training,
-    diagnostics): what :func:`lifted_excess` gives at each step."""
+    """``D̂_t + λ·max(0, ℓ − r_t)`` ``(N, T)`` (nats/token) along whole sequences ``derail (N, T)``
+    (training, diagnostics): what :func:`lifted_excess` gives at each step."""
     shortfall = (level - early_level_along(derail, warmup)).clamp_min(0.0).nan_to_num(0.0)
     return derail + lift * shortfall
 

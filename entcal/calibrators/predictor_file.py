@@ -239,7 +239,9 @@ def _check_gate(gate: Any, what: str) -> dict:
             out[key] = float(value)
     if not 0.0 <= out.get("lift", 0.0) <= 1.0:
         raise ValueError(f"{what}: lift must lie in [0, 1], got {out['lift']}")
-    if out.get("lift", 0.0) > 0 and not math.isfinite(out.get("reference_level", math.nan)):
+    if "reference_level" in out and not math.isfinite(out["reference_level"]):
+        raise ValueError(f"{what}: reference_level must be finite, got {out['reference_level']}")
+    if out.get("lift", 0.0) > 0 and "reference_level" not in out:
         raise ValueError(
             f"{what}: a lift of {out['lift']} needs a finite reference_level, got "
             f"{gate.get('reference_level')!r}"

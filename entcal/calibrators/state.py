@@ -231,6 +231,7 @@ class StateTracker:
 
     @property
     def reference_sum(self) -> Tensor:
+        """``(N,)`` float32: the sum of the values committed by :meth:`add_reference`."""
         self._settle()
         return self._reference
 
@@ -277,7 +278,7 @@ class StateTracker:
     @staticmethod
     def stacked_features(
         trackers: Sequence[StateTracker], stats: StepStats
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Features of several trackers' rows (stacked in order) from one stats batch:
         ``(features (N, F), steps seen (N,), reference sums (N,))``. Their due commits are
         applied in one batched update, and each tracker keeps its slice of the new state and of

@@ -390,7 +390,7 @@ def train_predictor(
     cfg_json = json.loads(json.dumps(dataclasses.asdict(cfg)))
     for key, default in (
         ("engine", "transformers"), ("vllm_args", {}), ("base_alphas", [0.0]), ("gate_of", None),
-        ("warmup", None), ("lift", None), ("lift_quantile", 0.25),
+        ("warmup", None), ("lift", None), ("lift_quantile", None),
     ):  # fmt: skip
         # runs of the default engine, without a base or a warm-up, keep the config.json of older
         # releases
@@ -440,6 +440,9 @@ def train_predictor(
         cfg = dataclasses.replace(cfg, warmup=pred.gate_.get("warmup", 0))
     if cfg.lift is None:
         cfg = dataclasses.replace(cfg, lift=pred.gate_.get("lift", 0.0))
+    if cfg.lift_quantile is None:  # (a refit measures ℓ as the predictor's run did)
+        own = (pred.meta_.get("report", {}).get("config") or {}).get("lift_quantile")
+        cfg = dataclasses.replace(cfg, lift_quantile=0.25 if own is None else own)
     gp, gh = prompts[cfg.fit_docs :], human[cfg.fit_docs :]
     evaluate = _GateEvaluator(model, tokenizer, pred, cfg, gp, gh, progress)
     if cfg.gate_of is None:

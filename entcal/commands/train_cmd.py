@@ -24,7 +24,16 @@ from entcal.commands.common import (
 
 _TUPLES = {"threshold_quantiles": float, "base_alphas": float, "bucket_edges": int}
 #: config fields with flags of their own (or none), not the generic one per field
-_OWN_FLAGS = ("model", "corpus", "engine", "vllm_args", "gate_of", "warmup", "lift")
+_OWN_FLAGS = (
+    "model",
+    "corpus",
+    "engine",
+    "vllm_args",
+    "gate_of",
+    "warmup",
+    "lift",
+    "lift_quantile",
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -76,10 +85,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--lift", type=float, default=None, metavar="L",
-        help="share in [0, 1] of a text's shortfall below the human reference level (the mean "
-        "predicted excess over its 16 steps after the warm-up, against the same on the gate "
-        "documents' human text) added to its predicted excess before the threshold (default 0; "
-        "with --gate-of, the predictor's own)",
+        help="share in [0, 1] of a text's shortfall below the human reference level (its early "
+        "level: the mean predicted excess over its 16 steps after the warm-up; the reference: "
+        "the --lift-quantile of the same on the gate documents' human texts) added to its "
+        "predicted excess before the threshold (default 0; with --gate-of, the predictor's own)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lift-quantile", type=float, default=None, metavar="Q",
+        help="the human reference level of --lift is this quantile of the gate documents' human "
+        "early levels (default 0.25; with --gate-of, the predictor's run's own)",
     )  # fmt: skip
     add_device_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
