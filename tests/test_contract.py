@@ -135,6 +135,8 @@ EXTREMES: dict[str, list[str]] = {
         f"calibrated:strength={HUGE},base=0.5",
         "calibrated:warmup=8",
         f"calibrated:warmup=1000000,strength={HUGE}",
+        "calibrated:lift=0",
+        f"calibrated:lift=1,threshold=-{HUGE},strength={HUGE},warmup=0",
     ],
     "lookahead": [  # runs a model on its top-k candidates: bound to a tiny random Llama here
         "lookahead:alpha=0",
