@@ -17,9 +17,10 @@ generation's state instead of a constant per step: a small constant ``α_0`` (th
 calibration, a temperature ``1/(1 + α_0)``) for what no state reveals, such as the offset of the
 first steps before any history exists, plus a gated part that grows where the generation
 derails. The per-candidate term ``Ĥ(prefix, v)`` is left out: with state-dependent α it did not
-lower the log-loss cost at equal calibration (docs/results/calibrated-design.md). Human text almost
-never reaches states where ``D̂ > c``, so beyond the base's mild temperature its log loss barely
-changes; a sampled generation that starts to derail is pulled back, so its entropy stays at the
+lower the log-loss cost at equal calibration (docs/results/calibrated-design.md). Human text seldom
+reaches states where ``s_t > c``, so beyond the base's mild temperature its log loss changes
+little (more on human text that opens low and changes register, which the lift reads as a shifted
+domain: docs/results/calibrated-design.md §6); a sampled generation that starts to derail is pulled back, so its entropy stays at the
 human level instead of drifting up. Nothing is truncated: every token the model allows keeps a
 positive probability.
 

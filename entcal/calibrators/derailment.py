@@ -4,12 +4,12 @@ Pure batched tensor functions (no model, no state, no Python loop over rows), in
 :mod:`entcal.decoding.ops`, over the weights a fitted
 :class:`~entcal.calibrators.predictor.FutureEntropyPredictor` exports. Per sequence and step ``t``::
 
-    D̂_t = ((x_t − m) / s) · W · σ_y + μ_y          # excess future entropy rate, nats/token
+    D̂_t = ((x_t − m) / σ_x) · W · σ_y + μ_y        # excess future entropy rate, nats/token
     s_t = D̂_t + λ · max(0, ℓ − r_t)                 # the lift of a text that starts low
     α_t = α_0 + g · max(0, s_t − c)                 # base α_0; the gate: strength g, threshold c
     log p_t(v) ← (1 + α_t) · log p(v)               # logits of p^(1 + α_t)
 
-``x_t`` are the state features of :mod:`entcal.calibrators.state`, ``(m, s)`` and ``(μ_y, σ_y)``
+``x_t`` are the state features of :mod:`entcal.calibrators.state`, ``(m, σ_x)`` and ``(μ_y, σ_y)``
 the standardization of features and labels learned by ``fit``, ``W`` the ridge map (or the
 one-hidden-layer MLP ``relu(x·W0 + b0)·w1 + b1``).
 
@@ -22,7 +22,8 @@ kind of text to another (on Jane Austen's prose human text sits about 0.5 nats/t
 Python documentation it was fitted on, and derailed generations there stay under the threshold),
 so a text that starts below the training domain's human level is read as shifted by that
 shortfall. The lift is one-sided: a text that starts high (perhaps derailing early) is read as
-before, and on the training domain the score stays close to ``D̂`` itself.
+before, and on the training domain the score stays ``D̂`` itself except for the quarter of its
+human texts that start below ``ℓ``.
 
 ``D̂`` predicts how far the mean entropy of
 the next steps will exceed the model's log loss on human text (Cao, Valiant & Liang, "On the
