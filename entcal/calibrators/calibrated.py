@@ -75,6 +75,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -128,6 +129,20 @@ def _log_softmax_keep_dead(logits: Tensor) -> Tensor:
     if bool(dead.any()):
         lp = torch.where(dead[:, None], logits, lp)
     return lp
+
+
+@dataclasses.dataclass(frozen=True)
+class _GateTensors:
+    """One decoder instance's gate on a device: ``strength (B,)``, ``edges (B − 1,)`` long, and
+    0-d ``threshold``, ``base``, ``warmup`` (long), ``lift``, ``level``."""
+
+    strength: Tensor
+    threshold: Tensor
+    base: Tensor
+    edges: Tensor
+    warmup: Tensor
+    lift: Tensor
+    level: Tensor
 
 
 class CalibratedDecoder(Decoder):
@@ -218,18 +233,12 @@ class CalibratedDecoder(Decoder):
             parts.append("strengths=" + "/".join(format_value(g) for g in self._strengths))
         if self.scale != 1.0:
             parts.append(f"scale={format_value(self.scale)}")
-        if self.strength is not None:
-            parts.append(f"strength={format_value(self.strength)}")
-        if self.threshold is not None:
-            parts.append(f"threshold={format_value(self.threshold)}")
-        if self.base is not None:
-            parts.append(f"base={format_value(self.base)}")
-        if self.warmup is not None:
-            parts.append(f"warmup={self.warmup}")
-        if self.lift is not None:
-            parts.append(f"lift={format_value(self.lift)}")
-        if self._reference_level is not None:
-            parts.append(f"level={format_value(self._reference_level)}")
+        for key, value in (
+            ("strength", self.strength), ("threshold", self.threshold), ("base", self.base),
+            ("warmup", self.warmup), ("lift", self.lift), ("level", self._reference_level),
+        ):  # fmt: skip
+            if value is not None:
+                parts.append(f"{key}={format_value(value)}")
         return "calibrated" + (":" + ",".join(parts) if parts else "")
 
     def cache_key(self) -> str:
@@ -343,23 +352,29 @@ class CalibratedDecoder(Decoder):
         tr.to(device)
         return tr
 
-    def _gate_rows(
-        self, pred: FutureEntropyPredictor, device: torch.device
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(strength per bucket (B,), threshold (), base ())`` as tensors on ``device``
-        (cached)."""
+    def _gate_tensors(self, pred: FutureEntropyPredictor, device: torch.device) -> _GateTensors:
+        """This instance's gate as tensors on ``device``, built once per predictor and device (a
+        step reads them without a host-to-device copy)."""
         cache = getattr(self, "_gate_cache", None)
         if cache is None or cache[0] is not pred or cache[1] != device:
             g, c, base = self.gate()
-            cache = (
-                pred, device,
-                torch.tensor(g, dtype=torch.float32, device=device),
-                torch.tensor(c, dtype=torch.float32, device=device),
-                torch.tensor(pred.gate_["bucket_edges"], dtype=torch.long, device=device),
-                torch.tensor(base, dtype=torch.float32, device=device),
-            )  # fmt: skip
+            lift, level = self.lift_weights()
+
+            def scalar(x: float, dtype=torch.float32) -> Tensor:
+                return torch.tensor(x, dtype=dtype, device=device)
+
+            gate = _GateTensors(
+                strength=torch.tensor(g, dtype=torch.float32, device=device),
+                threshold=scalar(c),
+                base=scalar(base),
+                edges=torch.tensor(pred.gate_["bucket_edges"], dtype=torch.long, device=device),
+                warmup=scalar(self.warmup_steps(), torch.long),
+                lift=scalar(lift),
+                level=scalar(level),
+            )
+            cache = (pred, device, gate)
             self._gate_cache = cache
-        return cache[2], cache[3], cache[5]
+        return cache[2]
 
     # ---- the step -----------------------------------------------------------------------------
     def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
@@ -369,16 +384,14 @@ class CalibratedDecoder(Decoder):
         lp = _log_softmax_keep_dead(logits)
         tracker = self._tracker(pred, n, logits.device)
         feats = tracker.features(step_stats(lp, pred.projection_on(logits.device)))
-        strength, threshold, base = self._gate_rows(pred, logits.device)
-        edges = self._gate_cache[4]  # type: ignore[index]
-        warmup = self.warmup_steps()
-        g = step_strength(strength, tracker.count, edges, warmup)
-        lift, level = self.lift_weights()
+        gate = self._gate_tensors(pred, logits.device)
+        g = step_strength(gate.strength, tracker.count, gate.edges, gate.warmup)
         derail, share = lifted_excess(
-            pred.predict_tensor(feats), tracker.count, tracker.reference_sum, warmup, lift, level
-        )
+            pred.predict_tensor(feats), tracker.count, tracker.reference_sum, gate.warmup,
+            gate.lift, gate.level,
+        )  # fmt: skip
         tracker.add_reference(share)
-        alpha = gate_alpha(derail, g, threshold, base)
+        alpha = gate_alpha(derail, g, gate.threshold, gate.base)
         return sharpen(lp, alpha, out=lp)  # lp is this call's own tensor: sharpened in place
 
     @classmethod
@@ -408,25 +421,25 @@ class CalibratedDecoder(Decoder):
             stats = step_stats(rows, pred.projection_on(dev))
             trackers = [d._tracker(pred, len(rows_of[id(d)]), dev) for d in group]
             feats, count, reference = StateTracker.stacked_features(trackers, stats)
-            # per instance: its strengths (one per bucket), threshold and base; per row: its
-            # instance
-            gates = [d._gate_rows(pred, dev) for d in group]
-            table = torch.stack([g for g, _, _ in gates])
-            thresh = torch.stack([c for _, c, _ in gates])
-            base = torch.stack([b for _, _, b in gates])
+            # per instance: its gate (strengths per bucket, threshold, base, warm-up, lift);
+            # per row: its instance's
+            gates = [d._gate_tensors(pred, dev) for d in group]
             owner = torch.repeat_interleave(
                 torch.arange(len(group), device=dev),
                 torch.tensor([len(rows_of[id(d)]) for d in group], device=dev),
             )
-            edges = group[0]._gate_cache[4]  # type: ignore[index]
-            warm = torch.tensor([d.warmup_steps() for d in group], device=dev)[owner]
-            lifts = torch.tensor([d.lift_weights() for d in group], device=dev)[owner]
-            g = step_strength(table[owner], count, edges, warm)
+
+            def per_row(field: str, gates=gates, owner=owner) -> Tensor:
+                return torch.stack([getattr(g, field) for g in gates])[owner]
+
+            warm = per_row("warmup")
+            g = step_strength(per_row("strength"), count, gates[0].edges, warm)
             derail, share = lifted_excess(
-                pred.predict_tensor(feats), count, reference, warm, lifts[:, 0], lifts[:, 1]
-            )
+                pred.predict_tensor(feats), count, reference, warm, per_row("lift"),
+                per_row("level"),
+            )  # fmt: skip
             StateTracker.add_stacked_reference(trackers, share)
-            a = gate_alpha(derail, g, thresh[owner], base[owner])
+            a = gate_alpha(derail, g, per_row("threshold"), per_row("base"))
             alpha.index_copy_(0, sel, a)
         return sharpen(lp, alpha, out=lp)
 

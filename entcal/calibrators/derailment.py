@@ -145,6 +145,11 @@ def step_strength(
 REFERENCE_WINDOW = 16
 
 
+def _in_reference_window(steps: Tensor, warmup: Tensor | int) -> Tensor:
+    """Whether each step lies in ``[warmup, warmup + REFERENCE_WINDOW)``."""
+    return (steps >= warmup) & (steps < warmup + REFERENCE_WINDOW)
+
+
 def lifted_excess(
     derail: Tensor,
     steps: Tensor,
@@ -163,7 +168,7 @@ def lifted_excess(
     result is what to add to ``reference_sum`` once the step is committed (``D̂_t`` inside the
     window, else 0). Agrees with :func:`lifted_excess_along` step by step.
     """
-    inside = (steps >= warmup) & (steps < warmup + REFERENCE_WINDOW)
+    inside = _in_reference_window(steps, warmup)
     share = torch.where(inside, derail, 0.0)
     seen = (steps - warmup).clamp(0, REFERENCE_WINDOW) + inside.long()
     early = (reference_sum + share) / seen.clamp_min(1)
@@ -175,7 +180,7 @@ def early_level_along(derail: Tensor, warmup: int) -> Tensor:
     """``r_t (N, T)`` (nats/token) along whole sequences ``derail (N, T)``: the mean ``D̂`` over
     the reference window's steps up to ``t`` (NaN before the window)."""
     steps = torch.arange(derail.shape[1], device=derail.device)
-    inside = (steps >= warmup) & (steps < warmup + REFERENCE_WINDOW)
+    inside = _in_reference_window(steps, warmup)
     sums = torch.cumsum(torch.where(inside, derail, 0.0), dim=1)
     seen = torch.cumsum(inside.long(), dim=0)
     return torch.where(seen > 0, sums / seen.clamp_min(1), float("nan"))
