@@ -192,6 +192,32 @@ def test_top_p_decided_on_shallow_blocks_all_blocks_and_exact_paths():
         assert torch.equal(ops.top_p_mask(x, top_p, depth=0), ref)  # exact path only
 
 
+@pytest.mark.parametrize("limit", [0, 1 << 40])
+def test_sorted_rows_are_torch_sort_values(limit, monkeypatch):
+    """The top-p exact path's sort (one 1-D sort of int64 keys, or ``torch.sort`` beyond the
+    limit) gives ``torch.sort``'s values, and so transformers' softmax and cumulative mass,
+    bit for bit: -inf, ties, signed zeros, the float32 extremes, 1 to 5 rows."""
+    from entcal.decoding.ops import common
+
+    monkeypatch.setattr(common, "SORTED_ROWS_MAX", limit)
+    g = torch.Generator().manual_seed(11)
+    f32 = torch.finfo(torch.float32)
+    for trial in range(60):
+        n = 1 + trial % 5
+        x = make_batch(g, n, 1 << 15, KINDS[trial % 4])
+        if trial % 3 == 0:
+            x[:, ::7] = NEG
+        if trial % 5 == 0:
+            x = x.round()  # many ties
+            x[:, ::11], x[:, 1::13] = 0.0, -0.0
+        if trial % 6 == 0:
+            x[:, ::17], x[:, 3::19] = f32.max, -f32.max
+        x[:, 5::23] = f32.tiny * (1 - 2 * (trial % 2))  # smallest normals of either sign
+        ours, ref = common.sorted_rows(x), torch.sort(x, dim=-1).values
+        assert torch.equal(ours, ref)
+        assert torch.equal(ours.softmax(-1).cumsum(-1), ref.softmax(-1).cumsum(-1))
+
+
 @pytest.mark.parametrize("vocab,n", [(49152, 32), (262144, 8)])
 def test_top_p_flat_rows_sampled_bracket(vocab, n, monkeypatch):
     """Flat rows (mean entropy ~6 to ~11 nats) take the sampled bracket (here at any batch

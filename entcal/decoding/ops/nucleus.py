@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from entcal.decoding.ops.common import BLOCK, NEG_INF, blocks, kth_largest, rows
+from entcal.decoding.ops.common import BLOCK, NEG_INF, blocks, kth_largest, rows, sorted_rows
 
 #: Relative margin by which a top-p decision without the full sort must clear the threshold:
 #: a row is decided that way only if ``|mass above the token - top_p| > EXACT_TOL * c`` at the
@@ -464,7 +464,7 @@ def _top_p_boundary(
 def _top_p_exact(x: Tensor, top_p: Tensor) -> tuple[Tensor, Tensor]:
     """transformers' TopP arithmetic on rows ``x``: ``(number of tokens it keeps, the smallest
     kept logit)`` per row (no min_keep)."""
-    sorted_logits = torch.sort(x, dim=-1, descending=False).values
+    sorted_logits = sorted_rows(x)
     cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     remove = cum <= (1.0 - top_p).to(torch.float32).view(-1, 1)
     dropped = remove.sum(-1).clamp(max=x.shape[-1] - 1)
