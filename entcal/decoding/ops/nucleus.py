@@ -326,41 +326,50 @@ def _flat_rows(key: Tensor, best: Tensor, depth: float) -> Tensor:
 
 
 def _bracket_boundary(
-    key: Tensor, weight: Tensor, target: Tensor, tol: float
+    key: Tensor, best: Tensor, target: Tensor, tol: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Top-p boundary of flat rows in O(V): a strided sample of ``SAMPLE`` tokens, sorted,
     estimates the key where the cumulative mass crosses ``target``; a bracket of ``BRACKET_SE``
     standard errors around it is checked exactly on the whole row, and only its tokens are
     bucketed (``BRACKET_BUCKETS`` equal-width key buckets) and the crossing bucket sorted.
 
-    ``key`` ``[r, V]`` logits, ``weight`` their float32 softmax. As in :func:`_block_boundary`
-    the cumulative mass of a token is ``1 - tail / Σp`` with the tail summed directly (float32
-    sums of ``BLOCK`` tokens, float64 across blocks and within the bracket). Returns
-    ``(threshold, ok, missed)``: ``missed`` rows' boundary lies outside the bracket, the other
-    rows with ``ok`` False are too close to call (``tol``).
+    ``key`` ``[r, V]`` logits, ``best`` ``[r]`` their row maxima. The masses are the softmax's
+    numerators ``exp(key - best)`` in float32, never divided: as in :func:`_block_boundary` the
+    cumulative mass of a token is ``1 - tail / Σ`` with the tail summed directly (float32 sums
+    of ``BLOCK`` tokens, float64 across blocks and within the bracket), a ratio in which the
+    normalizer cancels. (Their error against exact arithmetic is the exp's, <= 1 ulp, where the
+    softmax's division rounding was: ``NORM_ERR`` holds.) One float32 ``[r, V]`` buffer serves
+    the whole pass, masked in place once the total is read: on a CPU a fresh full-size
+    temporary costs more in page faults than its arithmetic. Returns ``(threshold, ok,
+    missed)``: ``missed`` rows' boundary lies outside the bracket, the other rows with ``ok``
+    False are too close to call (``tol``).
     """
     r, v = key.shape
     dev = key.device
     f64 = torch.float64
     t = target.view(-1, 1)
+    ref = best.view(-1, 1).float()
     # 1. the sample: every stride-th token, sorted (descending); its cumulative mass
     stride = max(1, v // SAMPLE)
-    vals, order = key[:, ::stride].sort(dim=-1, descending=True)
-    ws = weight[:, ::stride].gather(-1, order).double()
+    vals = key[:, ::stride].sort(dim=-1, descending=True).values
+    ws = torch.sub(vals.float(), ref).exp_().double()
     n = vals.shape[-1]
     cw = ws.cumsum(-1)
     cw2 = (ws * ws).cumsum(-1)
     w_all = cw[:, -1:].clamp(min=1e-300)
     # 2. anchor the sample at its estimated crossing j: the exact share E of the tokens at or
-    # above key j (block sums of the float32 softmax, float64 across: the only full-row mass
-    # pass), then ratio estimates within each stratum (above j, below j), so that the heavy
-    # tokens' sampling noise (a few tokens can hold a tenth of the mass) cancels
+    # above key j (block sums of the float32 exp(key - max), float64 across: the only full-row
+    # mass pass), then ratio estimates within each stratum (above j, below j), so that the
+    # heavy tokens' sampling noise (a few tokens can hold a tenth of the mass) cancels
     j = (cw / w_all < t).sum(-1, keepdim=True).clamp(max=n - 1)
     anchor = vals.gather(-1, j)
-    total = blocks(weight, 0.0).sum(-1).double().sum(-1, keepdim=True).clamp(min=1e-300)
-    scratch = torch.where(key < anchor, weight, torch.zeros((), dtype=weight.dtype))
-    tail_anchor = blocks(scratch, 0.0).sum(-1).double().sum(-1, keepdim=True)
-    del scratch
+    mass = torch.sub(key if key.dtype == torch.float32 else key.float(), ref).exp_()
+    total = blocks(mass, 0.0).sum(-1).double().sum(-1, keepdim=True).clamp(min=1e-300)
+    inb = key >= anchor  # (the bool buffer the bracket's test reuses)
+    # in place (where with out= runs faster than masked_fill_ on a CPU)
+    torch.where(inb, torch.zeros((), dtype=mass.dtype), mass, out=mass)
+    tail_anchor = blocks(mass, 0.0).sum(-1).double().sum(-1, keepdim=True)
+    del mass
     e = 1.0 - tail_anchor / total
     cj, c2j = cw.gather(-1, j), cw2.gather(-1, j)
     lower = torch.arange(n, device=dev).view(1, -1) > j
@@ -384,12 +393,12 @@ def _bracket_boundary(
     lo = torch.where(e >= t, anchor, lo)
     hi = torch.where(e < t, anchor, hi)
     # 3. the bracket's tokens; the tail below it is the anchor's minus theirs below the anchor
-    inb = key >= lo
+    torch.ge(key, lo, out=inb)
     inb &= key <= hi
     rows_b, cols_b = inb.nonzero(as_tuple=True)
     del inb
     k_b = key[rows_b, cols_b]
-    w_b = weight[rows_b, cols_b].double()
+    w_b = torch.sub(k_b.float(), ref.flatten().index_select(0, rows_b)).exp_().double()
     under = torch.zeros(r, dtype=f64, device=dev).index_add_(
         0, rows_b, torch.where(k_b < anchor.flatten().index_select(0, rows_b), w_b, 0.0)
     )
@@ -428,19 +437,20 @@ def _bracket_boundary(
 
 
 def _top_p_boundary(
-    x: Tensor, p: Tensor, row_max: Tensor, target: Tensor, depth: float, tol: float
+    x: Tensor, row_max: Tensor, target: Tensor, depth: float, tol: float
 ) -> tuple[Tensor, Tensor]:
     """Top-p boundary logit per row and whether it was decided: flat rows by the sampled
-    bracket, the others (and flat rows it missed) by the block histogram."""
+    bracket, the others (and flat rows it missed) by the block histogram over their softmax
+    (computed for those rows only: the bracket needs none)."""
     if x.numel() < BRACKET_MIN_TOKENS:  # too few rows for the bracket, flat or not
-        return _decide(x, p, row_max, target, True, depth, True, tol)
+        return _decide(x, torch.softmax(x, -1), row_max, target, True, depth, True, tol)
     flat = _flat_rows(x, row_max, depth)
     if int(flat.sum()) * x.shape[-1] < BRACKET_MIN_TOKENS:
-        return _decide(x, p, row_max, target, True, depth, True, tol)
+        return _decide(x, torch.softmax(x, -1), row_max, target, True, depth, True, tol)
     sub = flat.nonzero().flatten()
     whole = sub.numel() == x.shape[0]
-    xs, ps = (x, p) if whole else (x.index_select(0, sub), p.index_select(0, sub))
-    thr_f, ok_f, missed = _bracket_boundary(xs, ps, target.index_select(0, sub), tol)
+    xs, ms = (x, row_max) if whole else (x.index_select(0, sub), row_max.index_select(0, sub))
+    thr_f, ok_f, missed = _bracket_boundary(xs, ms, target.index_select(0, sub), tol)
     if whole:
         thr, ok = thr_f, ok_f
     else:
@@ -452,8 +462,9 @@ def _top_p_boundary(
     redo.index_copy_(0, sub, missed)
     if bool(redo.any()):
         r = redo.nonzero().flatten()
+        xr = x.index_select(0, r)
         thr_r, ok_r = _decide(
-            x.index_select(0, r), p.index_select(0, r), row_max.index_select(0, r),
+            xr, torch.softmax(xr, -1), row_max.index_select(0, r),
             target.index_select(0, r), True, depth, True, tol,
         )  # fmt: skip
         thr.index_copy_(0, r, thr_r)
@@ -519,7 +530,7 @@ def top_p_mask(
     target = tp.index_select(0, todo)
     if depth > 0:
         tol = EXACT_TOL + NORM_ERR if exact else 0.0
-        thr, ok = _top_p_boundary(x, torch.softmax(x, dim=-1), m, target, depth, tol)
+        thr, ok = _top_p_boundary(x, m, target, depth, tol)
         thr = torch.where(ok, thr, NEG_INF)
         pending = ~ok
     else:
