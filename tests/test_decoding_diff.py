@@ -196,7 +196,8 @@ def test_top_p_decided_on_shallow_blocks_all_blocks_and_exact_paths():
 def test_sorted_rows_are_torch_sort_values(limit, monkeypatch):
     """The top-p exact path's sort (one 1-D sort of int64 keys, or ``torch.sort`` beyond the
     limit) gives ``torch.sort``'s values, and so transformers' softmax and cumulative mass,
-    bit for bit: -inf, ties, signed zeros, the float32 extremes, 1 to 5 rows."""
+    bit for bit (up to the sign of zeros): -inf, +inf, ties, signed zeros, the largest floats,
+    subnormals, 1 to 5 rows. (NaN is not an input: top-p leaves rows holding one untouched.)"""
     from entcal.decoding.ops import common
 
     monkeypatch.setattr(common, "SORTED_ROWS_MAX", limit)
@@ -213,9 +214,14 @@ def test_sorted_rows_are_torch_sort_values(limit, monkeypatch):
         if trial % 6 == 0:
             x[:, ::17], x[:, 3::19] = f32.max, -f32.max
         x[:, 5::23] = f32.tiny * (1 - 2 * (trial % 2))  # smallest normals of either sign
+        x[:, 6::29] = f32.tiny / (3 + trial) * (2 * (trial % 2) - 1)  # subnormals
+        if trial % 7 == 0:
+            x[:, 2::31] = float("inf")
         ours, ref = common.sorted_rows(x), torch.sort(x, dim=-1).values
-        assert torch.equal(ours, ref)
-        assert torch.equal(ours.softmax(-1).cumsum(-1), ref.softmax(-1).cumsum(-1))
+        # bits, with -0.0 + 0.0 = +0.0: the key sort puts -0.0 first, torch.sort keeps input order
+        assert torch.equal((ours + 0.0).view(torch.int32), (ref + 0.0).view(torch.int32))
+        cum = ours.softmax(-1).cumsum(-1), ref.softmax(-1).cumsum(-1)  # NaN where +inf
+        torch.testing.assert_close(*cum, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("vocab,n", [(49152, 32), (262144, 8)])

@@ -132,7 +132,9 @@ def sorted_rows(x: Tensor) -> Tensor:
     ~4.5 ms against ~22 ms, 3 rows 25 against 47 ms). A comparison sort, its cost per token
     grows with the length, so beyond ``SORTED_ROWS_MAX`` tokens (8 rows of 262144: 740
     against 410 ms at 32) rows go to ``torch.sort``, as do other dtypes and devices. Only the
-    order of ``-0.0`` and ``+0.0`` may differ, which no softmax or sum sees.
+    order of ``-0.0`` and ``+0.0`` may differ (``-0.0`` first), which no softmax or sum sees.
+    NaN must not occur: a NaN with its sign bit set (x86's default) would sort first, where
+    ``torch.sort`` puts NaN last (top-p leaves rows holding a NaN untouched before this).
     """
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() > SORTED_ROWS_MAX:
         return torch.sort(x, dim=-1).values
