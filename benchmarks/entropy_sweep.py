@@ -185,6 +185,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _run_order(r: dict) -> tuple:
+    """A row's place in a full run: vocab, then regime (Gaussian by entropy, then real), batch,
+    method."""
+    regime = r["regime"]
+    level = float(regime[2:]) if regime.startswith("H=") else float("inf")
+    return r["vocab"], level, r["batch"], list(METHODS).index(r["method"])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default="benchmarks/results", help="output folder")
@@ -203,7 +211,7 @@ def main() -> int:
     if args.merge and old.exists():
         redone = {r["method"] for r in report["results"]}
         kept = [r for r in json.loads(old.read_text())["results"] if r["method"] not in redone]
-        report["results"] = kept + report["results"]
+        report["results"] = sorted(kept + report["results"], key=_run_order)
     report["worst"] = worst(report)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
