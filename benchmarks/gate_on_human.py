@@ -6,10 +6,12 @@ predictor gives ``D̂_t`` along it as the decoder's state tracker would, and the
 corpus whose human ``D̂`` sits high reads as derailing. Reported: mean ``D̂`` (overall, by
 quarter), the early level ``r`` (mean ``D̂`` over steps 8-23) by quantile, the open share and
 mean ``α`` with and without the lift, and the same split by quarters of documents ranked by
-``r``. JSON out. About 3 minutes for 128 documents on 2 CPU threads.
+``r``; with ``--pydoc-arrays``, how scores read as a level or as a rise flag this text against
+pydoc's and Austen's. JSON out. About 3 minutes for 128 documents on 2 CPU threads.
 
     python benchmarks/corpora/debian_handbook.py --out runs/handbook.txt
-    python benchmarks/gate_on_human.py --corpus runs/handbook.txt --n 128
+    python benchmarks/gate_on_human.py --corpus runs/handbook.txt --n 128 \
+        --pydoc-arrays runs/gate-dhat.pt     # from gate_transfer.py --other runs/austen.txt
 """
 
 from __future__ import annotations
@@ -20,30 +22,61 @@ import sys
 from pathlib import Path
 
 import torch
-from gate_transfer import excess_along
+from gate_transfer import excess_along, shipped_gate
 
-from entcal import corpora, models
+from entcal import corpora
 from entcal.calibrators.derailment import (
     early_level_along,
     gate_alpha,
     lifted_excess_along,
     step_strength,
 )
-from entcal.decoding import parse
 
 
 def _r(x: float) -> float:
     return round(float(x), 4)
 
 
+def flagged_shares(human: torch.Tensor, arrays: dict, warmup: int, lift, late: int = 64) -> dict:
+    """Level against rise: for each score of a state (``D̂``; the shipped lifted score; ``D̂``
+    minus the text's early level ``r``, in full and by half), at steps ``>= late``, the threshold
+    that flags 2% of pydoc's human states, then the share flagged of pydoc's ancestral
+    generations, of this corpus's human text and of Austen's human text and generations
+    (``arrays``: ``gate_transfer.py --arrays``, its "other" corpus being Austen)."""
+    from sklearn.metrics import roc_auc_score
+
+    def rise(d: torch.Tensor, w: float) -> torch.Tensor:
+        return d - w * early_level_along(d, warmup)[:, warmup + 15 : warmup + 16]
+
+    scores = {
+        "dhat": lambda d: d,
+        "lifted (shipped)": lambda d: lifted_excess_along(d, warmup, *lift),
+        "dhat - r": lambda d: rise(d, 1.0),
+        "dhat - 0.5 r": lambda d: rise(d, 0.5),
+    }
+    texts = {"pydoc ancestral": arrays[("pydoc", "ancestral")], "this corpus, human": human,
+             "austen human": arrays[("other", "human")],
+             "austen ancestral": arrays[("other", "ancestral")]}  # fmt: skip
+    out = {}
+    for name, score in scores.items():
+        ph = score(arrays[("pydoc", "human")])[:, late:].flatten()
+        pa = score(arrays[("pydoc", "ancestral")])[:, late:].flatten()
+        thr = torch.quantile(ph, 0.98)
+        labels = torch.cat([torch.zeros(len(ph)), torch.ones(len(pa))])
+        entry = {
+            "threshold": _r(thr),
+            "pydoc_auroc": _r(roc_auc_score(labels, torch.cat([ph, pa]))),
+        }
+        for text, d in texts.items():
+            entry[f"flagged: {text}"] = _r((score(d)[:, late:] > thr).float().mean())
+        out[name] = entry
+    return out
+
+
 @torch.inference_mode()
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    model, tok = models.load("smollm2-135m")
-    dec = parse(args.spec).bind(model)
-    pred = dec.predictor_for(model.config.vocab_size)
-    strength, threshold, base = dec.gate()
-    edges, warmup, lift = pred.gate_["bucket_edges"], dec.warmup_steps(), dec.lift_weights()
+    model, tok, pred, strength, threshold, base, edges, warmup, lift = shipped_gate(args.spec)
     corpus = corpora.load_corpus(args.corpus)
     if args.split != "all":
         corpus = corpus.split(args.split)
@@ -72,7 +105,7 @@ def run(args: argparse.Namespace) -> dict:
                 "mean_alpha": _r(alphas["lifted"][part].mean()),
             }
         )
-    return {
+    report = {
         "benchmark": "where the shipped SmolLM2 gate opens on human text (teacher forced)",
         "torch_threads": torch.get_num_threads(),
         "corpus": corpus.name,
@@ -92,6 +125,10 @@ def run(args: argparse.Namespace) -> dict:
         "mean_alpha": {k: _r(a.mean()) for k, a in alphas.items()},
         "by_early_level_quarter": by_level,
     }
+    if args.pydoc_arrays:
+        arrays = torch.load(args.pydoc_arrays, weights_only=True)
+        report["level_against_rise_after_step_64"] = flagged_shares(d, arrays, warmup, lift)
+    return report
 
 
 def main() -> int:
@@ -102,6 +139,11 @@ def main() -> int:
     p.add_argument("--spec", default="calibrated", help="the calibrated decoder (default: shipped)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--out", default="", help="JSON file (default: print only)")
+    p.add_argument(
+        "--pydoc-arrays",
+        default="",
+        help="D̂ arrays of gate_transfer.py --arrays (pydoc test and Austen): adds level vs rise",
+    )
     args = p.parse_args()
     report = run(args)
     text = json.dumps(report, indent=1)

@@ -129,14 +129,21 @@ def human_openings(arrays: dict, gate: dict) -> dict:
     return out
 
 
+def shipped_gate(spec: str):
+    """SmolLM2, its tokenizer, the predictor of ``spec`` and its gate: ``(model, tokenizer,
+    predictor, strength, threshold, base, bucket edges, warm-up, (λ, ℓ))``."""
+    model, tok = models.load("smollm2-135m")
+    dec = parse(spec).bind(model)
+    pred = dec.predictor_for(model.config.vocab_size)
+    strength, threshold, base = dec.gate()
+    gate = pred.gate_["bucket_edges"], dec.warmup_steps(), dec.lift_weights()
+    return model, tok, pred, strength, threshold, base, *gate
+
+
 @torch.inference_mode()
 def run(args: argparse.Namespace) -> tuple[dict, dict]:
     torch.set_num_threads(args.threads)
-    model, tok = models.load("smollm2-135m")
-    dec = parse(args.spec).bind(model)
-    pred = dec.predictor_for(model.config.vocab_size)
-    strength, threshold, base = dec.gate()
-    edges, warmup, lift = pred.gate_["bucket_edges"], dec.warmup_steps(), dec.lift_weights()
+    model, tok, pred, strength, threshold, base, edges, warmup, lift = shipped_gate(args.spec)
     report: dict = {
         "benchmark": "where the shipped SmolLM2 gate opens: human text vs generations",
         "torch_threads": torch.get_num_threads(),

@@ -19,7 +19,7 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
-from debpkg import unpacked
+from debpkg import join_paragraphs, unpacked
 
 _HTML = "usr/share/doc/debian-handbook/html/en-US"
 _SKIPPED = frozenset({"pre", "script", "style", "table"})
@@ -80,14 +80,7 @@ def documents(html: Path, size: int = 2000) -> list[str]:
     for page in _chapter_order(html):
         parser = _Paragraphs()
         parser.feed(page.read_text(encoding="utf-8"))
-        doc = ""
-        for p in parser.paragraphs:
-            if len(p) <= 40:  # captions, one-line labels
-                continue
-            doc = f"{doc} {p}" if doc else p
-            if len(doc) >= size:
-                docs.append(doc)
-                doc = ""
+        docs += join_paragraphs(parser.paragraphs, size)
     return docs
 
 

@@ -18,7 +18,7 @@ import struct
 import zlib
 from pathlib import Path
 
-from debpkg import package_file
+from debpkg import join_paragraphs, package_file
 
 _RDB = "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
 
@@ -66,14 +66,9 @@ def documents(rdb: bytes, size: int = 2000) -> list[str]:
                 current = []
         if current:
             paragraphs.append(" ".join(current))
-        doc = ""
-        for p in paragraphs:
-            if p.upper().startswith("CHAPTER") or len(p) <= 40:
-                continue
-            doc = f"{doc} {p}" if doc else p
-            if len(doc) >= size:
-                docs.append(doc)
-                doc = ""
+        docs += join_paragraphs(
+            (p for p in paragraphs if not p.upper().startswith("CHAPTER")), size
+        )
     return docs
 
 
