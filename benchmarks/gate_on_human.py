@@ -11,7 +11,7 @@ pydoc's and Austen's. JSON out. About 3 minutes for 128 documents on 2 CPU threa
 
     python benchmarks/corpora/debian_handbook.py --out runs/handbook.txt
     python benchmarks/gate_on_human.py --corpus runs/handbook.txt --n 128 \
-        --pydoc-arrays runs/gate-dhat.pt     # from gate_transfer.py --other runs/austen.txt
+        --pydoc-arrays runs/gate-dhat.pt  # gate_transfer.py --other runs/austen.txt --arrays runs/gate-dhat.pt
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> dict:
     alphas = {
         k: gate_alpha(s, g, torch.tensor(threshold), torch.tensor(base)) for k, s in scores.items()
     }
-    r = early_level_along(d, warmup)[:, 8 + 15]
+    r = early_level_along(d, warmup)[:, warmup + 15]
     quantiles = (0.1, 0.25, 0.5, 0.75, 0.9)
     by_level = []
     order = torch.argsort(r)

@@ -5,8 +5,9 @@ GPL-2+ / CC-BY-SA-3.0), taken from Debian's ``debian-handbook`` package: the pac
 downloaded with ``apt-get download`` (no install), unpacked with ``dpkg -x``, and the English
 HTML chapters are read in the book's order. Each DocBook paragraph (``<div class="para">``)
 becomes one paragraph of text, inline markup kept as its text, program listings and tables
-dropped; paragraphs are joined into documents of about 2000 characters (the size of the embedded
-pydoc corpus's documents), one per blank-line-separated block, never across a chapter.
+dropped; paragraphs are joined into documents of at least 2000 characters (the size of the
+embedded pydoc corpus's documents; 2000-3177 here), one per blank-line-separated block, within one
+HTML page (a page's short remainder is dropped).
 
     python benchmarks/corpora/debian_handbook.py --out runs/handbook.txt
     entcal compare --human runs/handbook.txt --decoders "ancestral; calibrated" --out runs/handbook
