@@ -26,6 +26,7 @@ from gate_transfer import excess_along, shipped_gate
 
 from entcal import corpora
 from entcal.calibrators.derailment import (
+    REFERENCE_WINDOW,
     early_level_along,
     gate_alpha,
     lifted_excess_along,
@@ -37,6 +38,13 @@ def _r(x: float) -> float:
     return round(float(x), 4)
 
 
+def early_level(d: torch.Tensor, warmup: int) -> torch.Tensor:
+    """``r (N, 1)``: each text's mean ``D̂`` over its whole reference window (steps 8-23 at
+    warm-up 8), the early level the lift reads once the window is complete."""
+    end = warmup + REFERENCE_WINDOW - 1
+    return early_level_along(d, warmup)[:, end : end + 1]
+
+
 def flagged_shares(human: torch.Tensor, arrays: dict, warmup: int, lift, late: int = 64) -> dict:
     """Level against rise: for each score of a state (``D̂``; the shipped lifted score; ``D̂``
     minus the text's early level ``r``, in full and by half), at steps ``>= late``, the threshold
@@ -46,7 +54,7 @@ def flagged_shares(human: torch.Tensor, arrays: dict, warmup: int, lift, late: i
     from sklearn.metrics import roc_auc_score
 
     def rise(d: torch.Tensor, w: float) -> torch.Tensor:
-        return d - w * early_level_along(d, warmup)[:, warmup + 15 : warmup + 16]
+        return d - w * early_level(d, warmup)
 
     scores = {
         "dhat": lambda d: d,
@@ -54,8 +62,7 @@ def flagged_shares(human: torch.Tensor, arrays: dict, warmup: int, lift, late: i
         "dhat - r": lambda d: rise(d, 1.0),
         "dhat - 0.5 r": lambda d: rise(d, 0.5),
     }
-    texts = {"pydoc ancestral": arrays[("pydoc", "ancestral")], "this corpus, human": human,
-             "austen human": arrays[("other", "human")],
+    texts = {"this corpus, human": human, "austen human": arrays[("other", "human")],
              "austen ancestral": arrays[("other", "ancestral")]}  # fmt: skip
     out = {}
     for name, score in scores.items():
@@ -66,6 +73,7 @@ def flagged_shares(human: torch.Tensor, arrays: dict, warmup: int, lift, late: i
         entry = {
             "threshold": _r(thr),
             "pydoc_auroc": _r(roc_auc_score(labels, torch.cat([ph, pa]))),
+            "flagged: pydoc ancestral": _r((pa > thr).float().mean()),
         }
         for text, d in texts.items():
             entry[f"flagged: {text}"] = _r((score(d)[:, late:] > thr).float().mean())
@@ -90,7 +98,7 @@ def run(args: argparse.Namespace) -> dict:
     alphas = {
         k: gate_alpha(s, g, torch.tensor(threshold), torch.tensor(base)) for k, s in scores.items()
     }
-    r = early_level_along(d, warmup)[:, warmup + 15]
+    r = early_level(d, warmup).squeeze(1)
     quantiles = (0.1, 0.25, 0.5, 0.75, 0.9)
     by_level = []
     order = torch.argsort(r)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -64,23 +65,23 @@ class _Paragraphs(HTMLParser):
             self._parts.append(data)
 
 
-def _chapter_order(html: Path) -> list[Path]:
-    """The pages in reading order: follow each page's ``rel="next"`` link from ``index.html``."""
-    pages, page, seen = [], "index.html", set()
+def _pages_in_order(html: Path) -> Iterator[str]:
+    """The pages' HTML in reading order: follow each page's ``rel="next"`` link from
+    ``index.html``."""
+    page, seen = "index.html", set()
     while page and page not in seen and (html / page).exists():
         seen.add(page)
-        pages.append(html / page)
         text = (html / page).read_text(encoding="utf-8")
+        yield text
         found = re.search(r'<link rel="next" href="([^"#]+)"', text)
         page = found.group(1) if found else None
-    return pages
 
 
 def documents(html: Path, size: int = 2000) -> list[str]:
     docs = []
-    for page in _chapter_order(html):
+    for text in _pages_in_order(html):
         parser = _Paragraphs()
-        parser.feed(page.read_text(encoding="utf-8"))
+        parser.feed(text)
         docs += join_paragraphs(parser.paragraphs, size)
     return docs
 
