@@ -8,7 +8,7 @@ OUT ?= runs/compare
 setup:
 	@bash scripts/setup.sh
 
-# The main job: every default decoder (the calibrated one included) on the embedded SmolLM2-135M
+# The main job: every default decoder (the calibrated and anchored ones included) on the embedded SmolLM2-135M
 # and the test split of the pydoc corpus, which the shipped predictor never saw (32 prompts,
 # 128-token continuations); results in $(OUT)/report.md.
 run: setup

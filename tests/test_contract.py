@@ -145,7 +145,22 @@ EXTREMES: dict[str, list[str]] = {
         "lookahead:alpha=0.5,k=1",
         "lookahead:alpha=0.5,k=1000000",
     ],
+    "anchored": [  # a number as the target: no model; target=prompt: ANCHORED_PROMPT_SPECS
+        f"anchored:target={TINY},strength={HUGE},threshold=-{HUGE},warmup=0",
+        f"anchored:target={HUGE},warmup=0",
+        "anchored:target=1,strength=0",
+        f"anchored:target=1,base={HUGE}",
+        f"anchored:target=1,strength={HUGE},threshold={HUGE},warmup=0",
+        f"anchored:target=1,strength={HUGE},warmup=1000000",
+        f"anchored:target=0.5,strength={HUGE},base=0.5,warmup=0",
+    ],
 }
+#: target=prompt runs the bound model over the prompt: bound to a tiny random Llama here.
+ANCHORED_PROMPT_SPECS = [
+    "anchored",
+    f"anchored:offset=-{HUGE},strength={HUGE},threshold=-{HUGE},warmup=0",
+    f"anchored:offset={HUGE},strength={HUGE},warmup=0",
+]
 MODEL_BOUND = ("calibrated", "lookahead")
 SMOLLM2_VOCAB = 49152
 
@@ -164,7 +179,7 @@ def test_every_registered_method_is_covered():
     assert set(methods()) <= set(EXTREMES), set(methods()) - set(EXTREMES)
 
 
-@pytest.mark.parametrize("spec", ROW_SPECS + BOUND_SPECS + LOOKAHEAD_SPECS)
+@pytest.mark.parametrize("spec", ROW_SPECS + BOUND_SPECS + LOOKAHEAD_SPECS + ANCHORED_PROMPT_SPECS)
 def test_spec_round_trips(spec):
     d = parse(spec)
     again = parse(str(d))
@@ -269,6 +284,20 @@ def test_lookahead_keeps_the_contract(tiny_lm, spec, x, seed):
     for _ in range(2):
         out = d(x, ids)
         _check_contract(spec, x, out)
+        ids = torch.cat([ids, out.argmax(-1, keepdim=True)], 1)
+
+
+@pytest.mark.parametrize("spec", ANCHORED_PROMPT_SPECS)
+@settings(max_examples=6)
+@given(x=logits_rows(vocab=40, max_batch=3), seed=st.integers(0, 1000))
+def test_anchored_prompt_target_keeps_the_contract(tiny_lm, spec, x, seed):
+    ids = torch.randint(0, 40, (x.shape[0], 4), generator=torch.Generator().manual_seed(seed))
+    d = parse(spec).bind(tiny_lm)
+    d.reset(x.shape[0])
+    for _ in range(2):
+        out = d(x, ids)
+        _check_contract(spec, x, out)
+        d.observe(out.argmax(-1))
         ids = torch.cat([ids, out.argmax(-1, keepdim=True)], 1)
 
 

@@ -443,6 +443,9 @@ def test_validate_accepts_and_rejects():
 
     with pytest.raises(EntcalRequestError, match="needs the token history"):
         validate_request(_params("lookahead:alpha=0.3"))  # needs input_ids: not in vLLM
+    with pytest.raises(EntcalRequestError, match=r"needs the token history.*target=<"):
+        validate_request(_params("anchored"))  # target=prompt reads the prompt: not in vLLM
+    assert validate_request(_params("anchored:target=2.5")) == parse("anchored:target=2.5")
     with pytest.raises(EntcalRequestError, match="does not exist") as err:
         validate_request(_params("calibrated:predictor=/nonexistent/folder"))
     assert err.value.parameter == "vllm_xargs.entcal"

@@ -38,6 +38,9 @@ BOUNDARY_TOL = 2e-3
 # The shipped SmolLM2 predictor with its gate always open (threshold -1): every step's α
 # depends on the predicted excess, so the state (entropy and hidden-state averages) matters.
 CALIBRATED = "calibrated:threshold=-1"
+# The anchored decoder with its gate always open: every step's α depends on the target ℓ (read
+# from the prompt by transformers, given as a number to vLLM) and on the entropy's running mean.
+ANCHORED = "anchored:strength=2,threshold=-2"
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +83,20 @@ def _params(spec, max_tokens, seed, **kw):
     )
 
 
+def _anchored_spec(smollm2, p: int) -> str:
+    """ANCHORED with its target=prompt replaced by the number transformers reads from prompt p
+    (what a vLLM client passes: the prompt's log loss plus the offset)."""
+    from entcal.calibrators.anchored import DEFAULT_OFFSET, prompt_log_loss
+
+    model, tok = smollm2
+    ids = torch.tensor([tok(PROMPTS[p])["input_ids"]])
+    level = float(prompt_log_loss(model, ids)[0]) + DEFAULT_OFFSET
+    return f"{ANCHORED},target={level!r}"
+
+
 @pytest.fixture(scope="module")
-def mixed(engine):
-    """(rows, outputs) of one 21-request mixed batch; rows: (kind, prompt index, params)."""
+def mixed(engine, smollm2):
+    """(rows, outputs) of one 23-request mixed batch; rows: (kind, prompt index, params)."""
     rows = []
     lengths = iter([5, 24, 9, 17, 12, 20, 7, 15, 22, 10, 19, 6, 13, 23, 8, 16, 11, 21, 14, 18, 4])
     for p in range(3):
@@ -97,6 +111,8 @@ def mixed(engine):
     rows.append(("top_p=0.5", 5, _params("top_p=0.5", 30, 62)))
     for p in (1, 2):  # the gate held open: the predictor's state features shape every step
         rows.append(("calibrated", p, _params(CALIBRATED, 40, 70 + p, logprobs=0)))
+    for p in (3, 5):
+        rows.append(("anchored", p, _params(_anchored_spec(smollm2, p), 30, 80 + p, logprobs=0)))
     # the greedy reference of each top_k=1 row: vLLM's own greedy, same prompt and length
     for i, (kind, p, _) in enumerate(rows):
         if kind == "greedy":
@@ -230,6 +246,37 @@ def test_calibrated_rows_equal_transformers_scoring(mixed, smollm2):
             torch.set_num_threads(threads)
         expect = s.processed["c"].logprob[0]
         got = torch.tensor([out.logprobs[t][tok].logprob for t, tok in enumerate(gen)])
+        assert torch.allclose(got, expect, atol=1e-2), (got - expect).abs().max()
+        assert float((expect - s.raw.logprob[0]).abs().max()) > 0.05  # the gate was open
+        checked += 1
+    assert checked == 2
+
+
+def test_anchored_rows_equal_transformers_with_prompt_target(mixed, smollm2):
+    """A vLLM request carrying the prompt's level as a number gives the distribution that
+    transformers' teacher-forced scoring gives with target=prompt (read from the same prompt)."""
+    from entcal.decoding import parse
+    from entcal.eval import scoring
+
+    rows, outputs = mixed
+    model, tok = smollm2
+    checked = 0
+    for i, (kind, p, _) in enumerate(rows):
+        if kind != "anchored":
+            continue
+        out = outputs[i].outputs[0]
+        gen = list(out.token_ids)
+        assert list(outputs[i].prompt_token_ids) == tok(PROMPTS[p])["input_ids"]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # beside the engine's processes (see _raw_logprobs)
+        try:
+            s = scoring.score(
+                model, [outputs[i].prompt_token_ids], [gen], {"a": parse(ANCHORED).bind(model)}
+            )
+        finally:
+            torch.set_num_threads(threads)
+        expect = s.processed["a"].logprob[0]
+        got = torch.tensor([out.logprobs[t][tok_].logprob for t, tok_ in enumerate(gen)])
         assert torch.allclose(got, expect, atol=1e-2), (got - expect).abs().max()
         assert float((expect - s.raw.logprob[0]).abs().max()) > 0.05  # the gate was open
         checked += 1

@@ -18,7 +18,7 @@ from entcal.commands.common import (
     add_run_arguments,
     load_options,
 )
-from entcal.eval.defaults import DEFAULT_DECODERS, ENGINES
+from entcal.eval.defaults import DEFAULT_DECODERS, ENGINES, TRANSFORMERS_ONLY_DEFAULTS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -98,6 +98,15 @@ def _run(args: argparse.Namespace) -> int:
             f"entcal compare: no shipped predictor for {args.model}; 'calibrated' left out of the "
             "default decoders (train one with entcal train, then pass "
             "--decoders '...; calibrated:predictor=DIR/predictor')",
+            file=sys.stderr,
+        )
+    if args.decoders is None and args.from_generations is None and args.engine != "transformers":
+        kept = [d.strip() for d in decoders.split(";") if d.strip()]
+        decoders = "; ".join(d for d in kept if d not in TRANSFORMERS_ONLY_DEFAULTS)
+        print(
+            f"entcal compare: {', '.join(TRANSFORMERS_ONLY_DEFAULTS)} left out of the default "
+            f"decoders with --engine {args.engine} (target=prompt reads the prompt through the "
+            "model; a vLLM request takes the target as a number, e.g. 'anchored:target=2.9')",
             file=sys.stderr,
         )
     # Unknown decoders fail here, before the model is loaded or anything generated; the parsed

@@ -137,7 +137,7 @@ def _lookup(name: str) -> Factory:
         if name in CHAIN_KEYS or name in KEY_ALIASES:
             raise ValueError(f"decoder key {name!r} needs a value, e.g. '{name}=...'")
         hint = ""
-        if name in ("calibrated", "lookahead"):
+        if name in ("calibrated", "lookahead", "anchored"):
             hint = (
                 f" ({name!r} is declared in entcal's package metadata, which is missing: "
                 "reinstall entcal, e.g. pip install -e .)"

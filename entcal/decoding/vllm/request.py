@@ -147,7 +147,9 @@ def _unsupported_in_vllm(decoder: Decoder) -> str | None:
     its own model over the history) cannot run there.
     """
     if decoder.requires_input_ids:
-        return "it needs the token history (input_ids), which vLLM does not pass"
+        hint = getattr(decoder, "vllm_hint", "")
+        why = "it needs the token history (input_ids), which vLLM does not pass"
+        return f"{why}; {hint}" if hint else why
     return None
 
 

@@ -1,0 +1,317 @@
+"""The ``anchored`` decoder: hold a generation's entropy at the log loss of its own prompt.
+
+Rule (per sequence and generated step ``t``)::
+
+    ℓ = L_prompt + δ                        # the target: the prompt's log loss, nats/token
+    m_t = EMA_16(H_1 … H_t)                 # running mean of the raw next-token entropy
+    α_t = α_0 + g · max(0, m_t − ℓ − c)     # 0 for the first K steps (the warm-up)
+    p_t(v) ∝ p(v)^(1 + α_t)
+
+``L_prompt`` is the mean negative log-likelihood of the prompt's last :data:`PROMPT_WINDOW`
+tokens under the model (:func:`prompt_log_loss`), ``δ`` (``offset``) how much lower the model's
+log loss on the rest of a human document sits (its context is longer), ``H_t`` the raw
+distribution's entropy at step ``t`` and ``m_t`` its bias-corrected exponential moving average
+(window 16, as :mod:`entcal.calibrators.state`).
+
+Why: a model is entropy-calibrated when the entropy of its generations equals its log loss on
+human text of the same kind (Cao, Valiant & Liang, "On the Entropy Calibration of Language
+Models", arXiv 2511.11966); sampled text drifts above it as it grows. The ``calibrated``
+decoder predicts that excess from the generation's state with a predictor fitted on one corpus,
+and the predictor's level shifts from one kind of text to another (it reads the human text of a
+technical handbook as derailing, and over-sharpens there). The prompt is human text of the very
+kind being continued, so its own log loss is a reference that moves with the domain: on
+SmolLM2-135M the gap between a continuation's log loss and its prompt's (last 64 tokens) was
+−0.22, −0.28, −0.20, −0.11 and −0.27 nats/token on five corpora (pydoc train and test, *The
+Debian Administrator's Handbook*, Jane Austen, Newton's *Opticks*; 96 documents each), where
+the predictor's level spread over 0.8 nats/token (docs/results/anchored-smollm2-135m.md). The
+sharpening is Cao et al.'s future-entropy-scaled model (Eq. 9) without its per-candidate term,
+its scale ``α_t`` set by a feedback on the measured excess instead of a prediction. Nothing is
+truncated: every token the model allows keeps a positive probability.
+
+Spec: ``anchored[:target=prompt|L,offset=δ,strength=g,threshold=c,base=α_0,warmup=K]``
+
+* ``target``: ``prompt`` (default) reads ``L_prompt`` from the prompt, which needs the model
+  and the token history: the decoder runs the bound model once over each new batch's prompts
+  (transformers' ``generate`` through :mod:`entcal.decoding.hf` with ``model=``,
+  :func:`entcal.generate`, ``entcal compare``). A number (nats/token, ``> 0``) is ``ℓ`` itself,
+  with no model and no history, so the same spec gives the same distribution everywhere, vLLM
+  included; compute it with :func:`prompt_log_loss` (or from vLLM's ``prompt_logprobs``: the
+  mean of ``-logprob`` over the prompt's last 64 tokens, plus ``offset``);
+* ``offset`` (``δ``, nats/token, default :data:`DEFAULT_OFFSET`): added to ``L_prompt``
+  (``target=prompt`` only);
+* ``strength`` (``g ≥ 0``), ``threshold`` (``c``, nats/token), ``base`` (``α_0 ≥ 0``),
+  ``warmup`` (``K``, integer ``≥ 0``): the gate; defaults fitted on SmolLM2-135M so that the
+  pydoc training split's own generations have EntCE ≈ 0 (docs/results/anchored-smollm2-135m.md).
+
+Errors: an option out of range is a ``ValueError`` naming it; ``target=prompt`` with no bound
+model, or with no ``input_ids`` at the first step (vLLM), is a ``ValueError`` that says to pass a
+number instead. A row of all ``-inf`` stays all ``-inf``.
+
+Example::
+
+    >>> import torch
+    >>> from entcal.decoding import parse
+    >>> d = parse("anchored:target=2.0,strength=1,threshold=0,warmup=0")
+    >>> d.reset(batch_size=1)
+    >>> flat = torch.zeros(1, 16)                   # entropy log 16 = 2.77 nats: α = 0.77
+    >>> out = d(flat).log_softmax(-1)
+    >>> torch.allclose(out, flat.log_softmax(-1))   # a flat row stays flat however sharpened
+    True
+    >>> d.observe(torch.tensor([3]))
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from entcal.calibrators.derailment import gate_alpha, sharpen
+from entcal.decoding.base import (
+    InstanceBatched,
+    check_known,
+    format_value,
+    instance_rows,
+    parse_float,
+    parse_int,
+)
+
+__all__ = [
+    "DEFAULT_OFFSET",
+    "PROMPT_WINDOW",
+    "AnchoredDecoder",
+    "entropy_ema",
+    "prompt_log_loss",
+]
+
+#: Prompt tokens whose mean negative log-likelihood is ``L_prompt``.
+PROMPT_WINDOW = 64
+#: ``δ``: mean continuation log loss minus prompt log loss (last 64 tokens), SmolLM2-135M,
+#: pydoc training split (96 documents, 128-token prompts, 256-token continuations).
+DEFAULT_OFFSET = -0.22
+#: EMA window (steps) of the raw entropy: decay ``1 − 1/16``, bias-corrected.
+EMA_WINDOW = 16
+#: The fitted gate (SmolLM2-135M, pydoc training split; see the module docstring).
+DEFAULTS = {"strength": 0.2, "threshold": 0.15, "base": 0.0, "warmup": 8}
+
+
+@torch.inference_mode()
+def prompt_log_loss(
+    model: Any, input_ids: Tensor, window: int = PROMPT_WINDOW, pad_token_id: int | None = None
+) -> Tensor:
+    """``L_prompt (N,)`` float32 (nats/token): the mean negative log-likelihood under ``model``
+    of each row's last ``window`` tokens (fewer if the prompt is shorter; the first token has no
+    prediction).
+
+    ``input_ids``: ``(N, T)`` long prompts, left padded with ``pad_token_id`` (default: the
+    model config's, if any; a leading run of it is padding). One forward pass over the prompts on
+    the model's device. Raises ``ValueError`` for a row with fewer than 2 real tokens.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    dev = next(model.parameters()).device
+    ids = input_ids.to(dev)
+    if pad_token_id is None:
+        pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if pad_token_id is None:
+        mask = torch.ones_like(ids)
+    else:
+        mask = ((ids != pad_token_id).long().cumsum(-1) > 0).long()
+    real = mask.sum(-1)
+    if bool((real < 2).any()):
+        rows = (real < 2).nonzero().flatten().tolist()
+        raise ValueError(
+            f"prompt_log_loss: row(s) {rows[:10]} have fewer than 2 prompt tokens, so no "
+            "log loss to read; give a number as the target instead"
+        )
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1].float()
+    nll = -torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    t = ids.shape[1]
+    # prediction j (of token j + 1) counts if it is among the last `window` real predictions
+    keep = torch.arange(1, t, device=dev)[None] >= t - torch.clamp(real - 1, max=window)[:, None]
+    return ((nll * keep).sum(-1) / keep.sum(-1)).float()
+
+
+def entropy_ema(ema_sum: Tensor, count: Tensor, entropy: Tensor) -> tuple[Tensor, Tensor]:
+    """One step of the bias-corrected EMA of the raw entropy: ``(m_t, new sum)``, all ``(N,)``.
+
+    ``ema_sum``: the decayed sum ``Σ d^(t−s) H_s`` of the ``count`` steps seen; ``entropy``:
+    ``H_t``. ``m_t = (d·sum + H_t) / ((1 − d^(count+1)) / (1 − d))`` with ``d = 1 − 1/16``:
+    the weighted mean of what was seen, so early steps are not pulled toward 0.
+    """
+    d = 1.0 - 1.0 / EMA_WINDOW
+    new = d * ema_sum + entropy
+    norm = (1.0 - d ** (count.to(entropy.dtype) + 1.0)) / (1.0 - d)
+    return new / norm, new
+
+
+def _log_softmax_keep_dead(logits: Tensor) -> Tensor:
+    lp = torch.log_softmax(logits, dim=-1)
+    dead = logits.amax(-1) == float("-inf")
+    return torch.where(dead[:, None], logits, lp) if bool(dead.any()) else lp
+
+
+class AnchoredDecoder(InstanceBatched):
+    """Entropy held at the prompt's log loss (see the module docstring for rule and spec)."""
+
+    requires_history: ClassVar[bool] = True
+    OPTIONS = ("target", "offset", "strength", "threshold", "base", "warmup")
+    #: What vLLM's admission check says to do instead of target=prompt.
+    vllm_hint: ClassVar[str] = (
+        "give the target as a number: target=<mean -logprob of the prompt's last 64 tokens "
+        "(vLLM's prompt_logprobs) + offset>"
+    )
+
+    def __init__(
+        self,
+        target: str | float = "prompt",
+        offset: float | str = DEFAULT_OFFSET,
+        strength: float | str = DEFAULTS["strength"],
+        threshold: float | str = DEFAULTS["threshold"],
+        base: float | str = DEFAULTS["base"],
+        warmup: int | str = DEFAULTS["warmup"],
+    ) -> None:
+        if isinstance(target, str) and target.strip() == "prompt":
+            self.target: float | None = None
+        else:
+            self.target = parse_float(
+                "target", target, lo=0.0, lo_open=True, range_text="'prompt' or a number > 0"
+            )
+        self.offset = parse_float("offset", offset)
+        self.strength = parse_float("strength", strength, lo=0.0)
+        self.threshold = parse_float("threshold", threshold)
+        self.base = parse_float("base", base, lo=0.0)
+        self.warmup = parse_int("warmup", warmup, lo=0, range_text="an integer >= 0")
+        self._model_ref: Any = None
+        self.reset(0)
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> AnchoredDecoder:
+        check_known("anchored", options, cls.OPTIONS)
+        return cls(**{k: options[k] for k in cls.OPTIONS if k in options})
+
+    @property
+    def requires_input_ids(self) -> bool:  # type: ignore[override]
+        """``target=prompt`` reads the prompt from ``input_ids`` (vLLM gives none)."""
+        return self.target is None
+
+    @property
+    def spec(self) -> str:
+        parts = []
+        if self.target is not None:
+            parts.append(f"target={format_value(self.target)}")
+        elif self.offset != DEFAULT_OFFSET:
+            parts.append(f"offset={format_value(self.offset)}")
+        for key in ("strength", "threshold", "base", "warmup"):
+            value = getattr(self, key)
+            if value != DEFAULTS[key]:
+                parts.append(f"{key}={format_value(value)}")
+        return "anchored" + (":" + ",".join(parts) if parts else "")
+
+    def cache_key(self) -> str:
+        """Every parameter spelled out, defaults included (a result cached under ``anchored``
+        must not answer for a release whose fitted defaults differ)."""
+        target = "prompt" if self.target is None else format_value(self.target)
+        values = ",".join(
+            f"{k}={format_value(getattr(self, k))}"
+            for k in ("offset", "strength", "threshold", "base", "warmup")
+        )
+        return f"anchored:target={target},{values},window={PROMPT_WINDOW},ema={EMA_WINDOW}"
+
+    # ---- model and state ----------------------------------------------------------------------
+    def bind(self, model: Any) -> AnchoredDecoder:
+        """Keep (a weak reference to) ``model`` for reading the prompt's log loss."""
+        if self.target is None:
+            try:
+                self._model_ref = weakref.ref(model)
+            except TypeError:
+                self._model_ref = lambda: model
+        return self
+
+    def reset(self, batch_size: int) -> None:
+        self._levels: Tensor | None = None  # ℓ per row, once known
+        self._sum = torch.zeros(batch_size)
+        self._count = torch.zeros(batch_size, dtype=torch.long)
+        self._pending: Tensor | None = None  # this step's new EMA sum, committed by observe
+
+    def observe(self, tokens: Tensor) -> None:
+        if self._pending is not None:
+            self._sum, self._pending = self._pending, None
+            self._count = self._count + 1
+
+    def _targets(self, n: int, input_ids: Tensor | None, device: torch.device) -> Tensor:
+        if self._count.shape[0] != n:
+            if bool((self._count > 0).any()):
+                raise ValueError(
+                    f"anchored: got {n} rows, but the decoder's state holds "
+                    f"{self._count.shape[0]} sequences in progress; call reset(batch_size) "
+                    "before a new generation"
+                )
+            self.reset(n)
+        if self._levels is None:
+            if self.target is not None:
+                # (a target beyond float32 reads as inf: the gate never opens)
+                self._levels = torch.full((n,), self.target, dtype=torch.float64, device=device)
+                self._levels = self._levels.float()
+            else:
+                model = self._model_ref() if self._model_ref is not None else None
+                if model is None or input_ids is None:
+                    raise ValueError(
+                        "anchored: target=prompt reads the prompt's log loss, which needs the "
+                        "model (bind it: entcal.generate, entcal compare, or "
+                        "entcal.decoding.hf.logits_processor(spec, model=model)) and the token "
+                        "history; elsewhere (vLLM) give a number: "
+                        "target=<mean -log p of the prompt's last 64 tokens + offset>"
+                    )
+                self._levels = (prompt_log_loss(model, input_ids) + self.offset).to(device)
+        if self._sum.device != device:
+            self._sum, self._count = self._sum.to(device), self._count.to(device)
+        return self._levels
+
+    @classmethod
+    def _apply_group(
+        cls, decoders: Sequence[Any], logits: Tensor, input_ids: Tensor | None
+    ) -> Tensor:
+        n = logits.shape[0]
+        dev = logits.device
+        lp = _log_softmax_keep_dead(logits)
+        # masked tokens give 0·(-inf) = NaN, which nansum skips
+        entropy = -lp.exp().mul_(lp).nansum(-1)
+        groups = instance_rows(decoders)
+        if len(groups) == 1:
+            d = groups[0][0]
+            level = d._targets(n, input_ids, dev)
+            params = [(d.strength, d.threshold, d.base, d.warmup)]
+            owner = torch.zeros(n, dtype=torch.long, device=dev)
+            ema, new = entropy_ema(d._sum, d._count, entropy)
+            d._pending = new
+            count = d._count
+        else:
+            # rows of several instances (vLLM: one per request): stacked, processed together
+            rows = torch.tensor([r for _, idx in groups for r in idx], device=dev)
+            sizes = [len(idx) for _, idx in groups]
+            h = entropy.index_select(0, rows)
+            sub = None if input_ids is None else input_ids.index_select(0, rows)
+            chunks = [None] * len(groups) if sub is None else list(sub.split(sizes))
+            level = torch.cat(
+                [d._targets(k, c, dev) for (d, _), k, c in zip(groups, sizes, chunks)]
+            )
+            count = torch.cat([d._count for d, _ in groups])
+            ema, new = entropy_ema(torch.cat([d._sum for d, _ in groups]), count, h)
+            for (d, _), part in zip(groups, new.split(sizes)):
+                d._pending = part
+            params = [(d.strength, d.threshold, d.base, d.warmup) for d, _ in groups]
+            owner = torch.repeat_interleave(
+                torch.arange(len(groups), device=dev), torch.tensor(sizes, device=dev)
+            )
+            inverse = torch.empty_like(rows)
+            inverse[rows] = torch.arange(n, device=dev)
+            level, count, ema, owner = (t[inverse] for t in (level, count, ema, owner))
+        table = torch.tensor(params, dtype=torch.float64, device=dev).float()[owner]  # (N, 4)
+        strength = torch.where(count < table[:, 3], 0.0, table[:, 0])
+        alpha = gate_alpha(ema - level, strength, table[:, 1], table[:, 2])
+        return sharpen(lp, alpha, out=lp)

@@ -1,0 +1,192 @@
+"""The ``anchored`` decoder: known answers from its rule, its state, mixed batches, the prompt's
+log loss, and its errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from entcal.calibrators.anchored import (
+    DEFAULT_OFFSET,
+    EMA_WINDOW,
+    AnchoredDecoder,
+    entropy_ema,
+    prompt_log_loss,
+)
+from entcal.decoding import parse
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    lp = torch.log_softmax(logits.double(), -1)
+    return -(lp.exp() * lp).sum(-1)
+
+
+def _expected(logits: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    lp = torch.log_softmax(logits.double(), -1)
+    return torch.log_softmax((1 + alpha.double())[:, None] * lp, -1)
+
+
+def test_rule_known_answer_over_steps():
+    """α_t = base + g·max(0, m_t − ℓ − c) with m_t the bias-corrected EMA of the raw entropies
+    seen, the gate closed for the first `warmup` steps; p ∝ p^(1 + α)."""
+    g, c, base, target, warm = 0.7, 0.25, 0.05, 1.5, 2
+    d = parse(f"anchored:target={target},strength={g},threshold={c},base={base},warmup={warm}")
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randn(3, 40, generator=gen) * s for s in (0.5, 1.0, 2.0, 0.3, 1.5)]
+    decay = 1 - 1 / EMA_WINDOW
+    seen: list[torch.Tensor] = []
+    d.reset(3)
+    for t, x in enumerate(rows):
+        seen.append(_entropy(x))
+        weights = torch.tensor([decay ** (t - s) for s in range(t + 1)], dtype=torch.float64)
+        m = (torch.stack(seen, 1) * weights).sum(1) / weights.sum()
+        alpha = base + (g * (m - target - c).clamp_min(0) if t >= warm else torch.zeros(3))
+        out = d(x).log_softmax(-1).double()
+        assert torch.allclose(out, _expected(x, alpha), atol=1e-5), t
+        d.observe(torch.zeros(3, dtype=torch.long))
+    # the check discriminates: the gate opened on some row at some step
+    assert float(alpha.max()) > base
+
+
+def test_repeated_call_before_observe_counts_a_step_once():
+    d = parse("anchored:target=0.5,strength=2,threshold=0,warmup=0")
+    x = torch.randn(2, 30) * 2
+    d.reset(2)
+    first = d(x)
+    again = d(x)  # the same step, processed twice (vLLM may re-run a row)
+    assert torch.equal(first, again)
+
+
+def test_entropy_ema_first_step_is_the_entropy():
+    h = torch.tensor([2.0, 3.5])
+    m, s = entropy_ema(torch.zeros(2), torch.zeros(2, dtype=torch.long), h)
+    assert torch.allclose(m, h) and torch.allclose(s, h)
+    m2, _ = entropy_ema(s, torch.ones(2, dtype=torch.long), torch.tensor([4.0, 3.5]))
+    d = 1 - 1 / EMA_WINDOW
+    assert torch.allclose(m2, torch.tensor([(d * 2 + 4) / (1 + d), 3.5]))
+
+
+def test_mixed_instances_equal_each_alone():
+    """Rows of several instances (vLLM: one per request) in one pass give what each instance
+    gives alone, step after step."""
+    specs = [
+        "anchored:target=1.0,strength=0.5,threshold=0,warmup=1",
+        "anchored:target=2.5,strength=2,threshold=-0.5,base=0.1,warmup=0",
+        "anchored:target=0.7,strength=1,threshold=0.2,warmup=3",
+    ]
+    together = [parse(s) for s in specs]
+    alone = [parse(s) for s in specs]
+    owner = [0, 1, 2, 1, 0, 2, 2]  # interleaved rows
+    for d in together:
+        d.reset(owner.count(together.index(d)))
+    for d in alone:
+        d.reset(owner.count(alone.index(d)))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        x = torch.randn(len(owner), 64, generator=gen) * 2
+        mixed = AnchoredDecoder._apply_group([together[i] for i in owner], x, None)
+        for k, d in enumerate(alone):
+            rows = [r for r, o in enumerate(owner) if o == k]
+            out = d(x[rows])
+            assert torch.allclose(mixed[rows], out, atol=1e-6)
+            tok = torch.zeros(len(rows), dtype=torch.long)
+            d.observe(tok)
+            together[k].observe(tok)
+
+
+def test_dead_row_stays_dead_and_flat_row_stays_flat():
+    d = parse("anchored:target=0.1,strength=5,threshold=0,warmup=0")
+    x = torch.zeros(2, 10)
+    x[1] = float("-inf")
+    d.reset(2)
+    out = d(x)
+    assert torch.isinf(out[1]).all() and (out[1] < 0).all()
+    assert torch.allclose(out[0].log_softmax(-1), torch.full((10,), -math.log(10)))
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("anchored:target=0", "target"),
+        ("anchored:target=nan", "target"),
+        ("anchored:strength=-1", "strength"),
+        ("anchored:base=-0.1", "base"),
+        ("anchored:warmup=-1", "warmup"),
+        ("anchored:threshold=inf", "threshold"),
+        ("anchored:offset=x", "offset"),
+        ("anchored:tau=1", "unknown option 'tau'"),
+    ],
+)
+def test_bad_options_name_the_key(spec, words):
+    with pytest.raises(ValueError, match=words):
+        parse(spec)
+
+
+def test_prompt_target_needs_the_model():
+    d = parse("anchored")
+    assert d.requires_input_ids  # vLLM's admission rejects it (a number is accepted)
+    assert not parse("anchored:target=2").requires_input_ids
+    d.reset(1)
+    with pytest.raises(ValueError, match=r"target=prompt.*model"):
+        d(torch.randn(1, 8), torch.tensor([[1, 2, 3]]))
+
+
+def test_spec_round_trips():
+    for spec in ("anchored", "anchored:offset=-0.1,strength=0.5", "anchored:target=2.5,warmup=0"):
+        assert parse(parse(spec).spec).spec == parse(spec).spec
+    assert parse("anchored:target=prompt").spec == "anchored"
+
+
+def test_prompt_log_loss_known_answer_and_left_padding(tiny_llama):
+    model = tiny_llama(vocab=48, hidden=32, pad_token_id=0)
+    ids = torch.tensor([[5, 9, 13, 7, 22, 31, 4, 8, 17, 3]])
+    with torch.inference_mode():
+        lp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    nll = -lp.gather(-1, ids[0, 1:, None])[:, 0]
+    assert torch.allclose(prompt_log_loss(model, ids, window=4), nll[-4:].mean()[None], atol=1e-6)
+    assert torch.allclose(prompt_log_loss(model, ids, window=64), nll.mean()[None], atol=1e-6)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    both = prompt_log_loss(model, torch.cat([padded, torch.cat([ids, ids[:, :3]], 1)]), window=4)
+    assert torch.allclose(both[0], nll[-4:].mean(), atol=1e-5)
+    with pytest.raises(ValueError, match="fewer than 2"):
+        prompt_log_loss(model, torch.tensor([[0, 0, 5]]))
+
+
+def test_prompt_target_equals_the_same_number_given(tiny_llama):
+    """target=prompt reads ℓ = L_prompt + offset from the bound model; the spec with that number
+    as its target (what a vLLM request would carry) gives the same distribution."""
+    model = tiny_llama(vocab=48, hidden=32, lm_head_scale=0.3)
+    prompt = torch.tensor([[1, 5, 9, 13, 7, 22, 31, 4, 8, 17]])
+    level = float(prompt_log_loss(model, prompt)[0]) + DEFAULT_OFFSET
+    a = parse("anchored:strength=3,threshold=-1,warmup=0").bind(model)
+    b = parse(f"anchored:target={level},strength=3,threshold=-1,warmup=0")
+    a.reset(1)
+    b.reset(1)
+    ids = prompt
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(1, 48, generator=gen)
+        out_a, out_b = a(x, ids), b(x, ids)
+        assert torch.equal(out_a, out_b)
+        assert not torch.allclose(out_a.log_softmax(-1), x.log_softmax(-1))  # the gate acts
+        tok = out_a.argmax(-1)
+        a.observe(tok)
+        b.observe(tok)
+        ids = torch.cat([ids, tok[:, None]], 1)
+
+
+def test_generate_and_scoring_agree(smollm2):
+    """entcal.generate with target=prompt samples from the distribution that teacher-forced
+    scoring assigns the same tokens (both read the same prompt level)."""
+    from entcal.eval import scoring
+    from entcal.generation import generate
+
+    model, tok = smollm2
+    prompt = tok("The quick brown fox jumps over the lazy dog. It was a sunny day and")["input_ids"]
+    spec = "anchored:strength=2,threshold=-2"  # the gate held open: every step depends on ℓ
+    g = generate(model, tok, [prompt], spec, max_new_tokens=12, seed=3)[0]
+    s = scoring.score(model, [prompt], [g.token_ids], {"a": parse(spec).bind(model)})
+    assert torch.allclose(s.processed["a"].logprob[0], g.logprob, atol=1e-4)
+    assert float((g.logprob - g.raw_logprob).abs().max()) > 0.05
