@@ -102,8 +102,16 @@ class _Recorder:
     the log-probs of the token that was sampled from them and drops them.
     """
 
-    def __init__(self, decoder: Decoder, eos: set[int] | None, seed: int, keys: Tensor) -> None:
+    def __init__(
+        self,
+        decoder: Decoder,
+        eos: set[int] | None,
+        seed: int,
+        keys: Tensor,
+        prompts: list[list[int]] | None = None,
+    ) -> None:
         self.decoder = decoder
+        self.prompts = prompts  # each row's prompt, unpadded (for a decoder's prime)
         self.eos = eos
         self.seed = seed
         self.keys = keys  # [N, 2]: (prompt key, sample index) of each row
@@ -126,6 +134,9 @@ class _Recorder:
         last = self._history.step(input_ids)  # the decoder's reset/observe, as in hf's adapter
         if last is not None:
             self._settle(last)
+        elif self.decoder.requires_history and self.prompts is not None:
+            # new sequences: their prompts without the padding (anchored reads them)
+            self.decoder.prime(self.prompts)
         processed = self.decoder(scores, input_ids)
         finite = processed.amax(-1)
         if bool(torch.isnan(finite).any()):
@@ -316,7 +327,8 @@ def _generate_chunk(
     # rows are prompt-major, as generate expands num_return_sequences
     rows = torch.arange(len(prompts) * n)
     keys = torch.stack([prompt_key[rows // n], rows % n], dim=1)
-    rec = _Recorder(dec, set(eos_list) if stop_at_eos else None, seed, keys)
+    row_prompts = [prompts[r // n] for r in range(len(prompts) * n)]
+    rec = _Recorder(dec, set(eos_list) if stop_at_eos else None, seed, keys, row_prompts)
     eos = eos_list if (stop_at_eos and eos_list) else None
     config = neutral_generation_config(
         max_new_tokens=max_new_tokens,

@@ -50,13 +50,29 @@ def test_rule_known_answer_over_steps():
     assert float(alpha.max()) > base
 
 
-def test_repeated_call_before_observe_counts_a_step_once():
-    d = parse("anchored:target=0.5,strength=2,threshold=0,warmup=0")
-    x = torch.randn(2, 30) * 2
+def test_a_call_before_observe_replaces_the_step():
+    """A step processed again before observe (vLLM may re-run a row) counts once, as its last
+    call: the state then equals that of a decoder that saw only that call."""
+    spec = "anchored:target=0.5,strength=2,threshold=0,warmup=0"
+    gen = torch.Generator().manual_seed(2)
+    x, y, z = (torch.randn(2, 30, generator=gen) * s for s in (0.2, 3.0, 1.0))
+    d, fresh = parse(spec), parse(spec)
     d.reset(2)
-    first = d(x)
-    again = d(x)  # the same step, processed twice (vLLM may re-run a row)
-    assert torch.equal(first, again)
+    fresh.reset(2)
+    d(x)
+    assert torch.equal(d(y), fresh(y))  # the second call replaces the first
+    tok = torch.zeros(2, dtype=torch.long)
+    d.observe(tok)
+    fresh.observe(tok)
+    assert torch.equal(d(z), fresh(z))
+    # the check discriminates: a decoder that counted x as a step sharpens z differently
+    other = parse(spec)
+    other.reset(2)
+    other(x)
+    other.observe(tok)
+    other(y)
+    other.observe(tok)
+    assert not torch.allclose(other(z), d(z))
 
 
 def test_entropy_ema_first_step_is_the_entropy():
@@ -117,6 +133,7 @@ def test_dead_row_stays_dead_and_flat_row_stays_flat():
         ("anchored:threshold=inf", "threshold"),
         ("anchored:offset=x", "offset"),
         ("anchored:tau=1", "unknown option 'tau'"),
+        ("anchored:target=2,offset=-0.1", "offset applies to target=prompt only"),
     ],
 )
 def test_bad_options_name_the_key(spec, words):
@@ -152,6 +169,13 @@ def test_prompt_log_loss_known_answer_and_left_padding(tiny_llama):
     assert torch.allclose(both[0], nll[-4:].mean(), atol=1e-5)
     with pytest.raises(ValueError, match="fewer than 2"):
         prompt_log_loss(model, torch.tensor([[0, 0, 5]]))
+    # token lists need no pad id: exact whatever the model config says
+    lists = prompt_log_loss(tiny_llama(vocab=48, hidden=32), [ids[0].tolist(), [9, 13, 7]], 4)
+    assert torch.allclose(lists[0], nll[-4:].mean(), atol=1e-5)
+    with torch.inference_mode():
+        short = torch.tensor([[9, 13, 7]])
+        lp3 = torch.log_softmax(model(short).logits[0, :-1].float(), -1)
+    assert torch.allclose(lists[1], -lp3.gather(-1, short[0, 1:, None]).mean(), atol=1e-5)
 
 
 def test_prompt_target_equals_the_same_number_given(tiny_llama):
@@ -175,6 +199,46 @@ def test_prompt_target_equals_the_same_number_given(tiny_llama):
         a.observe(tok)
         b.observe(tok)
         ids = torch.cat([ids, tok[:, None]], 1)
+
+
+def test_generate_and_scoring_read_the_unpadded_prompts(tiny_llama):
+    """Prompts of different lengths are left padded in a batch; generate and teacher-forced
+    scoring pass the decoder the prompts themselves, so each row's level is its prompt's alone,
+    whatever the pad token (this model's config names none)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from entcal.eval import scoring
+    from entcal.generation import generate
+
+    model = tiny_llama(vocab=48, hidden=32, lm_head_scale=0.3)
+    assert model.config.pad_token_id is None
+    tok = _tiny_tokenizer(48)
+    prompts = [[1, 5, 9, 13, 7, 22, 31, 4, 8, 17], [1, 30, 12]]
+    spec = "anchored:strength=3,threshold=-2,warmup=0"
+    gens = generate(model, tok, prompts, spec, max_new_tokens=6, seed=1)
+    for p, g in zip(prompts, gens):
+        level = float(prompt_log_loss(model, [p])[0]) + DEFAULT_OFFSET
+        alone = scoring.score(model, [p], [g.token_ids], {"a": parse(f"{spec},target={level!r}")})
+        assert torch.allclose(alone.processed["a"].logprob[0], g.logprob, atol=1e-4)
+    both = scoring.score(
+        model, prompts, [g.token_ids for g in gens], {"a": parse(spec).bind(model)}
+    )
+    for i, g in enumerate(gens):
+        assert torch.allclose(both.processed["a"].logprob[i], g.logprob, atol=1e-4)
+    assert isinstance(tok, PreTrainedTokenizerFast)
+
+
+def _tiny_tokenizer(vocab: int):
+    """A word-level fast tokenizer over ids 0 … vocab-1 (pad 0, eos 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(vocab)}
+    core = Tokenizer(models.WordLevel(words, unk_token="w3"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="w0", eos_token="w2", unk_token="w3"
+    )
 
 
 def test_generate_and_scoring_agree(smollm2):

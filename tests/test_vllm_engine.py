@@ -38,9 +38,10 @@ BOUNDARY_TOL = 2e-3
 # The shipped SmolLM2 predictor with its gate always open (threshold -1): every step's α
 # depends on the predicted excess, so the state (entropy and hidden-state averages) matters.
 CALIBRATED = "calibrated:threshold=-1"
-# The anchored decoder with its gate always open: every step's α depends on the target ℓ (read
-# from the prompt by transformers, given as a number to vLLM) and on the entropy's running mean.
-ANCHORED = "anchored:strength=2,threshold=-2"
+# The anchored decoder with its gate always open after the warm-up (ℓ < 10 nats/token for these
+# prompts): every step's α depends on the target ℓ (read from the prompt by transformers, given
+# as a number to vLLM) and on the entropy's running mean.
+ANCHORED = "anchored:strength=0.5,threshold=-10"
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +282,28 @@ def test_anchored_rows_equal_transformers_with_prompt_target(mixed, smollm2):
         assert float((expect - s.raw.logprob[0]).abs().max()) > 0.05  # the gate was open
         checked += 1
     assert checked == 2
+
+
+def test_target_from_vllm_prompt_logprobs_equals_transformers(engine, smollm2):
+    """The number a vLLM client computes from prompt_logprobs is the level target=prompt reads in
+    transformers (the same prompt tokens, the engines' rounding apart)."""
+    from vllm import SamplingParams
+
+    from entcal.calibrators.anchored import prompt_log_loss, target_from_prompt_logprobs
+
+    model, _ = smollm2
+    prompt = PROMPTS[3] * 8  # longer than the 64-token window
+    out = engine.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+    got = target_from_prompt_logprobs(out.prompt_logprobs, out.prompt_token_ids, offset=0.0)
+    ids = torch.tensor([list(out.prompt_token_ids)])
+    assert ids.shape[1] > 64
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # beside the engine's processes (see _raw_logprobs)
+    try:
+        expect = float(prompt_log_loss(model, ids)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert abs(got - expect) < 1e-3, (got, expect)
 
 
 def test_ancestral_and_mirostat_rows_generate(mixed):

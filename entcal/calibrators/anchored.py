@@ -4,7 +4,7 @@ Rule (per sequence and generated step ``t``)::
 
     ℓ = L_prompt + δ                        # the target: the prompt's log loss, nats/token
     m_t = EMA_16(H_1 … H_t)                 # running mean of the raw next-token entropy
-    α_t = α_0 + g · max(0, m_t − ℓ − c)     # 0 for the first K steps (the warm-up)
+    α_t = α_0 + g · max(0, m_t − ℓ − c)     # the gate term 0 for the first K steps (warm-up)
     p_t(v) ∝ p(v)^(1 + α_t)
 
 ``L_prompt`` is the mean negative log-likelihood of the prompt's last :data:`PROMPT_WINDOW`
@@ -35,8 +35,8 @@ Spec: ``anchored[:target=prompt|L,offset=δ,strength=g,threshold=c,base=α_0,war
   (transformers' ``generate`` through :mod:`entcal.decoding.hf` with ``model=``,
   :func:`entcal.generate`, ``entcal compare``). A number (nats/token, ``> 0``) is ``ℓ`` itself,
   with no model and no history, so the same spec gives the same distribution everywhere, vLLM
-  included; compute it with :func:`prompt_log_loss` (or from vLLM's ``prompt_logprobs``: the
-  mean of ``-logprob`` over the prompt's last 64 tokens, plus ``offset``);
+  included; compute it with :func:`prompt_log_loss` or, from vLLM's ``prompt_logprobs``, with
+  :func:`target_from_prompt_logprobs`;
 * ``offset`` (``δ``, nats/token, default :data:`DEFAULT_OFFSET`): added to ``L_prompt``
   (``target=prompt`` only);
 * ``strength`` (``g ≥ 0``), ``threshold`` (``c``, nats/token), ``base`` (``α_0 ≥ 0``),
@@ -62,6 +62,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -85,6 +86,7 @@ __all__ = [
     "AnchoredDecoder",
     "entropy_ema",
     "prompt_log_loss",
+    "target_from_prompt_logprobs",
 ]
 
 #: Prompt tokens whose mean negative log-likelihood is ``L_prompt``.
@@ -100,26 +102,41 @@ DEFAULTS = {"strength": 0.2, "threshold": 0.15, "base": 0.0, "warmup": 8}
 
 @torch.inference_mode()
 def prompt_log_loss(
-    model: Any, input_ids: Tensor, window: int = PROMPT_WINDOW, pad_token_id: int | None = None
+    model: Any,
+    prompts: Tensor | Sequence[Sequence[int]],
+    window: int = PROMPT_WINDOW,
+    pad_token_id: int | None = None,
 ) -> Tensor:
     """``L_prompt (N,)`` float32 (nats/token): the mean negative log-likelihood under ``model``
-    of each row's last ``window`` tokens (fewer if the prompt is shorter; the first token has no
-    prediction).
+    of each prompt's last ``window`` tokens (fewer if the prompt is shorter; the first token has
+    no prediction).
 
-    ``input_ids``: ``(N, T)`` long prompts, left padded with ``pad_token_id`` (default: the
-    model config's, if any; a leading run of it is padding). One forward pass over the prompts on
-    the model's device. Raises ``ValueError`` for a row with fewer than 2 real tokens.
+    ``prompts``: token-id lists (unpadded: exact), or an ``(N, T)`` long tensor of prompts left
+    padded with ``pad_token_id`` (default: the model config's; a leading run of it is padding,
+    and with no pad id known nothing is). One forward pass over the prompts on the model's device.
+    Raises ``ValueError`` for a prompt with fewer than 2 tokens.
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     dev = next(model.parameters()).device
-    ids = input_ids.to(dev)
-    if pad_token_id is None:
-        pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
-    if pad_token_id is None:
-        mask = torch.ones_like(ids)
+    if not isinstance(prompts, Tensor):
+        rows = [list(p) for p in prompts]
+        width = max((len(r) for r in rows), default=0)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r:
+                ids[i, width - len(r) :] = torch.as_tensor(r, dtype=torch.long)
+                mask[i, width - len(r) :] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
     else:
-        mask = ((ids != pad_token_id).long().cumsum(-1) > 0).long()
+        ids = prompts.to(dev)
+        if pad_token_id is None:
+            pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
+        if pad_token_id is None:
+            mask = torch.ones_like(ids)
+        else:
+            mask = ((ids != pad_token_id).long().cumsum(-1) > 0).long()
     real = mask.sum(-1)
     if bool((real < 2).any()):
         rows = (real < 2).nonzero().flatten().tolist()
@@ -128,12 +145,51 @@ def prompt_log_loss(
             "log loss to read; give a number as the target instead"
         )
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1].float()
-    nll = -torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
     t = ids.shape[1]
-    # prediction j (of token j + 1) counts if it is among the last `window` real predictions
-    keep = torch.arange(1, t, device=dev)[None] >= t - torch.clamp(real - 1, max=window)[:, None]
+    kept = min(t, window + 1)  # positions whose logits are needed: (N, kept, V), not (N, T, V)
+    extra = {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        extra["logits_to_keep"] = kept
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra).logits
+    logits = logits[:, -kept:-1].float()  # predictions of tokens t - kept + 1 … t - 1
+    nll = -torch.log_softmax(logits, -1).gather(-1, ids[:, t - kept + 1 :, None])[..., 0]
+    # a predicted token counts if it is among the row's last `window` real tokens after the first
+    token = torch.arange(t - kept + 1, t, device=dev)[None]
+    keep = token >= t - torch.clamp(real - 1, max=window)[:, None]
     return ((nll * keep).sum(-1) / keep.sum(-1)).float()
+
+
+def target_from_prompt_logprobs(
+    prompt_logprobs: Sequence[Any],
+    prompt_token_ids: Sequence[int],
+    offset: float = DEFAULT_OFFSET,
+    window: int = PROMPT_WINDOW,
+) -> float:
+    """``ℓ = L_prompt + offset`` (nats/token) from vLLM's ``prompt_logprobs``: the number to pass
+    as ``anchored:target=...`` in a vLLM request, equal to what ``target=prompt`` reads in
+    transformers (up to the engines' rounding).
+
+    ``prompt_logprobs``: a ``RequestOutput.prompt_logprobs`` (a request with
+    ``prompt_logprobs=0``): per prompt position ``None`` (the first) or a mapping from token id to
+    an object with a ``logprob`` (or a float); ``prompt_token_ids``: the request's prompt ids.
+    Raises ``ValueError`` if no position carries the prompt token's log-prob.
+
+        >>> target_from_prompt_logprobs([None, {7: -2.0}, {3: -1.0}], [1, 7, 3], offset=0.0)
+        1.5
+    """
+    nll = []
+    for pos, tok in zip(prompt_logprobs, prompt_token_ids, strict=True):
+        if pos is None:
+            continue
+        entry = pos[tok]
+        nll.append(-float(getattr(entry, "logprob", entry)))
+    if not nll:
+        raise ValueError(
+            "prompt_logprobs holds no log-prob of a prompt token (request prompt_logprobs=0 and "
+            "a prompt of at least 2 tokens)"
+        )
+    last = nll[-window:]
+    return sum(last) / len(last) + offset
 
 
 def entropy_ema(ema_sum: Tensor, count: Tensor, entropy: Tensor) -> tuple[Tensor, Tensor]:
@@ -163,13 +219,13 @@ class AnchoredDecoder(InstanceBatched):
     #: What vLLM's admission check says to do instead of target=prompt.
     vllm_hint: ClassVar[str] = (
         "give the target as a number: target=<mean -logprob of the prompt's last 64 tokens "
-        "(vLLM's prompt_logprobs) + offset>"
+        f"(vLLM's prompt_logprobs) + offset, {DEFAULT_OFFSET} by default>"
     )
 
     def __init__(
         self,
         target: str | float = "prompt",
-        offset: float | str = DEFAULT_OFFSET,
+        offset: float | str | None = None,
         strength: float | str = DEFAULTS["strength"],
         threshold: float | str = DEFAULTS["threshold"],
         base: float | str = DEFAULTS["base"],
@@ -181,7 +237,12 @@ class AnchoredDecoder(InstanceBatched):
             self.target = parse_float(
                 "target", target, lo=0.0, lo_open=True, range_text="'prompt' or a number > 0"
             )
-        self.offset = parse_float("offset", offset)
+        if offset is not None and self.target is not None:
+            raise ValueError(
+                "anchored: offset applies to target=prompt only; with target=L give the level "
+                "itself (L already includes any offset)"
+            )
+        self.offset = DEFAULT_OFFSET if offset is None else parse_float("offset", offset)
         self.strength = parse_float("strength", strength, lo=0.0)
         self.threshold = parse_float("threshold", threshold)
         self.base = parse_float("base", base, lo=0.0)
@@ -234,9 +295,16 @@ class AnchoredDecoder(InstanceBatched):
 
     def reset(self, batch_size: int) -> None:
         self._levels: Tensor | None = None  # ℓ per row, once known
+        self._prompts: list[list[int]] | None = None  # unpadded prompts, when an adapter gives them
         self._sum = torch.zeros(batch_size)
         self._count = torch.zeros(batch_size, dtype=torch.long)
         self._pending: Tensor | None = None  # this step's new EMA sum, committed by observe
+
+    def prime(self, prompts: Sequence[Sequence[int]]) -> None:
+        """The prompts of the sequences of the last :meth:`reset`, unpadded: ``target=prompt``
+        reads its level from them instead of from the padded ``input_ids`` (``entcal.generate``
+        and teacher-forced scoring pass them)."""
+        self._prompts = [list(p) for p in prompts]
 
     def observe(self, tokens: Tensor) -> None:
         if self._pending is not None:
@@ -255,11 +323,12 @@ class AnchoredDecoder(InstanceBatched):
         if self._levels is None:
             if self.target is not None:
                 # (a target beyond float32 reads as inf: the gate never opens)
-                self._levels = torch.full((n,), self.target, dtype=torch.float64, device=device)
-                self._levels = self._levels.float()
+                full = torch.full((n,), self.target, dtype=torch.float64)
+                self._levels = full.float().to(device)
             else:
                 model = self._model_ref() if self._model_ref is not None else None
-                if model is None or input_ids is None:
+                primed = self._prompts is not None and len(self._prompts) == n
+                if model is None or (input_ids is None and not primed):
                     raise ValueError(
                         "anchored: target=prompt reads the prompt's log loss, which needs the "
                         "model (bind it: entcal.generate, entcal compare, or "
@@ -267,7 +336,8 @@ class AnchoredDecoder(InstanceBatched):
                         "history; elsewhere (vLLM) give a number: "
                         "target=<mean -log p of the prompt's last 64 tokens + offset>"
                     )
-                self._levels = (prompt_log_loss(model, input_ids) + self.offset).to(device)
+                source = self._prompts if primed else input_ids
+                self._levels = (prompt_log_loss(model, source) + self.offset).to(device)
         if self._sum.device != device:
             self._sum, self._count = self._sum.to(device), self._count.to(device)
         return self._levels
@@ -311,7 +381,9 @@ class AnchoredDecoder(InstanceBatched):
             inverse = torch.empty_like(rows)
             inverse[rows] = torch.arange(n, device=dev)
             level, count, ema, owner = (t[inverse] for t in (level, count, ema, owner))
-        table = torch.tensor(params, dtype=torch.float64, device=dev).float()[owner]  # (N, 4)
-        strength = torch.where(count < table[:, 3], 0.0, table[:, 0])
+        # built in float64 on the CPU (a value beyond float32 reads as ±inf), then moved
+        table = torch.tensor([p[:3] for p in params], dtype=torch.float64).float().to(dev)[owner]
+        warm = torch.tensor([min(p[3], 2**62) for p in params], dtype=torch.long).to(dev)[owner]
+        strength = torch.where(count < warm, 0.0, table[:, 0])
         alpha = gate_alpha(ema - level, strength, table[:, 1], table[:, 2])
         return sharpen(lp, alpha, out=lp)

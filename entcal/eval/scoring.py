@@ -259,6 +259,7 @@ def _score(runner, obs_runner, prompt_rows, sets, requests, batch_size, memory_b
                     res,
                     req,
                     idx,
+                    prompt_rows[idx],
                     p_ids,
                     p_mask,
                     p_len,
@@ -276,7 +277,7 @@ def _score(runner, obs_runner, prompt_rows, sets, requests, batch_size, memory_b
 
 
 def _score_rows(
-    runner, obs_runner, res, req, idx, p_ids, p_mask, p_len, cache, last, obs, memory_budget
+    runner, obs_runner, res, req, idx, prompts, p_ids, p_mask, p_len, cache, last, obs, memory_budget
 ):
     device = runner.device
     tokens = res.tokens[idx].to(device)
@@ -293,6 +294,7 @@ def _score_rows(
     stateless = {k: d for k, d in req.decoders.items() if k not in stateful}
     for d in stateful.values():
         d.reset(b)
+        d.prime(prompts)  # the prompts without padding (decoders that read them: anchored)
     history = torch.cat([p_ids, tokens], dim=1)
     prompt_width = p_ids.shape[1]
     # The prompt cache is shared by every request: each continuation runs on a copy.
