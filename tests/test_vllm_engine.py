@@ -222,48 +222,17 @@ def test_processed_logprobs_are_the_decoders(mixed, smollm2):
     assert gap > 0.5  # the check discriminates: raw, once and twice differ on these tokens
 
 
-def test_calibrated_rows_equal_transformers_scoring(mixed, smollm2):
-    """The same spec gives the same distribution in vLLM and in transformers: the processed
-    log-prob vLLM returns for each sampled token equals entcal's teacher-forced scoring of the
-    same tokens with the same decoder (which sees the same logits rows, never the prompt's)."""
-    from entcal.decoding import parse
-    from entcal.eval import scoring
-
-    rows, outputs = mixed
-    model, _ = smollm2
-    checked = 0
-    for i, (kind, *_) in enumerate(rows):
-        if kind != "calibrated":
-            continue
-        out = outputs[i].outputs[0]
-        gen = list(out.token_ids)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # beside the engine's processes (see _raw_logprobs)
-        try:
-            s = scoring.score(
-                model, [outputs[i].prompt_token_ids], [gen], {"c": parse(CALIBRATED).bind(model)}
-            )
-        finally:
-            torch.set_num_threads(threads)
-        expect = s.processed["c"].logprob[0]
-        got = torch.tensor([out.logprobs[t][tok].logprob for t, tok in enumerate(gen)])
-        assert torch.allclose(got, expect, atol=1e-2), (got - expect).abs().max()
-        assert float((expect - s.raw.logprob[0]).abs().max()) > 0.05  # the gate was open
-        checked += 1
-    assert checked == 2
-
-
-def test_anchored_rows_equal_transformers_with_prompt_target(mixed, smollm2):
-    """A vLLM request carrying the prompt's level as a number gives the distribution that
-    transformers' teacher-forced scoring gives with target=prompt (read from the same prompt)."""
+def _rows_equal_transformers_scoring(mixed, smollm2, kind: str, spec: str) -> None:
+    """The processed log-prob vLLM returns for each sampled token of the ``kind`` rows equals
+    entcal's teacher-forced scoring of the same tokens with ``spec``, and the decoder acted."""
     from entcal.decoding import parse
     from entcal.eval import scoring
 
     rows, outputs = mixed
     model, tok = smollm2
     checked = 0
-    for i, (kind, p, _) in enumerate(rows):
-        if kind != "anchored":
+    for i, (kind_, p, _) in enumerate(rows):
+        if kind_ != kind:
             continue
         out = outputs[i].outputs[0]
         gen = list(out.token_ids)
@@ -272,16 +241,28 @@ def test_anchored_rows_equal_transformers_with_prompt_target(mixed, smollm2):
         torch.set_num_threads(1)  # beside the engine's processes (see _raw_logprobs)
         try:
             s = scoring.score(
-                model, [outputs[i].prompt_token_ids], [gen], {"a": parse(ANCHORED).bind(model)}
+                model, [outputs[i].prompt_token_ids], [gen], {"d": parse(spec).bind(model)}
             )
         finally:
             torch.set_num_threads(threads)
-        expect = s.processed["a"].logprob[0]
+        expect = s.processed["d"].logprob[0]
         got = torch.tensor([out.logprobs[t][tok_].logprob for t, tok_ in enumerate(gen)])
         assert torch.allclose(got, expect, atol=1e-2), (got - expect).abs().max()
         assert float((expect - s.raw.logprob[0]).abs().max()) > 0.05  # the gate was open
         checked += 1
     assert checked == 2
+
+
+def test_calibrated_rows_equal_transformers_scoring(mixed, smollm2):
+    """The same spec gives the same distribution in vLLM and in transformers (the decoder sees
+    the same logits rows, never the prompt's)."""
+    _rows_equal_transformers_scoring(mixed, smollm2, "calibrated", CALIBRATED)
+
+
+def test_anchored_rows_equal_transformers_with_prompt_target(mixed, smollm2):
+    """A vLLM request carrying the prompt's level as a number gives the distribution that
+    transformers' teacher-forced scoring gives with target=prompt (read from the same prompt)."""
+    _rows_equal_transformers_scoring(mixed, smollm2, "anchored", ANCHORED)
 
 
 def test_target_from_vllm_prompt_logprobs_equals_transformers(engine, smollm2):

@@ -70,7 +70,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from entcal.calibrators.derailment import gate_alpha, sharpen
+from entcal.calibrators.derailment import gate_alpha, log_softmax_keep_dead, sharpen
 from entcal.decoding.base import (
     InstanceBatched,
     check_known,
@@ -203,12 +203,6 @@ def entropy_ema(ema_sum: Tensor, count: Tensor, entropy: Tensor) -> tuple[Tensor
     new = d * ema_sum + entropy
     norm = (1.0 - d ** (count.to(entropy.dtype) + 1.0)) / (1.0 - d)
     return new / norm, new
-
-
-def _log_softmax_keep_dead(logits: Tensor) -> Tensor:
-    lp = torch.log_softmax(logits, dim=-1)
-    dead = logits.amax(-1) == float("-inf")
-    return torch.where(dead[:, None], logits, lp) if bool(dead.any()) else lp
 
 
 class AnchoredDecoder(InstanceBatched):
@@ -348,7 +342,7 @@ class AnchoredDecoder(InstanceBatched):
     ) -> Tensor:
         n = logits.shape[0]
         dev = logits.device
-        lp = _log_softmax_keep_dead(logits)
+        lp = log_softmax_keep_dead(logits)
         # masked tokens give 0·(-inf) = NaN, which nansum skips
         entropy = -lp.exp().mul_(lp).nansum(-1)
         groups = instance_rows(decoders)

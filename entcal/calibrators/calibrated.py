@@ -88,7 +88,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from entcal.calibrators.derailment import gate_alpha, lifted_excess, sharpen, step_strength
+from entcal.calibrators.derailment import (
+    gate_alpha,
+    lifted_excess,
+    log_softmax_keep_dead,
+    sharpen,
+    step_strength,
+)
 from entcal.calibrators.predictor import FutureEntropyPredictor
 from entcal.calibrators.predictor_file import shipped_predictor_for
 from entcal.calibrators.state import StateTracker, step_stats
@@ -120,15 +126,6 @@ def load_predictor(path: str | Path) -> FutureEntropyPredictor:
         if key not in _CACHE:
             _CACHE[key] = FutureEntropyPredictor.load(folder)
         return _CACHE[key]
-
-
-def _log_softmax_keep_dead(logits: Tensor) -> Tensor:
-    """``log_softmax`` that leaves all-``-inf`` rows all ``-inf`` (not NaN)."""
-    lp = torch.log_softmax(logits, dim=-1)
-    dead = logits.amax(-1) == float("-inf")
-    if bool(dead.any()):
-        lp = torch.where(dead[:, None], logits, lp)
-    return lp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,7 +378,7 @@ class CalibratedDecoder(Decoder):
         # One instance, all rows: no grouping (the common case in transformers' generate).
         n, vocab = logits.shape
         pred = self.predictor_for(vocab)
-        lp = _log_softmax_keep_dead(logits)
+        lp = log_softmax_keep_dead(logits)
         tracker = self._tracker(pred, n, logits.device)
         feats = tracker.features(step_stats(lp, pred.projection_on(logits.device)))
         gate = self._gate_tensors(pred, logits.device)
@@ -405,7 +402,7 @@ class CalibratedDecoder(Decoder):
             return first._process(logits, input_ids)
         n, vocab = logits.shape
         dev = logits.device
-        lp = _log_softmax_keep_dead(logits)
+        lp = log_softmax_keep_dead(logits)
         instances = instance_rows(decoders)  # [(instance, its rows)]
         rows_of = {id(d): rows for d, rows in instances}
         by_pred: dict[int, list[CalibratedDecoder]] = {}

@@ -64,6 +64,7 @@ __all__ = [
     "gate_alpha",
     "lifted_excess",
     "lifted_excess_along",
+    "log_softmax_keep_dead",
     "sharpen",
     "step_strength",
     "weights_kind",
@@ -191,6 +192,14 @@ def lifted_excess_along(derail: Tensor, warmup: int, lift: float, level: float) 
     (training, diagnostics): what :func:`lifted_excess` gives at each step."""
     shortfall = (level - early_level_along(derail, warmup)).clamp_min(0.0).nan_to_num(0.0)
     return derail + lift * shortfall
+
+
+def log_softmax_keep_dead(logits: Tensor) -> Tensor:
+    """``log_softmax`` over the last dimension that leaves all-``-inf`` rows all ``-inf`` (not
+    NaN)."""
+    lp = torch.log_softmax(logits, dim=-1)
+    dead = logits.amax(-1) == float("-inf")
+    return torch.where(dead[:, None], logits, lp) if bool(dead.any()) else lp
 
 
 def gate_alpha(

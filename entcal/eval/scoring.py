@@ -277,7 +277,19 @@ def _score(runner, obs_runner, prompt_rows, sets, requests, batch_size, memory_b
 
 
 def _score_rows(
-    runner, obs_runner, res, req, idx, prompts, p_ids, p_mask, p_len, cache, last, obs, memory_budget
+    runner,
+    obs_runner,
+    res,
+    req,
+    idx,
+    prompts,
+    p_ids,
+    p_mask,
+    p_len,
+    cache,
+    last,
+    obs,
+    memory_budget,
 ):
     device = runner.device
     tokens = res.tokens[idx].to(device)
