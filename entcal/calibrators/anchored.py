@@ -71,6 +71,7 @@ import torch
 from torch import Tensor
 
 from entcal.calibrators.derailment import gate_alpha, log_softmax_keep_dead, sharpen
+from entcal.calibrators.state import row_entropy
 from entcal.decoding.base import (
     InstanceBatched,
     check_known,
@@ -79,6 +80,7 @@ from entcal.decoding.base import (
     parse_float,
     parse_int,
 )
+from entcal.generation import left_pad
 
 __all__ = [
     "DEFAULT_OFFSET",
@@ -120,14 +122,7 @@ def prompt_log_loss(
         raise ValueError(f"window must be >= 1, got {window}")
     dev = next(model.parameters()).device
     if not isinstance(prompts, Tensor):
-        rows = [list(p) for p in prompts]
-        width = max((len(r) for r in rows), default=0)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            if r:
-                ids[i, width - len(r) :] = torch.as_tensor(r, dtype=torch.long)
-                mask[i, width - len(r) :] = 1
+        ids, mask = left_pad(prompts, 0)  # the mask says which tokens are real
         ids, mask = ids.to(dev), mask.to(dev)
     else:
         ids = prompts.to(dev)
@@ -343,35 +338,28 @@ class AnchoredDecoder(InstanceBatched):
         n = logits.shape[0]
         dev = logits.device
         lp = log_softmax_keep_dead(logits)
-        # masked tokens give 0·(-inf) = NaN, which nansum skips
-        entropy = -lp.exp().mul_(lp).nansum(-1)
+        entropy = row_entropy(lp)
+        # rows of several instances (vLLM: one per request) stacked by instance, processed
+        # together; one instance (transformers' generate) needs no reordering
         groups = instance_rows(decoders)
-        if len(groups) == 1:
-            d = groups[0][0]
-            level = d._targets(n, input_ids, dev)
-            params = [(d.strength, d.threshold, d.base, d.warmup)]
-            owner = torch.zeros(n, dtype=torch.long, device=dev)
-            ema, new = entropy_ema(d._sum, d._count, entropy)
-            d._pending = new
-            count = d._count
-        else:
-            # rows of several instances (vLLM: one per request): stacked, processed together
+        sizes = [len(idx) for _, idx in groups]
+        rows = None
+        if len(groups) > 1:
             rows = torch.tensor([r for _, idx in groups for r in idx], device=dev)
-            sizes = [len(idx) for _, idx in groups]
-            h = entropy.index_select(0, rows)
-            sub = None if input_ids is None else input_ids.index_select(0, rows)
-            chunks = [None] * len(groups) if sub is None else list(sub.split(sizes))
-            level = torch.cat(
-                [d._targets(k, c, dev) for (d, _), k, c in zip(groups, sizes, chunks)]
-            )
-            count = torch.cat([d._count for d, _ in groups])
-            ema, new = entropy_ema(torch.cat([d._sum for d, _ in groups]), count, h)
-            for (d, _), part in zip(groups, new.split(sizes)):
-                d._pending = part
-            params = [(d.strength, d.threshold, d.base, d.warmup) for d, _ in groups]
-            owner = torch.repeat_interleave(
-                torch.arange(len(groups), device=dev), torch.tensor(sizes, device=dev)
-            )
+            entropy = entropy.index_select(0, rows)
+            if input_ids is not None:
+                input_ids = input_ids.index_select(0, rows)
+        chunks = [None] * len(groups) if input_ids is None else list(input_ids.split(sizes))
+        level = torch.cat([d._targets(k, c, dev) for (d, _), k, c in zip(groups, sizes, chunks)])
+        count = torch.cat([d._count for d, _ in groups])
+        ema, new = entropy_ema(torch.cat([d._sum for d, _ in groups]), count, entropy)
+        for (d, _), part in zip(groups, new.split(sizes)):
+            d._pending = part
+        params = [(d.strength, d.threshold, d.base, d.warmup) for d, _ in groups]
+        owner = torch.repeat_interleave(
+            torch.arange(len(groups), device=dev), torch.tensor(sizes, device=dev)
+        )
+        if rows is not None:
             inverse = torch.empty_like(rows)
             inverse[rows] = torch.arange(n, device=dev)
             level, count, ema, owner = (t[inverse] for t in (level, count, ema, owner))

@@ -42,6 +42,7 @@ __all__ = [
     "StateTracker",
     "StepStats",
     "feature_names",
+    "row_entropy",
     "sequence_features",
     "state_features",
     "step_stats",
@@ -140,12 +141,16 @@ class StepStats:
     z: Tensor
 
 
-def step_stats(logprobs: Tensor, projection: HiddenProjection) -> StepStats:
-    """:class:`StepStats` of normalized rows ``logprobs (N, V)`` (float32; ``-inf`` allowed)."""
+def row_entropy(logprobs: Tensor) -> Tensor:
+    """``(N,)`` entropy (nats) of normalized rows ``logprobs (N, V)`` (``-inf`` allowed)."""
     plogp = logprobs.exp().mul_(logprobs)  # in place: one [N, V] buffer
     # masked tokens give 0·(-inf) = NaN, which nansum skips: they contribute 0
-    ent = -plogp.nansum(-1)
-    return StepStats(ent, projection(logprobs))
+    return -plogp.nansum(-1)
+
+
+def step_stats(logprobs: Tensor, projection: HiddenProjection) -> StepStats:
+    """:class:`StepStats` of normalized rows ``logprobs (N, V)`` (float32; ``-inf`` allowed)."""
+    return StepStats(row_entropy(logprobs), projection(logprobs))
 
 
 def feature_names(dim: int) -> list[str]:

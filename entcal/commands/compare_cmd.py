@@ -80,6 +80,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run)
 
 
+def _without(decoders: str, names: tuple[str, ...]) -> str:
+    """The ``;``-separated ``decoders`` less the specs in ``names``."""
+    return "; ".join(d.strip() for d in decoders.split(";") if d.strip() not in names)
+
+
 def _run(args: argparse.Namespace) -> int:
     from entcal.decoding.vllm.engine import parse_vllm_args
     from entcal.eval.compare import QUICK, CompareConfig, parse_decoders
@@ -93,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
         decoders = specs_in(args.from_generations)
     elif args.decoders is None and args.model not in shipped_predictors():
         # Predictors are shipped for the embedded models; another needs its own (entcal train).
-        decoders = "; ".join(d.strip() for d in decoders.split(";") if d.strip() != "calibrated")
+        decoders = _without(decoders, ("calibrated",))
         print(
             f"entcal compare: no shipped predictor for {args.model}; 'calibrated' left out of the "
             "default decoders (train one with entcal train, then pass "
@@ -101,8 +106,7 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.decoders is None and args.from_generations is None and args.engine != "transformers":
-        kept = [d.strip() for d in decoders.split(";") if d.strip()]
-        decoders = "; ".join(d for d in kept if d not in TRANSFORMERS_ONLY_DEFAULTS)
+        decoders = _without(decoders, TRANSFORMERS_ONLY_DEFAULTS)
         print(
             f"entcal compare: {', '.join(TRANSFORMERS_ONLY_DEFAULTS)} left out of the default "
             f"decoders with --engine {args.engine} (target=prompt reads the prompt through the "
