@@ -291,3 +291,20 @@ def test_engine_argument_errors(tmp_path, capsys):
     rc = main(["compare", "--quick", "--engine", "vllm", "--vllm-arg", "x={1, 2}",
                "--out", str(tmp_path), "--no-progress"])  # fmt: skip
     assert rc == 2 and "must be a number, string" in capsys.readouterr().err
+
+
+def test_default_decoders_by_predictor_and_engine():
+    """A model with no shipped predictor runs anchored without the veto and no calibrated;
+    vLLM and Ray leave out anchored (its target=prompt reads the prompt through the model)."""
+    from entcal.commands.compare_cmd import default_decoders
+    from entcal.eval.defaults import DEFAULT_DECODERS
+
+    assert default_decoders(True, "transformers") == (DEFAULT_DECODERS, [])
+    plain, notes = default_decoders(False, "transformers")
+    specs = [d.strip() for d in plain.split(";")]
+    assert "calibrated" not in specs and "anchored:predictor=none" in specs
+    assert "anchored" not in specs and len(notes) == 1
+    for has_predictor in (True, False):
+        served, notes = default_decoders(has_predictor, "vllm")
+        assert not any(d.strip().startswith("anchored") for d in served.split(";"))
+        assert "ancestral" in served and notes

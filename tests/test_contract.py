@@ -146,20 +146,26 @@ EXTREMES: dict[str, list[str]] = {
         "lookahead:alpha=0.5,k=1000000",
     ],
     "anchored": [  # a number as the target: no model; target=prompt: ANCHORED_PROMPT_SPECS
-        f"anchored:target={TINY},strength={HUGE},threshold=-{HUGE},warmup=0",
-        f"anchored:target={HUGE},warmup=0",
-        "anchored:target=1,strength=0",
-        f"anchored:target=1,base={HUGE}",
-        f"anchored:target=1,strength={HUGE},threshold={HUGE},warmup=0",
-        f"anchored:target=1,strength={HUGE},warmup=1000000",
-        f"anchored:target=0.5,strength={HUGE},base=0.5,warmup=0",
+        f"anchored:predictor=none,target={TINY},strength={HUGE},threshold=-{HUGE},warmup=0",
+        f"anchored:predictor=none,target={HUGE},warmup=0",
+        "anchored:predictor=none,target=1,strength=0",
+        f"anchored:predictor=none,target=1,base={HUGE}",
+        f"anchored:predictor=none,target=1,strength={HUGE},threshold={HUGE},warmup=0",
+        f"anchored:predictor=none,target=1,strength={HUGE},warmup=1000000",
+        f"anchored:predictor=none,target=0.5,strength={HUGE},base=0.5,warmup=0",
     ],
 }
+#: The predictor's veto (the default): bound to the shipped predictor by vocabulary.
+ANCHORED_VETO_SPECS = [
+    f"anchored:target={TINY},strength={HUGE},threshold=-{HUGE},warmup=0",
+    f"anchored:target=1,strength={HUGE},warmup=0",
+    f"anchored:target=0.5,strength={HUGE},base={HUGE},warmup=0",
+]
 #: target=prompt runs the bound model over the prompt: bound to a tiny random Llama here.
 ANCHORED_PROMPT_SPECS = [
-    "anchored",
-    f"anchored:offset=-{HUGE},strength={HUGE},threshold=-{HUGE},warmup=0",
-    f"anchored:offset={HUGE},strength={HUGE},warmup=0",
+    "anchored:predictor=none",
+    f"anchored:predictor=none,offset=-{HUGE},strength={HUGE},threshold=-{HUGE},warmup=0",
+    f"anchored:predictor=none,offset={HUGE},strength={HUGE},warmup=0",
 ]
 MODEL_BOUND = ("calibrated", "lookahead")
 SMOLLM2_VOCAB = 49152
@@ -171,7 +177,7 @@ def _method(spec: str) -> str:
 
 
 ROW_SPECS = [s for m, specs in EXTREMES.items() if m not in MODEL_BOUND for s in specs]
-BOUND_SPECS = list(EXTREMES["calibrated"])  # bound to the shipped predictor by vocabulary
+BOUND_SPECS = list(EXTREMES["calibrated"]) + ANCHORED_VETO_SPECS  # shipped predictor by vocab
 LOOKAHEAD_SPECS = list(EXTREMES["lookahead"])
 
 

@@ -4,7 +4,8 @@ Rule (per sequence and generated step ``t``)::
 
     ℓ = L_prompt + δ                        # the target: the prompt's log loss, nats/token
     m_t = EMA_16(H_1 … H_t)                 # running mean of the raw next-token entropy
-    α_t = α_0 + g · max(0, m_t − ℓ − c)     # the gate term 0 for the first K steps (warm-up)
+    a_t = α_0 + g · max(0, m_t − ℓ − c)     # the gate term 0 for the first K steps (warm-up)
+    α_t = min(a_t, α_t^calibrated)          # the predictor's veto (predictor=none: α_t = a_t)
     p_t(v) ∝ p(v)^(1 + α_t)
 
 ``L_prompt`` is the mean negative log-likelihood of the prompt's last :data:`PROMPT_WINDOW`
@@ -28,7 +29,15 @@ sharpening is Cao et al.'s future-entropy-scaled model (Eq. 9) without its per-c
 its scale ``α_t`` set by a feedback on the measured excess instead of a prediction. Nothing is
 truncated: every token the model allows keeps a positive probability.
 
-Spec: ``anchored[:target=prompt|L,offset=δ,strength=g,threshold=c,base=α_0,warmup=K]``
+The veto: the two signals err on different texts. The prompt anchor opens on human text whose
+entropy runs above its prompt's (a per-document spread of 0.4–0.6 nats/token), the predictor on
+human text of a domain it was not fitted on; a generation that derails opens both. So by default
+``α_t`` is the smaller of the two: the ``calibrated`` decoder's own ``α_t`` (the shipped
+predictor of the bound model, its fitted gate) caps the anchor's. On the pydoc training split
+that cut the human log-loss cost from +0.0101 to +0.0011 nats/token at EntCE ≈ 0
+(docs/results/anchored-smollm2-135m.md).
+
+Spec: ``anchored[:target=prompt|L,offset=δ,predictor=shipped|none|PATH,strength=g,threshold=c,base=α_0,warmup=K]``
 
 * ``target``: ``prompt`` (default) reads ``L_prompt`` from the prompt, which needs the model
   and the token history: the decoder runs the bound model once over each new batch's prompts
@@ -39,19 +48,25 @@ Spec: ``anchored[:target=prompt|L,offset=δ,strength=g,threshold=c,base=α_0,war
   :func:`target_from_prompt_logprobs`;
 * ``offset`` (``δ``, nats/token, default :data:`DEFAULT_OFFSET`): added to ``L_prompt``
   (``target=prompt`` only);
+* ``predictor``: the veto's predictor: ``shipped`` (default: the one shipped for the bound
+  model, or, unbound, the one whose vocabulary matches the logits), a folder written by
+  ``entcal train``, or ``none`` (the anchor alone: any model, no predictor);
 * ``strength`` (``g ≥ 0``), ``threshold`` (``c``, nats/token), ``base`` (``α_0 ≥ 0``),
   ``warmup`` (``K``, integer ``≥ 0``): the gate; defaults fitted on SmolLM2-135M so that the
-  pydoc training split's own generations have EntCE ≈ 0 (docs/results/anchored-smollm2-135m.md).
+  pydoc training split's own generations have EntCE ≈ 0, with the veto (:data:`DEFAULTS`) and
+  without it (:data:`DEFAULTS_ALONE`) (docs/results/anchored-smollm2-135m.md).
 
 Errors: an option out of range is a ``ValueError`` naming it; ``target=prompt`` with no bound
 model, or with no ``input_ids`` at the first step (vLLM), is a ``ValueError`` that says to pass a
-number instead. A row of all ``-inf`` stays all ``-inf``.
+number instead; a missing or malformed predictor folder fails at parse, and binding to a model
+with no shipped predictor raises ``PredictorFileError`` naming ``predictor=none``. A row of all
+``-inf`` stays all ``-inf``.
 
 Example::
 
     >>> import torch
     >>> from entcal.decoding import parse
-    >>> d = parse("anchored:target=2.0,strength=1,threshold=0,warmup=0")
+    >>> d = parse("anchored:target=2.0,predictor=none,strength=1,threshold=0,warmup=0")
     >>> d.reset(batch_size=1)
     >>> flat = torch.zeros(1, 16)                   # entropy log 16 = 2.77 nats: α = 0.77
     >>> out = d(flat).log_softmax(-1)
@@ -70,7 +85,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from entcal.calibrators.calibrated import CalibratedDecoder
 from entcal.calibrators.derailment import gate_alpha, log_softmax_keep_dead, sharpen
+from entcal.calibrators.predictor_file import PredictorFileError
 from entcal.calibrators.state import row_entropy
 from entcal.decoding.base import (
     InstanceBatched,
@@ -98,8 +115,12 @@ PROMPT_WINDOW = 64
 DEFAULT_OFFSET = -0.22
 #: EMA window (steps) of the raw entropy: decay ``1 − 1/16``, bias-corrected.
 EMA_WINDOW = 16
-#: The fitted gate (SmolLM2-135M, pydoc training split; see the module docstring).
-DEFAULTS = {"strength": 0.2, "threshold": 0.15, "base": 0.0, "warmup": 8}
+#: The fitted gates (SmolLM2-135M, pydoc training split; see the module docstring): with the
+#: predictor's veto (``predictor=shipped`` or a path) and without it (``predictor=none``).
+DEFAULTS = {"strength": 0.4, "threshold": 0.0, "base": 0.0, "warmup": 8}
+DEFAULTS_ALONE = {"strength": 0.2, "threshold": 0.15, "base": 0.0, "warmup": 8}
+#: ``predictor`` by default: the one shipped for the bound model.
+DEFAULT_PREDICTOR = "shipped"
 
 
 @torch.inference_mode()
@@ -204,7 +225,7 @@ class AnchoredDecoder(InstanceBatched):
     """Entropy held at the prompt's log loss (see the module docstring for rule and spec)."""
 
     requires_history: ClassVar[bool] = True
-    OPTIONS = ("target", "offset", "strength", "threshold", "base", "warmup")
+    OPTIONS = ("target", "offset", "predictor", "strength", "threshold", "base", "warmup")
     #: What vLLM's admission check says to do instead of target=prompt.
     vllm_hint: ClassVar[str] = (
         "give the target as a number: target=<mean -logprob of the prompt's last 64 tokens "
@@ -215,10 +236,11 @@ class AnchoredDecoder(InstanceBatched):
         self,
         target: str | float = "prompt",
         offset: float | str | None = None,
-        strength: float | str = DEFAULTS["strength"],
-        threshold: float | str = DEFAULTS["threshold"],
-        base: float | str = DEFAULTS["base"],
-        warmup: int | str = DEFAULTS["warmup"],
+        predictor: str | None = DEFAULT_PREDICTOR,
+        strength: float | str | None = None,
+        threshold: float | str | None = None,
+        base: float | str | None = None,
+        warmup: int | str | None = None,
     ) -> None:
         if isinstance(target, str) and target.strip() == "prompt":
             self.target: float | None = None
@@ -232,10 +254,23 @@ class AnchoredDecoder(InstanceBatched):
                 "itself (L already includes any offset)"
             )
         self.offset = DEFAULT_OFFSET if offset is None else parse_float("offset", offset)
-        self.strength = parse_float("strength", strength, lo=0.0)
-        self.threshold = parse_float("threshold", threshold)
-        self.base = parse_float("base", base, lo=0.0)
-        self.warmup = parse_int("warmup", warmup, lo=0, range_text="an integer >= 0")
+        text = DEFAULT_PREDICTOR if predictor is None else str(predictor).strip()
+        if not text:
+            raise ValueError("anchored: predictor must be 'shipped', 'none' or a predictor folder")
+        self.predictor = None if text == "none" else text
+        #: the veto: a ``calibrated`` decoder over the predictor (its fitted gate), or None
+        self._veto = (
+            None
+            if self.predictor is None
+            else CalibratedDecoder(None if self.predictor == "shipped" else self.predictor)
+        )
+        fitted = self.defaults
+        self.strength = parse_float("strength", _given(strength, fitted["strength"]), lo=0.0)
+        self.threshold = parse_float("threshold", _given(threshold, fitted["threshold"]))
+        self.base = parse_float("base", _given(base, fitted["base"]), lo=0.0)
+        self.warmup = parse_int(
+            "warmup", _given(warmup, fitted["warmup"]), lo=0, range_text="an integer >= 0"
+        )
         self._model_ref: Any = None
         self.reset(0)
 
@@ -250,15 +285,23 @@ class AnchoredDecoder(InstanceBatched):
         return self.target is None
 
     @property
+    def defaults(self) -> dict[str, float]:
+        """The fitted gate this instance's unspecified options take (with or without the
+        predictor's veto)."""
+        return DEFAULTS if self._veto is not None else DEFAULTS_ALONE
+
+    @property
     def spec(self) -> str:
         parts = []
         if self.target is not None:
             parts.append(f"target={format_value(self.target)}")
         elif self.offset != DEFAULT_OFFSET:
             parts.append(f"offset={format_value(self.offset)}")
+        if (self.predictor or "none") != DEFAULT_PREDICTOR:
+            parts.append(f"predictor={self.predictor or 'none'}")
         for key in ("strength", "threshold", "base", "warmup"):
             value = getattr(self, key)
-            if value != DEFAULTS[key]:
+            if value != self.defaults[key]:
                 parts.append(f"{key}={format_value(value)}")
         return "anchored" + (":" + ",".join(parts) if parts else "")
 
@@ -270,11 +313,24 @@ class AnchoredDecoder(InstanceBatched):
             f"{k}={format_value(getattr(self, k))}"
             for k in ("offset", "strength", "threshold", "base", "warmup")
         )
-        return f"anchored:target={target},{values},window={PROMPT_WINDOW},ema={EMA_WINDOW}"
+        veto = "none" if self._veto is None else self._veto.cache_key()
+        return (
+            f"anchored:target={target},{values},window={PROMPT_WINDOW},ema={EMA_WINDOW},veto={veto}"
+        )
 
     # ---- model and state ----------------------------------------------------------------------
     def bind(self, model: Any) -> AnchoredDecoder:
-        """Keep (a weak reference to) ``model`` for reading the prompt's log loss."""
+        """Keep (a weak reference to) ``model`` for reading the prompt's log loss, and pick the
+        veto's predictor for it (:class:`~entcal.calibrators.predictor_file.PredictorFileError`
+        if ``predictor=shipped`` and none is shipped for this model: then pass
+        ``predictor=none``, or a folder written by ``entcal train``)."""
+        if self._veto is not None:
+            try:
+                self._veto.bind(model)
+            except PredictorFileError as e:
+                raise PredictorFileError(
+                    f"anchored: {e} (or use the prompt anchor alone: anchored:predictor=none)"
+                ) from e
         if self.target is None:
             try:
                 self._model_ref = weakref.ref(model)
@@ -288,17 +344,23 @@ class AnchoredDecoder(InstanceBatched):
         self._sum = torch.zeros(batch_size)
         self._count = torch.zeros(batch_size, dtype=torch.long)
         self._pending: Tensor | None = None  # this step's new EMA sum, committed by observe
+        if getattr(self, "_veto", None) is not None:
+            self._veto.reset(batch_size)
 
     def prime(self, prompts: Sequence[Sequence[int]]) -> None:
         """The prompts of the sequences of the last :meth:`reset`, unpadded: ``target=prompt``
         reads its level from them instead of from the padded ``input_ids`` (``entcal.generate``
         and teacher-forced scoring pass them)."""
         self._prompts = [list(p) for p in prompts]
+        if self._veto is not None:
+            self._veto.prime(prompts)
 
     def observe(self, tokens: Tensor) -> None:
         if self._pending is not None:
             self._sum, self._pending = self._pending, None
             self._count = self._count + 1
+        if self._veto is not None:
+            self._veto.observe(tokens)
 
     def _targets(self, n: int, input_ids: Tensor | None, device: torch.device) -> Tensor:
         if self._count.shape[0] != n:
@@ -368,4 +430,18 @@ class AnchoredDecoder(InstanceBatched):
         warm = torch.tensor([min(p[3], 2**62) for p in params], dtype=torch.long).to(dev)[owner]
         strength = torch.where(count < warm, 0.0, table[:, 0])
         alpha = gate_alpha(ema - level, strength, table[:, 1], table[:, 2])
+        vetoed = [i for i, d in enumerate(decoders) if d._veto is not None]
+        if vetoed:
+            # where the predictor reads the state as derailed too: α = min(α, α_calibrated)
+            sel = None if len(vetoed) == n else torch.tensor(vetoed, device=dev)
+            pick = (lambda t: t) if sel is None else (lambda t: t.index_select(0, sel))
+            veto = CalibratedDecoder.alphas(
+                [decoders[i]._veto for i in vetoed], pick(lp), pick(logits)
+            )
+            capped = torch.minimum(pick(alpha), veto)
+            alpha = capped if sel is None else alpha.index_copy(0, sel, capped)
         return sharpen(lp, alpha, out=lp)
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value

@@ -374,11 +374,11 @@ class CalibratedDecoder(Decoder):
         return cache[2]
 
     # ---- the step -----------------------------------------------------------------------------
-    def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
-        # One instance, all rows: no grouping (the common case in transformers' generate).
+    def _alpha(self, lp: Tensor, logits: Tensor) -> Tensor:
+        """``α_t (N,)`` of this instance's rows (advancing the per-sequence reference as a step
+        does); ``lp``: their log-probabilities, ``logits``: the rows as given."""
         n, vocab = logits.shape
         pred = self.predictor_for(vocab)
-        lp = log_softmax_keep_dead(logits)
         tracker = self._tracker(pred, n, logits.device)
         feats = tracker.features(step_stats(lp, pred.projection_on(logits.device)))
         gate = self._gate_tensors(pred, logits.device)
@@ -388,21 +388,20 @@ class CalibratedDecoder(Decoder):
             gate.lift, gate.level,
         )  # fmt: skip
         tracker.add_reference(share)
-        alpha = gate_alpha(derail, g, gate.threshold, gate.base)
-        return sharpen(lp, alpha, out=lp)  # lp is this call's own tensor: sharpened in place
+        return gate_alpha(derail, g, gate.threshold, gate.base)
 
     @classmethod
-    def _apply_group(
-        cls, decoders: Sequence[Decoder], logits: Tensor, input_ids: Tensor | None
-    ) -> Tensor:
-        # Rows of several instances (vLLM: one per request) in one pass per predictor: their
-        # states are stacked, processed together, and each instance keeps its rows' stats.
+    def alphas(cls, decoders: Sequence[Decoder], lp: Tensor, logits: Tensor) -> Tensor:
+        """``α_t (N,)`` for the rows of a mixed batch, row ``i`` by ``decoders[i]``, each instance
+        advancing its own sequences' state (what a step does, without the sharpening:
+        ``anchored`` caps its own α with it). ``lp``: the rows' log-probabilities ``(N, V)``."""
         first = decoders[0]
         if all(d is first for d in decoders):
-            return first._process(logits, input_ids)
+            # one instance, all rows: no grouping (the common case in transformers' generate)
+            assert isinstance(first, CalibratedDecoder)
+            return first._alpha(lp, logits)
         n, vocab = logits.shape
         dev = logits.device
-        lp = log_softmax_keep_dead(logits)
         instances = instance_rows(decoders)  # [(instance, its rows)]
         rows_of = {id(d): rows for d, rows in instances}
         by_pred: dict[int, list[CalibratedDecoder]] = {}
@@ -438,7 +437,20 @@ class CalibratedDecoder(Decoder):
             StateTracker.add_stacked_reference(trackers, share)
             a = gate_alpha(derail, g, per_row("threshold"), per_row("base"))
             alpha.index_copy_(0, sel, a)
-        return sharpen(lp, alpha, out=lp)
+        return alpha
+
+    def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
+        lp = log_softmax_keep_dead(logits)
+        return sharpen(lp, self._alpha(lp, logits), out=lp)  # lp is this call's own tensor
+
+    @classmethod
+    def _apply_group(
+        cls, decoders: Sequence[Decoder], logits: Tensor, input_ids: Tensor | None
+    ) -> Tensor:
+        # Rows of several instances (vLLM: one per request) in one pass per predictor: their
+        # states are stacked, processed together, and each instance keeps its rows' stats.
+        lp = log_softmax_keep_dead(logits)
+        return sharpen(lp, cls.alphas(decoders, lp, logits), out=lp)
 
 
 register_method("calibrated", CalibratedDecoder.from_options)

@@ -81,38 +81,53 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _without(decoders: str, names: tuple[str, ...]) -> str:
-    """The ``;``-separated ``decoders`` less the specs in ``names``."""
-    return "; ".join(d.strip() for d in decoders.split(";") if d.strip() not in names)
+    """The ``;``-separated ``decoders`` less the specs of the methods in ``names``."""
+    kept = (d.strip() for d in decoders.split(";"))
+    return "; ".join(d for d in kept if d and d.split(":", 1)[0].strip() not in names)
+
+
+def default_decoders(has_predictor: bool, engine: str) -> tuple[str, list[str]]:
+    """``entcal compare``'s default decoders for a model with or without a shipped predictor
+    and for an engine, with a note for each one left out or changed."""
+    decoders, notes = DEFAULT_DECODERS, []
+    if not has_predictor:
+        # Predictors are shipped for the embedded models; another needs its own (entcal train).
+        decoders = "; ".join(
+            "anchored:predictor=none" if d == "anchored" else d
+            for d in _without(decoders, ("calibrated",)).split("; ")
+        )
+        notes.append(
+            "no shipped predictor for this model: 'calibrated' left out of the default decoders "
+            "and 'anchored' run without the predictor's veto (anchored:predictor=none); train "
+            "one with entcal train, then pass --decoders "
+            "'...; calibrated:predictor=DIR/predictor; anchored:predictor=DIR/predictor'"
+        )
+    if engine != "transformers":
+        decoders = _without(decoders, TRANSFORMERS_ONLY_DEFAULTS)
+        notes.append(
+            f"{', '.join(TRANSFORMERS_ONLY_DEFAULTS)} left out of the default decoders with "
+            f"--engine {engine} (target=prompt reads the prompt through the model; a vLLM "
+            "request takes the target as a number, e.g. 'anchored:target=2.9')"
+        )
+    return decoders, notes
 
 
 def _run(args: argparse.Namespace) -> int:
     from entcal.decoding.vllm.engine import parse_vllm_args
     from entcal.eval.compare import QUICK, CompareConfig, parse_decoders
 
-    decoders = args.decoders if args.decoders is not None else DEFAULT_DECODERS
-    from entcal.calibrators.predictor_file import shipped_predictors
-
-    if args.decoders is None and args.from_generations is not None:
+    if args.decoders is not None:
+        decoders = args.decoders
+    elif args.from_generations is not None:
         from entcal.eval.ray_engine import specs_in
 
         decoders = specs_in(args.from_generations)
-    elif args.decoders is None and args.model not in shipped_predictors():
-        # Predictors are shipped for the embedded models; another needs its own (entcal train).
-        decoders = _without(decoders, ("calibrated",))
-        print(
-            f"entcal compare: no shipped predictor for {args.model}; 'calibrated' left out of the "
-            "default decoders (train one with entcal train, then pass "
-            "--decoders '...; calibrated:predictor=DIR/predictor')",
-            file=sys.stderr,
-        )
-    if args.decoders is None and args.from_generations is None and args.engine != "transformers":
-        decoders = _without(decoders, TRANSFORMERS_ONLY_DEFAULTS)
-        print(
-            f"entcal compare: {', '.join(TRANSFORMERS_ONLY_DEFAULTS)} left out of the default "
-            f"decoders with --engine {args.engine} (target=prompt reads the prompt through the "
-            "model; a vLLM request takes the target as a number, e.g. 'anchored:target=2.9')",
-            file=sys.stderr,
-        )
+    else:
+        from entcal.calibrators.predictor_file import shipped_predictors
+
+        decoders, notes = default_decoders(args.model in shipped_predictors(), args.engine)
+        for note in notes:
+            print(f"entcal compare: {note}", file=sys.stderr)
     # Unknown decoders fail here, before the model is loaded or anything generated; the parsed
     # decoders go on to run_compare, which does not parse them again.
     parsed = list(parse_decoders(decoders).values())
