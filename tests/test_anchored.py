@@ -32,9 +32,7 @@ def test_rule_known_answer_over_steps():
     """α_t = base + g·max(0, m_t − ℓ − c) with m_t the bias-corrected EMA of the raw entropies
     seen, the gate closed for the first `warmup` steps; p ∝ p^(1 + α)."""
     g, c, base, target, warm = 0.7, 0.25, 0.05, 1.5, 2
-    d = parse(
-        f"anchored:predictor=none,target={target},strength={g},threshold={c},base={base},warmup={warm}"
-    )
+    d = parse(f"anchored:target={target},strength={g},threshold={c},base={base},warmup={warm}")
     gen = torch.Generator().manual_seed(0)
     rows = [torch.randn(3, 40, generator=gen) * s for s in (0.5, 1.0, 2.0, 0.3, 1.5)]
     decay = 1 - 1 / EMA_WINDOW
@@ -55,7 +53,7 @@ def test_rule_known_answer_over_steps():
 def test_a_call_before_observe_replaces_the_step():
     """A step processed again before observe (vLLM may re-run a row) counts once, as its last
     call: the state then equals that of a decoder that saw only that call."""
-    spec = "anchored:predictor=none,target=0.5,strength=2,threshold=0,warmup=0"
+    spec = "anchored:target=0.5,strength=2,threshold=0,warmup=0"
     gen = torch.Generator().manual_seed(2)
     x, y, z = (torch.randn(2, 30, generator=gen) * s for s in (0.2, 3.0, 1.0))
     d, fresh = parse(spec), parse(spec)
@@ -90,9 +88,9 @@ def test_mixed_instances_equal_each_alone():
     """Rows of several instances (vLLM: one per request) in one pass give what each instance
     gives alone, step after step."""
     specs = [
-        "anchored:predictor=none,target=1.0,strength=0.5,threshold=0,warmup=1",
-        "anchored:predictor=none,target=2.5,strength=2,threshold=-0.5,base=0.1,warmup=0",
-        "anchored:predictor=none,target=0.7,strength=1,threshold=0.2,warmup=3",
+        "anchored:target=1.0,strength=0.5,threshold=0,warmup=1",
+        "anchored:target=2.5,strength=2,threshold=-0.5,base=0.1,warmup=0",
+        "anchored:target=0.7,strength=1,threshold=0.2,warmup=3",
     ]
     together = [parse(s) for s in specs]
     alone = [parse(s) for s in specs]
@@ -125,12 +123,12 @@ def _alpha_of(out: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 
 def test_predictor_veto_takes_the_smaller_alpha():
-    """With the predictor's veto (the default), α_t = min(α_anchored, α_calibrated): each of the
+    """With the predictor's veto (predictor=shipped), α_t = min(α_anchored, α_calibrated): each of the
     two, run alone on the same rows and tokens, gives its own α; the vetoed decoder sharpens by
     the smaller, row by row, step after step."""
     target = "target=3.0,strength=0.5,threshold=0,warmup=2"
-    vetoed = parse(f"anchored:{target}")  # predictor=shipped: SmolLM2's, found by vocabulary
-    alone = parse(f"anchored:predictor=none,{target}")
+    vetoed = parse(f"anchored:predictor=shipped,{target}")  # SmolLM2's, found by vocabulary
+    alone = parse(f"anchored:{target}")
     cal = parse("calibrated")
     gen = torch.Generator().manual_seed(4)
     scales = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0, 6.0])[:, None]
@@ -159,9 +157,9 @@ def test_vetoed_and_plain_instances_mixed_equal_each_alone():
     """A mixed batch of vetoed and plain instances (vLLM: one per request) gives what each
     instance gives alone."""
     specs = [
-        "anchored:target=3.0,strength=0.5,threshold=0,warmup=0",
-        "anchored:predictor=none,target=2.0,strength=0.3,threshold=0,warmup=0",
-        "anchored:target=1.0,strength=1,threshold=-0.5,warmup=1",
+        "anchored:predictor=shipped,target=3.0,strength=0.5,threshold=0,warmup=0",
+        "anchored:target=2.0,strength=0.3,threshold=0,warmup=0",
+        "anchored:predictor=shipped,target=1.0,strength=1,threshold=-0.5,warmup=1",
     ]
     together = [parse(s) for s in specs]
     alone = [parse(s) for s in specs]
@@ -183,13 +181,13 @@ def test_vetoed_and_plain_instances_mixed_equal_each_alone():
 
 
 def test_predictor_option():
-    """predictor=shipped (default), none or a folder; each has its fitted gate; the spec and the
+    """predictor=none (default), shipped or a folder; each has its fitted gate; the spec and the
     cache key tell them apart; a model with no shipped predictor says what to pass."""
-    plain, vetoed = parse("anchored:predictor=none"), parse("anchored")
+    plain, vetoed = parse("anchored"), parse("anchored:predictor=shipped")
     assert vetoed.predictor == "shipped" and plain.predictor is None
     assert (vetoed.strength, vetoed.threshold) != (plain.strength, plain.threshold)
-    assert plain.spec == "anchored:predictor=none" and vetoed.spec == "anchored"
-    assert parse("anchored:predictor=shipped").spec == "anchored"
+    assert plain.spec == "anchored" and vetoed.spec == "anchored:predictor=shipped"
+    assert parse("anchored:predictor=none").spec == "anchored"
     assert plain.cache_key() != vetoed.cache_key()
     with pytest.raises(FileNotFoundError, match="predictor"):
         parse("anchored:predictor=/nonexistent/folder")
@@ -198,12 +196,12 @@ def test_predictor_option():
 def test_no_shipped_predictor_names_the_way_out(tiny_llama):
     model = tiny_llama(vocab=48, hidden=32)
     with pytest.raises(ValueError, match="predictor=none"):
-        parse("anchored").bind(model)
-    parse("anchored:predictor=none").bind(model)  # the prompt anchor alone needs no predictor
+        parse("anchored:predictor=shipped").bind(model)
+    parse("anchored").bind(model)  # the prompt anchor alone (the default) needs no predictor
 
 
 def test_dead_row_stays_dead_and_flat_row_stays_flat():
-    d = parse("anchored:predictor=none,target=0.1,strength=5,threshold=0,warmup=0")
+    d = parse("anchored:target=0.1,strength=5,threshold=0,warmup=0")
     x = torch.zeros(2, 10)
     x[1] = float("-inf")
     d.reset(2)
@@ -215,15 +213,15 @@ def test_dead_row_stays_dead_and_flat_row_stays_flat():
 @pytest.mark.parametrize(
     "spec, words",
     [
-        ("anchored:predictor=none,target=0", "target"),
-        ("anchored:predictor=none,target=nan", "target"),
-        ("anchored:predictor=none,strength=-1", "strength"),
-        ("anchored:predictor=none,base=-0.1", "base"),
-        ("anchored:predictor=none,warmup=-1", "warmup"),
-        ("anchored:predictor=none,threshold=inf", "threshold"),
-        ("anchored:predictor=none,offset=x", "offset"),
-        ("anchored:predictor=none,tau=1", "unknown option 'tau'"),
-        ("anchored:predictor=none,target=2,offset=-0.1", "offset applies to target=prompt only"),
+        ("anchored:target=0", "target"),
+        ("anchored:target=nan", "target"),
+        ("anchored:strength=-1", "strength"),
+        ("anchored:base=-0.1", "base"),
+        ("anchored:warmup=-1", "warmup"),
+        ("anchored:threshold=inf", "threshold"),
+        ("anchored:offset=x", "offset"),
+        ("anchored:tau=1", "unknown option 'tau'"),
+        ("anchored:target=2,offset=-0.1", "offset applies to target=prompt only"),
     ],
 )
 def test_bad_options_name_the_key(spec, words):
@@ -234,7 +232,7 @@ def test_bad_options_name_the_key(spec, words):
 def test_prompt_target_needs_the_model():
     d = parse("anchored")
     assert d.requires_input_ids  # vLLM's admission rejects it (a number is accepted)
-    assert not parse("anchored:predictor=none,target=2").requires_input_ids
+    assert not parse("anchored:target=2").requires_input_ids
     d.reset(1)
     with pytest.raises(ValueError, match=r"target=prompt.*model"):
         d(torch.randn(1, 8), torch.tensor([[1, 2, 3]]))
@@ -243,8 +241,8 @@ def test_prompt_target_needs_the_model():
 def test_spec_round_trips():
     for spec in (
         "anchored",
-        "anchored:predictor=none,offset=-0.1,strength=0.5",
-        "anchored:predictor=none,target=2.5,warmup=0",
+        "anchored:offset=-0.1,strength=0.5",
+        "anchored:target=2.5,warmup=0",
     ):
         assert parse(parse(spec).spec).spec == parse(spec).spec
     assert parse("anchored:target=prompt").spec == "anchored"
@@ -278,8 +276,8 @@ def test_prompt_target_equals_the_same_number_given(tiny_llama):
     model = tiny_llama(vocab=48, hidden=32, lm_head_scale=0.3)
     prompt = torch.tensor([[1, 5, 9, 13, 7, 22, 31, 4, 8, 17]])
     level = float(prompt_log_loss(model, prompt)[0]) + DEFAULT_OFFSET
-    a = parse("anchored:predictor=none,strength=3,threshold=-1,warmup=0").bind(model)
-    b = parse(f"anchored:predictor=none,target={level},strength=3,threshold=-1,warmup=0")
+    a = parse("anchored:strength=3,threshold=-1,warmup=0").bind(model)
+    b = parse(f"anchored:target={level},strength=3,threshold=-1,warmup=0")
     a.reset(1)
     b.reset(1)
     ids = prompt
@@ -308,7 +306,7 @@ def test_generate_and_scoring_read_the_unpadded_prompts(tiny_llama):
     assert model.config.pad_token_id is None
     tok = _tiny_tokenizer(48)
     prompts = [[1, 5, 9, 13, 7, 22, 31, 4, 8, 17], [1, 30, 12]]
-    spec = "anchored:predictor=none,strength=3,threshold=-2,warmup=0"
+    spec = "anchored:strength=3,threshold=-2,warmup=0"
     gens = generate(model, tok, prompts, spec, max_new_tokens=6, seed=1)
     for p, g in zip(prompts, gens):
         level = float(prompt_log_loss(model, [p])[0]) + DEFAULT_OFFSET
@@ -343,7 +341,7 @@ def test_generate_and_scoring_agree(smollm2):
 
     model, tok = smollm2
     prompt = tok("The quick brown fox jumps over the lazy dog. It was a sunny day and")["input_ids"]
-    spec = "anchored:predictor=none,strength=2,threshold=-2"  # the gate held open: every step depends on ℓ
+    spec = "anchored:strength=2,threshold=-2"  # the gate held open: every step depends on ℓ
     g = generate(model, tok, [prompt], spec, max_new_tokens=12, seed=3)[0]
     s = scoring.score(model, [prompt], [g.token_ids], {"a": parse(spec).bind(model)})
     assert torch.allclose(s.processed["a"].logprob[0], g.logprob, atol=1e-4)

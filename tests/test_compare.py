@@ -294,16 +294,15 @@ def test_engine_argument_errors(tmp_path, capsys):
 
 
 def test_default_decoders_by_predictor_and_engine():
-    """A model with no shipped predictor runs anchored without the veto and no calibrated;
-    vLLM and Ray leave out anchored (its target=prompt reads the prompt through the model)."""
+    """A model with no shipped predictor runs no calibrated; vLLM and Ray leave out anchored
+    (its target=prompt reads the prompt through the model)."""
     from entcal.commands.compare_cmd import default_decoders
     from entcal.eval.defaults import DEFAULT_DECODERS
 
     assert default_decoders(True, "transformers") == (DEFAULT_DECODERS, [])
     plain, notes = default_decoders(False, "transformers")
     specs = [d.strip() for d in plain.split(";")]
-    assert "calibrated" not in specs and "anchored:predictor=none" in specs
-    assert "anchored" not in specs and len(notes) == 1
+    assert "calibrated" not in specs and "anchored" in specs and len(notes) == 1
     for has_predictor in (True, False):
         served, notes = default_decoders(has_predictor, "vllm")
         assert not any(d.strip().startswith("anchored") for d in served.split(";"))

@@ -146,26 +146,26 @@ EXTREMES: dict[str, list[str]] = {
         "lookahead:alpha=0.5,k=1000000",
     ],
     "anchored": [  # a number as the target: no model; target=prompt: ANCHORED_PROMPT_SPECS
-        f"anchored:predictor=none,target={TINY},strength={HUGE},threshold=-{HUGE},warmup=0",
-        f"anchored:predictor=none,target={HUGE},warmup=0",
-        "anchored:predictor=none,target=1,strength=0",
-        f"anchored:predictor=none,target=1,base={HUGE}",
-        f"anchored:predictor=none,target=1,strength={HUGE},threshold={HUGE},warmup=0",
-        f"anchored:predictor=none,target=1,strength={HUGE},warmup=1000000",
-        f"anchored:predictor=none,target=0.5,strength={HUGE},base=0.5,warmup=0",
+        f"anchored:target={TINY},strength={HUGE},threshold=-{HUGE},warmup=0",
+        f"anchored:target={HUGE},warmup=0",
+        "anchored:target=1,strength=0",
+        f"anchored:target=1,base={HUGE}",
+        f"anchored:target=1,strength={HUGE},threshold={HUGE},warmup=0",
+        f"anchored:target=1,strength={HUGE},warmup=1000000",
+        f"anchored:target=0.5,strength={HUGE},base=0.5,warmup=0",
     ],
 }
-#: The predictor's veto (the default): bound to the shipped predictor by vocabulary.
+#: The predictor's veto: bound to the shipped predictor by vocabulary.
 ANCHORED_VETO_SPECS = [
-    f"anchored:target={TINY},strength={HUGE},threshold=-{HUGE},warmup=0",
-    f"anchored:target=1,strength={HUGE},warmup=0",
-    f"anchored:target=0.5,strength={HUGE},base={HUGE},warmup=0",
+    f"anchored:predictor=shipped,target={TINY},strength={HUGE},threshold=-{HUGE},warmup=0",
+    f"anchored:predictor=shipped,target=1,strength={HUGE},warmup=0",
+    f"anchored:predictor=shipped,target=0.5,strength={HUGE},base={HUGE},warmup=0",
 ]
 #: target=prompt runs the bound model over the prompt: bound to a tiny random Llama here.
 ANCHORED_PROMPT_SPECS = [
-    "anchored:predictor=none",
-    f"anchored:predictor=none,offset=-{HUGE},strength={HUGE},threshold=-{HUGE},warmup=0",
-    f"anchored:predictor=none,offset={HUGE},strength={HUGE},warmup=0",
+    "anchored",
+    f"anchored:offset=-{HUGE},strength={HUGE},threshold=-{HUGE},warmup=0",
+    f"anchored:offset={HUGE},strength={HUGE},warmup=0",
 ]
 MODEL_BOUND = ("calibrated", "lookahead")
 SMOLLM2_VOCAB = 49152

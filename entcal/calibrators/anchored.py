@@ -5,7 +5,7 @@ Rule (per sequence and generated step ``t``)::
     ℓ = L_prompt + δ                        # the target: the prompt's log loss, nats/token
     m_t = EMA_16(H_1 … H_t)                 # running mean of the raw next-token entropy
     a_t = α_0 + g · max(0, m_t − ℓ − c)     # the gate term 0 for the first K steps (warm-up)
-    α_t = min(a_t, α_t^calibrated)          # the predictor's veto (predictor=none: α_t = a_t)
+    α_t = a_t                               # (predictor=shipped: min(a_t, α_t^calibrated))
     p_t(v) ∝ p(v)^(1 + α_t)
 
 ``L_prompt`` is the mean negative log-likelihood of the prompt's last :data:`PROMPT_WINDOW`
@@ -29,15 +29,17 @@ sharpening is Cao et al.'s future-entropy-scaled model (Eq. 9) without its per-c
 its scale ``α_t`` set by a feedback on the measured excess instead of a prediction. Nothing is
 truncated: every token the model allows keeps a positive probability.
 
-The veto: the two signals err on different texts. The prompt anchor opens on human text whose
-entropy runs above its prompt's (a per-document spread of 0.4–0.6 nats/token), the predictor on
-human text of a domain it was not fitted on; a generation that derails opens both. So by default
-``α_t`` is the smaller of the two: the ``calibrated`` decoder's own ``α_t`` (the shipped
-predictor of the bound model, its fitted gate) caps the anchor's. On the pydoc training split
-that cut the human log-loss cost from +0.0101 to +0.0011 nats/token at EntCE ≈ 0
+The veto (``predictor=shipped`` or a folder): the two signals err on different texts. The prompt
+anchor opens on human text whose entropy runs above its prompt's (a per-document spread of
+0.4–0.6 nats/token), the predictor on human text of a domain it was not fitted on; a generation
+that derails opens both. With a predictor, ``α_t`` is the smaller of the two: the ``calibrated``
+decoder's own ``α_t`` (that predictor, its fitted gate) caps the anchor's. It cut the human
+log-loss cost (pydoc test: +0.0126 to −0.0001; the handbook: +0.0090 to +0.0059), but where the
+predictor's gate seldom opens on generations it blocks the correction too (EntCE on pydoc test
++0.090 to +0.205, on Newton's *Opticks* +0.132 to +0.650), so it is not the default
 (docs/results/anchored-smollm2-135m.md).
 
-Spec: ``anchored[:target=prompt|L,offset=δ,predictor=shipped|none|PATH,strength=g,threshold=c,base=α_0,warmup=K]``
+Spec: ``anchored[:target=prompt|L,offset=δ,predictor=none|shipped|PATH,strength=g,threshold=c,base=α_0,warmup=K]``
 
 * ``target``: ``prompt`` (default) reads ``L_prompt`` from the prompt, which needs the model
   and the token history: the decoder runs the bound model once over each new batch's prompts
@@ -48,25 +50,25 @@ Spec: ``anchored[:target=prompt|L,offset=δ,predictor=shipped|none|PATH,strength
   :func:`target_from_prompt_logprobs`;
 * ``offset`` (``δ``, nats/token, default :data:`DEFAULT_OFFSET`): added to ``L_prompt``
   (``target=prompt`` only);
-* ``predictor``: the veto's predictor: ``shipped`` (default: the one shipped for the bound
-  model, or, unbound, the one whose vocabulary matches the logits), a folder written by
-  ``entcal train``, or ``none`` (the anchor alone: any model, no predictor);
+* ``predictor``: ``none`` (default: the anchor alone, any model), or the veto's predictor:
+  ``shipped`` (the one shipped for the bound model, or, unbound, the one whose vocabulary
+  matches the logits) or a folder written by ``entcal train``;
 * ``strength`` (``g ≥ 0``), ``threshold`` (``c``, nats/token), ``base`` (``α_0 ≥ 0``),
   ``warmup`` (``K``, integer ``≥ 0``): the gate; defaults fitted on SmolLM2-135M so that the
-  pydoc training split's own generations have EntCE ≈ 0, with the veto (:data:`DEFAULTS`) and
-  without it (:data:`DEFAULTS_ALONE`) (docs/results/anchored-smollm2-135m.md).
+  pydoc training split's own generations have EntCE ≈ 0, without the veto (:data:`DEFAULTS`)
+  and with it (:data:`DEFAULTS_VETO`) (docs/results/anchored-smollm2-135m.md).
 
 Errors: an option out of range is a ``ValueError`` naming it; ``target=prompt`` with no bound
 model, or with no ``input_ids`` at the first step (vLLM), is a ``ValueError`` that says to pass a
 number instead; a missing or malformed predictor folder fails at parse, and binding to a model
-with no shipped predictor raises ``PredictorFileError`` naming ``predictor=none``. A row of all
+with no shipped predictor (``predictor=shipped``) raises ``PredictorFileError``. A row of all
 ``-inf`` stays all ``-inf``.
 
 Example::
 
     >>> import torch
     >>> from entcal.decoding import parse
-    >>> d = parse("anchored:target=2.0,predictor=none,strength=1,threshold=0,warmup=0")
+    >>> d = parse("anchored:target=2.0,strength=1,threshold=0,warmup=0")
     >>> d.reset(batch_size=1)
     >>> flat = torch.zeros(1, 16)                   # entropy log 16 = 2.77 nats: α = 0.77
     >>> out = d(flat).log_softmax(-1)
@@ -115,12 +117,13 @@ PROMPT_WINDOW = 64
 DEFAULT_OFFSET = -0.22
 #: EMA window (steps) of the raw entropy: decay ``1 − 1/16``, bias-corrected.
 EMA_WINDOW = 16
-#: The fitted gates (SmolLM2-135M, pydoc training split; see the module docstring): with the
-#: predictor's veto (``predictor=shipped`` or a path) and without it (``predictor=none``).
-DEFAULTS = {"strength": 0.4, "threshold": 0.0, "base": 0.0, "warmup": 8}
-DEFAULTS_ALONE = {"strength": 0.2, "threshold": 0.15, "base": 0.0, "warmup": 8}
-#: ``predictor`` by default: the one shipped for the bound model.
-DEFAULT_PREDICTOR = "shipped"
+#: The fitted gates (SmolLM2-135M, pydoc training split; see the module docstring): the anchor
+#: alone (``predictor=none``, the default) and with the predictor's veto (``predictor=shipped``
+#: or a path).
+DEFAULTS = {"strength": 0.2, "threshold": 0.15, "base": 0.0, "warmup": 8}
+DEFAULTS_VETO = {"strength": 0.4, "threshold": 0.0, "base": 0.0, "warmup": 8}
+#: ``predictor`` by default: none (the veto lost the anchor's transfer: *Opticks*, below).
+DEFAULT_PREDICTOR = "none"
 
 
 @torch.inference_mode()
@@ -288,7 +291,7 @@ class AnchoredDecoder(InstanceBatched):
     def defaults(self) -> dict[str, float]:
         """The fitted gate this instance's unspecified options take (with or without the
         predictor's veto)."""
-        return DEFAULTS if self._veto is not None else DEFAULTS_ALONE
+        return DEFAULTS_VETO if self._veto is not None else DEFAULTS
 
     @property
     def spec(self) -> str:
@@ -329,7 +332,7 @@ class AnchoredDecoder(InstanceBatched):
                 self._veto.bind(model)
             except PredictorFileError as e:
                 raise PredictorFileError(
-                    f"anchored: {e} (or use the prompt anchor alone: anchored:predictor=none)"
+                    f"anchored: {e} (or use the prompt anchor alone: predictor=none, the default)"
                 ) from e
         if self.target is None:
             try:

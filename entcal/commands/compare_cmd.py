@@ -92,15 +92,11 @@ def default_decoders(has_predictor: bool, engine: str) -> tuple[str, list[str]]:
     decoders, notes = DEFAULT_DECODERS, []
     if not has_predictor:
         # Predictors are shipped for the embedded models; another needs its own (entcal train).
-        decoders = "; ".join(
-            "anchored:predictor=none" if d == "anchored" else d
-            for d in _without(decoders, ("calibrated",)).split("; ")
-        )
+        decoders = _without(decoders, ("calibrated",))
         notes.append(
             "no shipped predictor for this model: 'calibrated' left out of the default decoders "
-            "and 'anchored' run without the predictor's veto (anchored:predictor=none); train "
-            "one with entcal train, then pass --decoders "
-            "'...; calibrated:predictor=DIR/predictor; anchored:predictor=DIR/predictor'"
+            "(train one with entcal train, then pass --decoders "
+            "'...; calibrated:predictor=DIR/predictor')"
         )
     if engine != "transformers":
         decoders = _without(decoders, TRANSFORMERS_ONLY_DEFAULTS)
