@@ -56,7 +56,8 @@ Spec: ``anchored[:target=prompt|L,offset=δ,predictor=none|shipped|PATH,strength
 * ``strength`` (``g ≥ 0``), ``threshold`` (``c``, nats/token), ``base`` (``α_0 ≥ 0``),
   ``warmup`` (``K``, integer ``≥ 0``): the gate; defaults fitted on SmolLM2-135M so that the
   pydoc training split's own generations have EntCE ≈ 0, without the veto (:data:`DEFAULTS`)
-  and with it (:data:`DEFAULTS_VETO`) (docs/results/anchored-smollm2-135m.md).
+  and with it (:data:`DEFAULTS_VETO`; there +0.08 in the fitting probe but +0.19 through
+  ``entcal compare``) (docs/results/anchored-smollm2-135m.md).
 
 Errors: an option out of range is a ``ValueError`` naming it; ``target=prompt`` with no bound
 model, or with no ``input_ids`` at the first step (vLLM), is a ``ValueError`` that says to pass a
