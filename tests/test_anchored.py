@@ -122,54 +122,94 @@ def _alpha_of(out: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (out.gather(-1, j) / lp.gather(-1, j) - 1)[:, 0]
 
 
+#: The veto's own gate opened (child strength 2, threshold -0.5, no warm-up) so that its α
+#: varies with each row's predicted derailment and crosses the anchor's: the shipped gate
+#: (threshold 0.81, warm-up 8) stays shut on random rows, leaving only its base.
+OPEN_VETO = {"strength": 2.0, "threshold": -0.5, "warmup": 0}
+OPEN_CALIBRATED = "calibrated:strength=2,threshold=-0.5,warmup=0"
+
+
+def _vetoed(spec: str) -> AnchoredDecoder:
+    d = parse(spec)
+    assert isinstance(d, AnchoredDecoder) and d._veto is not None
+    for key, value in OPEN_VETO.items():
+        setattr(d._veto, key, value)
+    return d
+
+
 def test_predictor_veto_takes_the_smaller_alpha():
-    """With the predictor's veto (predictor=shipped), α_t = min(α_anchored, α_calibrated): each of the
-    two, run alone on the same rows and tokens, gives its own α; the vetoed decoder sharpens by
-    the smaller, row by row, step after step."""
+    """With the predictor's veto (predictor=shipped), α_t = min(α_anchored, α_calibrated): each
+    of the two, run alone on the same rows and tokens, gives its own α; the vetoed decoder
+    sharpens by the smaller, row by row, step after step (the veto's state advancing with it)."""
     target = "target=3.0,strength=0.5,threshold=0,warmup=2"
-    vetoed = parse(f"anchored:predictor=shipped,{target}")  # SmolLM2's, found by vocabulary
+    vetoed = _vetoed(f"anchored:predictor=shipped,{target}")  # SmolLM2's, found by vocabulary
     alone = parse(f"anchored:{target}")
-    cal = parse("calibrated")
+    cal = parse(OPEN_CALIBRATED)
     gen = torch.Generator().manual_seed(4)
     scales = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0, 6.0])[:, None]
     n = len(scales)
     for d in (vetoed, alone, cal):
         d.reset(n)
     smaller = {"anchored": 0, "calibrated": 0}
+    seen = []
     for t in range(10):
         x = torch.randn(n, SMOLLM2_VOCAB, generator=gen) * scales
         a_alone, a_cal = _alpha_of(alone(x), x), _alpha_of(cal(x), x)
+        seen.append(a_cal)
         expected = torch.minimum(a_alone, a_cal)
         out = vetoed(x)
-        assert torch.allclose(_alpha_of(out, x), expected, atol=1e-5), t
+        assert torch.allclose(_alpha_of(out, x), expected, atol=1e-4), t
         lp = torch.log_softmax(x, -1)
-        assert torch.allclose(out, (1 + expected)[:, None] * lp, rtol=1e-5, atol=1e-4), t
-        smaller["anchored"] += int((a_alone < a_cal - 1e-4).sum())
-        smaller["calibrated"] += int((a_cal < a_alone - 1e-4).sum())
+        assert torch.allclose(out, (1 + expected)[:, None] * lp, rtol=1e-5, atol=1e-3), t
+        smaller["anchored"] += int((a_alone < a_cal - 1e-3).sum())
+        smaller["calibrated"] += int((a_cal < a_alone - 1e-3).sum())
         tok = x.argmax(-1)
         for d in (vetoed, alone, cal):
             d.observe(tok)
-    # the check discriminates: each of the two was the smaller somewhere
+    # the check discriminates: the veto's α moves with the rows and the steps (not its base
+    # alone), and each of the two was the smaller somewhere
+    assert float(torch.stack(seen).std()) > 0.05
     assert smaller["anchored"] > 0 and smaller["calibrated"] > 0, smaller
+
+
+def test_vetoed_step_called_again_counts_once():
+    """A step processed again before observe (vLLM may re-run a row) counts once for the veto's
+    state as for the anchor's."""
+    spec = "anchored:predictor=shipped,target=3.0,strength=0.5,threshold=0,warmup=0"
+    gen = torch.Generator().manual_seed(6)
+    x, y, z = (torch.randn(3, SMOLLM2_VOCAB, generator=gen) * s for s in (4.0, 1.0, 2.0))
+    d, fresh = _vetoed(spec), _vetoed(spec)
+    d.reset(3)
+    fresh.reset(3)
+    d(x)
+    assert torch.equal(d(y), fresh(y))
+    tok = y.argmax(-1)
+    d.observe(tok)
+    fresh.observe(tok)
+    assert torch.equal(d(z), fresh(z))
 
 
 def test_vetoed_and_plain_instances_mixed_equal_each_alone():
     """A mixed batch of vetoed and plain instances (vLLM: one per request) gives what each
-    instance gives alone."""
+    instance gives alone, step after step."""
     specs = [
         "anchored:predictor=shipped,target=3.0,strength=0.5,threshold=0,warmup=0",
         "anchored:target=2.0,strength=0.3,threshold=0,warmup=0",
         "anchored:predictor=shipped,target=1.0,strength=1,threshold=-0.5,warmup=1",
     ]
-    together = [parse(s) for s in specs]
-    alone = [parse(s) for s in specs]
+
+    def make(spec: str) -> AnchoredDecoder:
+        return _vetoed(spec) if "predictor" in spec else parse(spec)
+
+    together = [make(s) for s in specs]
+    alone = [make(s) for s in specs]
     owner = [2, 0, 1, 0, 2, 1]
     for group in (together, alone):
         for k, d in enumerate(group):
             d.reset(owner.count(k))
     gen = torch.Generator().manual_seed(5)
     scales = torch.tensor([1.0, 3.0, 0.5, 2.0, 4.0, 1.5])[:, None]
-    for _ in range(4):
+    for _ in range(10):
         x = torch.randn(len(owner), SMOLLM2_VOCAB, generator=gen) * scales
         mixed = AnchoredDecoder._apply_group([together[i] for i in owner], x, None)
         for k, d in enumerate(alone):
@@ -178,6 +218,31 @@ def test_vetoed_and_plain_instances_mixed_equal_each_alone():
             tok = x[rows].argmax(-1)
             d.observe(tok)
             together[k].observe(tok)
+
+
+def test_copies_hold_their_own_veto():
+    """vLLM serves each request with a shallow copy of one parsed prototype: each copy's veto
+    holds its own sequences' state, so one request ending leaves the others' steps as they were
+    alone."""
+    import copy
+
+    spec = "anchored:predictor=shipped,target=3.0,strength=0.5,threshold=0,warmup=0"
+    proto = _vetoed(spec)
+    a, b = copy.copy(proto), copy.copy(proto)
+    assert a._veto is not b._veto and a._veto is not proto._veto
+    ref = _vetoed(spec)
+    for d in (a, b, ref):
+        d.reset(1)
+    gen = torch.Generator().manual_seed(7)
+    for step in range(4):
+        x = torch.randn(2, SMOLLM2_VOCAB, generator=gen) * torch.tensor([[2.0], [1.0]])
+        out_b = b(x[1:])
+        assert torch.equal(out_b, ref(x[1:])), step
+        if step < 2:  # request a ends after two steps
+            a(x[:1])
+            a.observe(x[:1].argmax(-1))
+        b.observe(x[1:].argmax(-1))
+        ref.observe(x[1:].argmax(-1))
 
 
 def test_predictor_option():
@@ -241,6 +306,9 @@ def test_prompt_target_needs_the_model():
 def test_spec_round_trips():
     for spec in (
         "anchored",
+        "anchored:predictor=shipped,strength=0.2,threshold=0.15",
+        "anchored:strength=0.4,threshold=0",
+        "anchored:predictor=shipped,target=2.5",
         "anchored:offset=-0.1,strength=0.5",
         "anchored:target=2.5,warmup=0",
     ):

@@ -446,6 +446,12 @@ def test_validate_accepts_and_rejects():
     with pytest.raises(EntcalRequestError, match=r"needs the token history.*target=<"):
         validate_request(_params("anchored"))  # target=prompt reads the prompt: not in vLLM
     assert validate_request(_params("anchored:target=2.5")) == parse("anchored:target=2.5")
+    # requests with one vetoed spec share the parsed prototype, never the veto's state
+    from entcal.decoding.vllm.request import new_request_decoder
+
+    vetoed = _params("anchored:target=2.5,predictor=shipped")
+    first, second = new_request_decoder(vetoed), new_request_decoder(vetoed)
+    assert first is not second and first._veto is not second._veto
     with pytest.raises(EntcalRequestError, match="does not exist") as err:
         validate_request(_params("calibrated:predictor=/nonexistent/folder"))
     assert err.value.parameter == "vllm_xargs.entcal"

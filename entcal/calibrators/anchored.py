@@ -80,6 +80,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import inspect
 import weakref
 from collections.abc import Sequence
@@ -240,11 +241,11 @@ class AnchoredDecoder(InstanceBatched):
         self,
         target: str | float = "prompt",
         offset: float | str | None = None,
-        predictor: str | None = DEFAULT_PREDICTOR,
         strength: float | str | None = None,
         threshold: float | str | None = None,
         base: float | str | None = None,
         warmup: int | str | None = None,
+        predictor: str | None = DEFAULT_PREDICTOR,
     ) -> None:
         if isinstance(target, str) and target.strip() == "prompt":
             self.target: float | None = None
@@ -317,10 +318,17 @@ class AnchoredDecoder(InstanceBatched):
             f"{k}={format_value(getattr(self, k))}"
             for k in ("offset", "strength", "threshold", "base", "warmup")
         )
-        veto = "none" if self._veto is None else self._veto.cache_key()
-        return (
-            f"anchored:target={target},{values},window={PROMPT_WINDOW},ema={EMA_WINDOW},veto={veto}"
-        )
+        key = f"anchored:target={target},{values},window={PROMPT_WINDOW},ema={EMA_WINDOW}"
+        return key if self._veto is None else f"{key},veto={self._veto.cache_key()}"
+
+    def __copy__(self) -> AnchoredDecoder:
+        # vLLM copies a prototype per request: each copy needs its own veto (its state is per
+        # sequence), not the prototype's shared among requests
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        if self._veto is not None:
+            new._veto = copy.copy(self._veto)
+        return new
 
     # ---- model and state ----------------------------------------------------------------------
     def bind(self, model: Any) -> AnchoredDecoder:
