@@ -14,6 +14,8 @@ correlation of the two log losses. Teacher forced, no generation; about 9 minute
     python benchmarks/corpora/janeausten.py --out runs/austen.txt
     cp "$(python -c 'import tvm_ffi, pathlib; print(pathlib.Path(tvm_ffi.__file__).parent)')/3rdparty/libbacktrace/Isaac.Newton-Opticks.txt" runs/opticks.txt
     python benchmarks/prompt_level.py --out benchmarks/results/prompt_level.json
+    python benchmarks/prompt_level.py --model gemma3-270m --corpora pydoc:train --n 48 \
+        --out benchmarks/results/prompt_level-gemma3-270m.json     # another model's offset
 """
 
 from __future__ import annotations
@@ -83,18 +85,27 @@ def main() -> int:
     p.add_argument("--n", type=int, default=96, help="documents per corpus (default 96)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--out", default="", help="JSON file (default: print only)")
+    p.add_argument("--model", default="smollm2-135m", help="model (default smollm2-135m)")
+    p.add_argument(
+        "--corpora",
+        default=",".join(f"{name}:{split}" for name, split in CORPORA),
+        help="comma-separated CORPUS:SPLIT (default: the five above)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok = models.load("smollm2-135m")
+    model, tok = models.load(args.model)
+    # a batch's log-probs are (batch, 383, vocab) floats: fewer rows for a large vocabulary
+    batch = max(1, 8 * 49152 // model.config.vocab_size)
     report: dict = {
         "benchmark": "prompt log loss against continuation log loss (teacher forced)",
-        "model": "smollm2-135m",
+        "model": args.model,
         "torch_threads": torch.get_num_threads(),
         "prompt_tokens": PROMPT,
         "continuation_tokens": CONTINUATION,
         "corpora": {},
     }
-    for name, split in CORPORA:
+    for item in args.corpora.split(","):
+        name, _, split = item.strip().rpartition(":")
         corpus = corpora.load_corpus(name)
         if split != "all":
             corpus = corpus.split(split)
@@ -102,7 +113,7 @@ def main() -> int:
             corpus, tok, prompt_tokens=PROMPT, continuation_tokens=CONTINUATION, n=args.n
         )
         key = f"{Path(name).stem}:{split}"
-        report["corpora"][key] = corpus_report(*token_stats(model, pairs))
+        report["corpora"][key] = corpus_report(*token_stats(model, pairs, batch))
         print(key, json.dumps(report["corpora"][key]), flush=True)
     gaps = [c["prompt_last_64"]["gap_to_log_loss"] for c in report["corpora"].values()]
     report["gap_64_range"] = [min(gaps), max(gaps)]
