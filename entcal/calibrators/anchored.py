@@ -356,7 +356,7 @@ class AnchoredDecoder(InstanceBatched):
         self._sum = torch.zeros(batch_size)
         self._count = torch.zeros(batch_size, dtype=torch.long)
         self._pending: Tensor | None = None  # this step's new EMA sum, committed by observe
-        if getattr(self, "_veto", None) is not None:
+        if self._veto is not None:
             self._veto.reset(batch_size)
 
     def prime(self, prompts: Sequence[Sequence[int]]) -> None:

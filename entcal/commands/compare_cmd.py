@@ -86,15 +86,17 @@ def _without(decoders: str, names: tuple[str, ...]) -> str:
     return "; ".join(d for d in kept if d and d.split(":", 1)[0].strip() not in names)
 
 
-def default_decoders(has_predictor: bool, engine: str) -> tuple[str, list[str]]:
-    """``entcal compare``'s default decoders for a model with or without a shipped predictor
-    and for an engine, with a note for each one left out or changed."""
+def default_decoders(
+    has_predictor: bool, engine: str, model: str = "this model"
+) -> tuple[str, list[str]]:
+    """``entcal compare``'s default decoders for ``model``, with or without a shipped predictor,
+    and for an engine, with a note for each one left out."""
     decoders, notes = DEFAULT_DECODERS, []
     if not has_predictor:
         # Predictors are shipped for the embedded models; another needs its own (entcal train).
         decoders = _without(decoders, ("calibrated",))
         notes.append(
-            "no shipped predictor for this model: 'calibrated' left out of the default decoders "
+            f"no shipped predictor for {model}; 'calibrated' left out of the default decoders "
             "(train one with entcal train, then pass --decoders "
             "'...; calibrated:predictor=DIR/predictor')"
         )
@@ -121,7 +123,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         from entcal.calibrators.predictor_file import shipped_predictors
 
-        decoders, notes = default_decoders(args.model in shipped_predictors(), args.engine)
+        has_predictor = args.model in shipped_predictors()
+        decoders, notes = default_decoders(has_predictor, args.engine, args.model)
         for note in notes:
             print(f"entcal compare: {note}", file=sys.stderr)
     # Unknown decoders fail here, before the model is loaded or anything generated; the parsed
