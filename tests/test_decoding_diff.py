@@ -399,6 +399,24 @@ def test_ties_typical_and_min_p_keep_the_whole_group():
     assert kept[0, 1] == kept[0, 2] == kept[0, 3]
 
 
+def test_eta_keeps_a_tied_top_that_float32_rounding_removes():
+    """eta close to 1 on rows whose tokens all tie: float32 rounds H a hair below log n in some
+    rows, every probability falls under the threshold, and only the min_tokens_to_keep guard
+    keeps the (tied) top tokens. entcal reads that guard on the emptied rows alone; the masks
+    equal transformers' on every row, and the emptied case does occur."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2000, 1, generator=g).mul(3).expand(-1, 5).clone()
+    x[1::2, 3:] = float("-inf")  # two or five tokens tie at the top
+    eta = 0.99999994  # the largest float32 below 1
+    probs = torch.softmax(x, -1)
+    norm = x - x.logsumexp(-1, keepdim=True)
+    ent = -(norm * torch.softmax(norm, -1)).sum(-1, keepdim=True)
+    e = torch.tensor(eta)
+    emptied = (probs < torch.minimum(e, e.sqrt() * torch.exp(-ent))).all(-1)
+    assert 0 < int(emptied.sum()) < len(x)
+    assert torch.equal(ops.eta_mask(x, eta), removed(EtaLogitsWarper(eta), x))
+
+
 def test_min_tokens_to_keep_beyond_the_rule():
     g = torch.Generator().manual_seed(1)
     x = make_batch(g, 3, 49152, "peaked")
