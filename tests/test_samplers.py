@@ -13,6 +13,7 @@ from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
     TopHLogitsWarper,
+    TopKLogitsWarper,
 )
 
 from entcal.decoding import apply_rows, ops, parse
@@ -33,8 +34,11 @@ def test_top_h_masks_equal_transformers(vocab, batches):
     for b in range(batches):
         x = make_batch(g, 1 + b % 4, vocab, KINDS[b % len(KINDS)])
         top_h = float(torch.rand(1, generator=g)) * 0.999 + 0.001  # in (0, 1]
-        ref = TopHLogitsWarper(top_h)(None, x) == NEG
+        ref_out = TopHLogitsWarper(top_h)(None, x)
+        ref = ref_out == NEG
         assert torch.equal(ops.top_h_mask(x, top_h), ref), (b, top_h)
+        # the chain's path writes the processed logits directly: transformers' values, bit for bit
+        assert torch.equal(ops.top_h_apply(x, top_h), ref_out), (b, top_h)
         kept_sizes.update((~ref).sum(-1).tolist())
     assert len(kept_sizes) > 10  # the sweep reaches many different kept-set sizes
 
@@ -51,6 +55,9 @@ def test_top_h_per_row_values_and_off_rows():
             else TopHLogitsWarper(float(th[i]))(None, x[i : i + 1]) == NEG
         )
         assert torch.equal(remove[i : i + 1], ref), i
+    assert ops.top_h_apply(x, th) is None  # rows left untouched: the mask's path
+    on = th.clamp(min=0.3)  # every row on: written directly, per-row values
+    assert torch.equal(ops.top_h_apply(x, on), x.masked_fill(ops.top_h_mask(x, on), NEG))
 
 
 def test_top_h_chain_equals_transformers_processor_list():
@@ -61,6 +68,11 @@ def test_top_h_chain_equals_transformers_processor_list():
         out = parse("temperature=0.7,top_h=0.4")(x)
         assert torch.equal(out == NEG, ref == NEG)
         assert torch.equal(out[out > NEG], ref[ref > NEG])
+        # top-H first (its output a new tensor), then a mask stage on it
+        ref = LogitsProcessorList([TopHLogitsWarper(0.4), TopKLogitsWarper(5)])(None, x)
+        x0 = x.clone()
+        assert torch.equal(parse("top_h=0.4,top_k=5")(x), ref)
+        assert torch.equal(x, x0)  # the input is not written
 
 
 # ---- quadratic smoothing (text-generation-webui) --------------------------------------------

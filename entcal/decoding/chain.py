@@ -240,6 +240,11 @@ def chain_apply(
         v = params[name]
         if _neutral(v, CHAIN_KEYS[name][0]):
             continue
+        if name == "top_h":  # a handful of tokens kept: written directly, no full-size mask
+            out = ops.top_h_apply(x, v)
+            if out is not None:
+                x, owned = out, True
+                continue
         if owned:
             x.masked_fill_(fn(x, v, mk), float("-inf"))
         else:  # one pass that writes the output, instead of a copy and a fill

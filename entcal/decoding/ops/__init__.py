@@ -57,6 +57,7 @@ from entcal.decoding.ops.serving import (
     dynatemp_temperature,
     mirostat_v1_k,
     quadratic_smoothing,
+    top_h_apply,
     top_h_mask,
     xtc_mask,
 )
@@ -89,6 +90,7 @@ __all__ = [
     "quadratic_smoothing",
     "rows",
     "temperature",
+    "top_h_apply",
     "top_h_mask",
     "top_k_mask",
     "top_n_sigma_mask",

@@ -25,13 +25,48 @@ def top_h_mask(logits: Tensor, top_h: float | Tensor) -> Tensor:
     with the largest maxima (they hold the row's 100 largest logits), so no full-row ``topk``
     runs: with exact ties at the 100th logit, which of the tied tokens is a candidate may differ
     from ``torch.topk``'s choice on the full row. ``min_tokens_to_keep`` does not apply
-    (transformers ignores it as well).
+    (transformers ignores it as well). Returns the ``[N, V]`` bool mask of removed tokens
+    (:func:`top_h_apply` writes the processed logits instead, without a full-size mask).
     """
-    n, v = logits.shape
-    th = rows(top_h, n, logits.device, logits.dtype)
-    active = th > 0
-    if not bool(active.any()):
+    kept = top_h_kept(logits, top_h)
+    if kept is None:
         return torch.zeros_like(logits, dtype=torch.bool)
+    idx, keep, active = kept
+    remove = torch.ones_like(logits, dtype=torch.bool).scatter_(1, idx, ~keep)
+    return remove if active is None else remove & active.view(-1, 1)
+
+
+def top_h_apply(logits: Tensor, top_h: float | Tensor) -> Tensor | None:
+    """``logits`` with the tokens :func:`top_h_mask` removes set to ``-inf``, as a new tensor
+    written in one pass (``-inf`` everywhere, then the at most 100 kept logits scattered back):
+    top-H keeps a handful of tokens, so this skips the full-size mask and the pass that reads
+    it. ``None`` when some row has ``top_h = 0`` (untouched rows: use the mask) or none is on."""
+    kept = top_h_kept(logits, top_h)
+    if kept is None or kept[2] is not None:
+        return None
+    idx, keep, _ = kept
+    vals = logits.gather(1, idx).masked_fill_(~keep, NEG_INF)
+    return torch.full_like(logits, NEG_INF).scatter_(1, idx, vals)
+
+
+def top_h_kept(
+    logits: Tensor, top_h: float | Tensor
+) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """Top-H's candidates: ``(idx [N, C], keep [N, C] bool, active [N] bool or None when every
+    row is on)`` with ``C = min(TOP_H_CANDIDATES, V)``; ``None`` when no row is on."""
+    n, v = logits.shape
+    if not isinstance(top_h, Tensor):  # one value for every row: no per-row tensor, no sync
+        if top_h <= 0 or n == 0:
+            return None
+        th: Tensor = torch.tensor(float(top_h), dtype=logits.dtype, device=logits.device)
+        active = None
+    else:
+        th = rows(top_h, n, logits.device, logits.dtype)
+        active = th > 0
+        if not bool(active.any()):
+            return None
+        if bool(active.all()):
+            active = None
     top, idx = largest(logits, min(TOP_H_CANDIDATES, v))
     # torch.distributions.Categorical(logits=top): normalized logits, softmax, clamped entropy
     norm = top - top.logsumexp(dim=-1, keepdim=True)
@@ -40,8 +75,7 @@ def top_h_mask(logits: Tensor, top_h: float | Tensor) -> Tensor:
     cumulative = torch.cumsum(-probs * torch.log(probs), dim=-1)
     keep = cumulative <= (entropy * th).unsqueeze(-1)
     keep[:, 0] = True
-    remove = torch.ones_like(logits, dtype=torch.bool).scatter_(1, idx, ~keep)
-    return remove if bool(active.all()) else remove & active.view(-1, 1)
+    return idx, keep, active
 
 
 def quadratic_smoothing(logits: Tensor, factor: float | Tensor, curve: float | Tensor) -> Tensor:
