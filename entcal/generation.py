@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,6 +119,9 @@ class _Recorder:
         self.steps: list[dict[str, Tensor]] = []
         self._pending: tuple[Tensor, Tensor] | None = None
         self._history = HistoryDriver(decoder)
+        #: the prompts' per-token log loss from the prefill, when the decoder reads it
+        #: (``Decoder.prompt_nll_window``): a callable giving ``(nll, real)`` or None
+        self.prompt_nll: Any = None
 
     def _settle(self, tokens: Tensor) -> None:
         if self._pending is None:
@@ -137,6 +141,9 @@ class _Recorder:
         elif self.decoder.requires_history and self.prompts is not None:
             # new sequences: their prompts without the padding (anchored reads them)
             self.decoder.prime(self.prompts)
+            got = self.prompt_nll() if self.prompt_nll is not None else None
+            if got is not None:
+                self.decoder.prime_prompt_nll(*got)
         processed = self.decoder(scores, input_ids)
         finite = processed.amax(-1)
         if bool(torch.isnan(finite).any()):
@@ -193,6 +200,26 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
             ids[i, width - len(r) :] = torch.as_tensor(r, dtype=torch.long)
             mask[i, width - len(r) :] = 1
     return ids, mask
+
+
+def prompt_nll(logits: Tensor, ids: Tensor, mask: Tensor, window: int) -> tuple[Tensor, Tensor]:
+    """Per-token negative log-likelihoods of the prompts' last ``window`` tokens.
+
+    ``logits`` ``[N, K, V]``: the model's logits at the last ``K >= min(T, window + 1)``
+    positions of the left-padded prompts ``ids`` ``[N, T]`` (``mask`` ``[N, T]``: 1 for real
+    tokens). Returns ``(nll, real)``, both ``[N, W]`` with ``W = min(T, window + 1) - 1``:
+    ``nll`` float32 (nats) of tokens ``T - W … T - 1``, and ``real`` (bool) for the tokens that
+    are among each row's last ``window`` real tokens after its first (the first token has no
+    prediction). One ``log_softmax`` over the ``[N, W, V]`` slice.
+    """
+    t = ids.shape[1]
+    kept = min(t, window + 1)
+    tail = logits[:, -kept:-1].float()  # predictions of tokens t - kept + 1 … t - 1
+    nll = -torch.log_softmax(tail, -1).gather(-1, ids[:, t - kept + 1 :, None])[..., 0]
+    real_count = mask.sum(-1)
+    token = torch.arange(t - kept + 1, t, device=ids.device)[None]
+    real = token >= t - torch.clamp(real_count - 1, max=window)[:, None]
+    return nll, real
 
 
 def neutral_generation_config(**overrides: Any) -> Any:
@@ -337,13 +364,45 @@ def _generate_chunk(
         pad_token_id=pad_id,
         return_dict_in_generate=True,
     )
-    with _clean_generation_config(model, eos, pad_id), torch.inference_mode():
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            generation_config=config,
-            logits_processor=LogitsProcessorList([rec]),
-        )
+    extra: dict[str, Any] = {}
+    hook = None
+    window = dec.prompt_nll_window
+    if window > 0 and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        # The decoder reads the prompts' log loss: keep the prefill's logits of the prompts'
+        # last window + 1 positions (generate samples from the last) instead of the decoder
+        # running the model over the prompts a second time.
+        extra["logits_to_keep"] = window + 1
+        prefill: dict[str, Tensor] = {}
+
+        def grab(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+            if "logits" not in prefill:  # the first forward is the prefill
+                prefill["logits"] = output.logits
+
+        def from_prefill() -> tuple[Tensor, Tensor] | None:
+            logits = prefill.pop("logits", None)
+            if logits is None:
+                return None
+            return prompt_nll(
+                logits,
+                input_ids.repeat_interleave(n, 0),
+                mask.repeat_interleave(n, 0),
+                window,
+            )
+
+        rec.prompt_nll = from_prefill
+        hook = model.register_forward_hook(grab, with_kwargs=True)
+    try:
+        with _clean_generation_config(model, eos, pad_id), torch.inference_mode():
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                generation_config=config,
+                logits_processor=LogitsProcessorList([rec]),
+                **extra,
+            )
+    finally:
+        if hook is not None:
+            hook.remove()
     seqs = out.sequences[:, input_ids.shape[1] :].cpu()
     # the last step's token is only known now
     if rec.steps and "token" not in rec.steps[-1]:

@@ -388,6 +388,66 @@ def test_generate_and_scoring_read_the_unpadded_prompts(tiny_llama):
     assert isinstance(tok, PreTrainedTokenizerFast)
 
 
+def test_generate_hands_the_prefill_log_loss_over(tiny_llama):
+    """entcal.generate keeps the prefill's logits of the prompts' last 65 positions and hands
+    the decoder their log loss: one forward per step and no second pass over the prompts, the
+    same levels as prompt_log_loss (left padding, a prompt shorter than the window, n > 1) and
+    the same tokens as when the decoder runs its own pass."""
+    from entcal.generation import generate
+
+    model = tiny_llama(vocab=48, hidden=32, lm_head_scale=0.3)
+    tok = _tiny_tokenizer(48)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(4, 48, (n,), generator=g).tolist() for n in (80, 7, 2)]
+    spec = "anchored:strength=3,threshold=-2,warmup=0"
+
+    widths: list[int] = []
+    hook = model.register_forward_hook(
+        lambda m, a, kw, o: widths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    dec = parse(spec).bind(model)
+    try:
+        handed = generate(model, tok, prompts, dec, max_new_tokens=5, seed=2, n=2)
+    finally:
+        hook.remove()
+    assert widths == [80, 1, 1, 1, 1]  # the prefill, then one token per step
+    expected = prompt_log_loss(model, [p for p in prompts for _ in range(2)]) + DEFAULT_OFFSET
+    assert torch.allclose(dec._levels, expected, atol=1e-6)
+
+    class OwnPass(AnchoredDecoder):
+        prompt_nll_window = 0  # asks for nothing: reads the prompts through its own pass
+
+    own = OwnPass(strength=3, threshold=-2, warmup=0).bind(model)
+    alone = generate(model, tok, prompts, own, max_new_tokens=5, seed=2, n=2)
+    assert [a.token_ids for a in alone] == [h.token_ids for h in handed]
+    for a, h in zip(alone, handed):
+        assert torch.allclose(a.logprob, h.logprob, atol=1e-5)
+
+
+def test_scoring_hands_the_prompt_pass_log_loss_over(tiny_llama, monkeypatch):
+    """Teacher-forced scoring takes the level from its own prompt pass (the decoder's own pass,
+    prompt_log_loss, is never called) and scores as the decoder's own pass does."""
+    from entcal.calibrators import anchored as anchored_module
+    from entcal.eval import scoring
+
+    model = tiny_llama(vocab=48, hidden=32, lm_head_scale=0.3)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(4, 48, (n,), generator=g).tolist() for n in (70, 9, 3)]
+    conts = [torch.randint(4, 48, (6,), generator=g).tolist() for _ in prompts]
+    spec = "anchored:strength=3,threshold=-2,warmup=0"
+    with monkeypatch.context() as m:  # a decoder that asks for nothing: its own pass
+        m.setattr(AnchoredDecoder, "prompt_nll_window", property(lambda self: 0))
+        own = scoring.score(model, prompts, conts, {"a": parse(spec).bind(model)}, batch_size=2)
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the decoder ran its own pass over the prompts")
+
+    monkeypatch.setattr(anchored_module, "prompt_log_loss", no_second_pass)
+    handed = scoring.score(model, prompts, conts, {"a": parse(spec).bind(model)}, batch_size=2)
+    assert torch.allclose(handed.processed["a"].logprob, own.processed["a"].logprob, atol=1e-5)
+    assert torch.equal(handed.raw.logprob, own.raw.logprob)
+
+
 def _tiny_tokenizer(vocab: int):
     """A word-level fast tokenizer over ids 0 … vocab-1 (pad 0, eos 2)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

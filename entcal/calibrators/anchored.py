@@ -42,9 +42,11 @@ predictor's gate seldom opens on generations it blocks the correction too (EntCE
 Spec: ``anchored[:target=prompt|L,offset=δ,predictor=none|shipped|PATH,strength=g,threshold=c,base=α_0,warmup=K]``
 
 * ``target``: ``prompt`` (default) reads ``L_prompt`` from the prompt, which needs the model
-  and the token history: the decoder runs the bound model once over each new batch's prompts
-  (transformers' ``generate`` through :mod:`entcal.decoding.hf` with ``model=``,
-  :func:`entcal.generate`, ``entcal compare``). A number (nats/token, ``> 0``) is ``ℓ`` itself,
+  and the token history: :func:`entcal.generate` and teacher-forced scoring (``entcal
+  compare``) hand the decoder the log loss from their own pass over the prompts
+  (:meth:`prime_prompt_nll`); elsewhere (transformers' ``generate`` through
+  :mod:`entcal.decoding.hf` with ``model=``) the decoder runs the bound model once over each new
+  batch's prompts. A number (nats/token, ``> 0``) is ``ℓ`` itself,
   with no model and no history, so the same spec gives the same distribution everywhere, vLLM
   included; compute it with :func:`prompt_log_loss` or, from vLLM's ``prompt_logprobs``, with
   :func:`target_from_prompt_logprobs`;
@@ -101,7 +103,7 @@ from entcal.decoding.base import (
     parse_float,
     parse_int,
 )
-from entcal.generation import left_pad
+from entcal.generation import left_pad, prompt_nll
 
 __all__ = [
     "DEFAULT_OFFSET",
@@ -172,12 +174,12 @@ def prompt_log_loss(
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         extra["logits_to_keep"] = kept
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra).logits
-    logits = logits[:, -kept:-1].float()  # predictions of tokens t - kept + 1 … t - 1
-    nll = -torch.log_softmax(logits, -1).gather(-1, ids[:, t - kept + 1 :, None])[..., 0]
-    # a predicted token counts if it is among the row's last `window` real tokens after the first
-    token = torch.arange(t - kept + 1, t, device=dev)[None]
-    keep = token >= t - torch.clamp(real - 1, max=window)[:, None]
-    return ((nll * keep).sum(-1) / keep.sum(-1)).float()
+    return _mean_nll(*prompt_nll(logits, ids, mask, window))
+
+
+def _mean_nll(nll: Tensor, real: Tensor) -> Tensor:
+    """Each row's mean of ``nll`` over its ``real`` positions (``[N]`` float32)."""
+    return ((nll * real).sum(-1) / real.sum(-1)).float()
 
 
 def target_from_prompt_logprobs(
@@ -367,6 +369,20 @@ class AnchoredDecoder(InstanceBatched):
         if self._veto is not None:
             self._veto.prime(prompts)
 
+    @property
+    def prompt_nll_window(self) -> int:
+        """``target=prompt`` reads the log loss of the prompt's last :data:`PROMPT_WINDOW`
+        tokens: :func:`entcal.generate` hands it over from its prefill."""
+        return PROMPT_WINDOW if self.target is None else 0
+
+    def prime_prompt_nll(self, nll: Tensor, real: Tensor) -> None:
+        """Take ``L_prompt`` from the adapter's prompt log-likelihoods (see
+        :meth:`~entcal.decoding.Decoder.prime_prompt_nll`) instead of a forward pass of its own.
+        Rows with no predicted prompt token are left to that pass, which raises its error."""
+        rows_match = nll.shape[0] == self._count.shape[0]
+        if self.target is None and rows_match and bool((real.sum(-1) > 0).all()):
+            self._levels = _mean_nll(nll, real) + self.offset
+
     def observe(self, tokens: Tensor) -> None:
         if self._pending is not None:
             self._sum, self._pending = self._pending, None
@@ -403,6 +419,8 @@ class AnchoredDecoder(InstanceBatched):
                 self._levels = (prompt_log_loss(model, source) + self.offset).to(device)
         if self._sum.device != device:
             self._sum, self._count = self._sum.to(device), self._count.to(device)
+        if self._levels.device != device:  # (levels handed over by an adapter)
+            self._levels = self._levels.to(device)
         return self._levels
 
     @classmethod

@@ -87,6 +87,22 @@ class Decoder:
         Only adapters that pass no ``input_ids`` call it (vLLM, when a request is added);
         decoders that read the context (DRY) use it, the others ignore it."""
 
+    @property
+    def prompt_nll_window(self) -> int:
+        """How many of the prompt's last tokens' negative log-likelihoods the decoder reads
+        (``anchored``'s ``target=prompt``: 64); 0 (the default) for decoders that read none.
+        An adapter that runs the model over the prompts anyway (:func:`entcal.generate`'s
+        prefill) hands them over with :meth:`prime_prompt_nll`, sparing the decoder a forward
+        pass of its own."""
+        return 0
+
+    def prime_prompt_nll(self, nll: Tensor, real: Tensor) -> None:
+        """The prompts' per-token negative log-likelihoods, after :meth:`reset` and
+        :meth:`prime`: ``nll`` ``[N, W]`` float32 (nats) of each sequence's last
+        ``W = prompt_nll_window`` prompt positions, ``real`` ``[N, W]`` bool marking the
+        positions that hold a predicted prompt token (not left padding, not the first token).
+        A no-op unless the decoder asks (:attr:`prompt_nll_window`)."""
+
     # ---- identity -------------------------------------------------------------------------
     @property
     def spec(self) -> str:

@@ -46,20 +46,27 @@ class ModelRunner:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def prompt(self, ids: Tensor, mask: Tensor, pos: Tensor):
-        """Run the prompts; return ``(cache, last_output)`` (hidden state or logits of the last
-        prompt position)."""
+    def prompt(self, ids: Tensor, mask: Tensor, pos: Tensor, keep: int = 1):
+        """Run the prompts; return ``(cache, last_output, tail)``: the hidden state or logits of
+        the last prompt position, and, when ``keep > 1``, those of the last ``keep`` positions
+        ``[N, keep, ·]`` (else None); :meth:`to_logits` turns either into logits."""
         if self.fast:
             out = self.body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-            last = out.last_hidden_state[:, -1]
+            hidden = out.last_hidden_state
+            last = hidden[:, -1]
             if not self.checked:
                 self._check(ids, mask, pos, last)
             if self.fast:
-                return out.past_key_values, last
+                return out.past_key_values, last, hidden[:, -keep:] if keep > 1 else None
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=max(1, keep),
         )
-        return out.past_key_values, out.logits[:, -1].float()
+        tail = out.logits[:, -keep:].float() if keep > 1 else None
+        return out.past_key_values, out.logits[:, -1].float(), tail
 
     def _check(self, ids: Tensor, mask: Tensor, pos: Tensor, last: Tensor) -> None:
         self.checked = True

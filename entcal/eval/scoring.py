@@ -42,7 +42,7 @@ from torch import Tensor
 from entcal.decoding.ops import entropy_varentropy
 from entcal.eval.model_runner import ModelRunner, logit_windows, vocab_size
 from entcal.eval.scores import ScoreRequest, TextScores, TokenStats
-from entcal.generation import left_pad
+from entcal.generation import left_pad, prompt_nll
 from entcal.models import context_length
 
 __all__ = [
@@ -240,6 +240,15 @@ def _score(runner, obs_runner, prompt_rows, sets, requests, batch_size, memory_b
             desc=progress if isinstance(progress, str) else "scoring",
             leave=False,
         )
+    nll_window = max(
+        (
+            d.prompt_nll_window
+            for req in requests
+            for d in req.decoders.values()
+            if getattr(d, "requires_history", False)
+        ),
+        default=0,
+    )
     try:
         for start in range(0, n, batch_size):
             idx = slice(start, min(n, start + batch_size))
@@ -247,11 +256,14 @@ def _score(runner, obs_runner, prompt_rows, sets, requests, batch_size, memory_b
             p_pos = (p_mask.cumsum(-1) - 1).clamp_min(0)
             p_len = p_mask.sum(-1)
             p_ids, p_mask, p_pos = p_ids.to(device), p_mask.to(device), p_pos.to(device)
-            cache, last = runner.prompt(p_ids, p_mask, p_pos)
+            cache, last, tail = runner.prompt(p_ids, p_mask, p_pos, keep=nll_window + 1)
+            # the prompts' log loss for decoders that read it (anchored), from this same pass
+            prompt_logits = runner.to_logits(tail) if tail is not None else None
+            del tail
             obs = None
             if obs_runner is not None:
                 od = obs_runner.device
-                obs = obs_runner.prompt(p_ids.to(od), p_mask.to(od), p_pos.to(od))
+                obs = obs_runner.prompt(p_ids.to(od), p_mask.to(od), p_pos.to(od))[:2]
             for res, req in zip(results, requests):
                 _score_rows(
                     runner,
@@ -267,6 +279,7 @@ def _score(runner, obs_runner, prompt_rows, sets, requests, batch_size, memory_b
                     last,
                     obs,
                     memory_budget,
+                    prompt_logits,
                 )
                 if bar is not None:
                     bar.update(idx.stop - idx.start)
@@ -290,6 +303,7 @@ def _score_rows(
     last,
     obs,
     memory_budget,
+    prompt_logits=None,
 ):
     device = runner.device
     tokens = res.tokens[idx].to(device)
@@ -307,6 +321,8 @@ def _score_rows(
     for d in stateful.values():
         d.reset(b)
         d.prime(prompts)  # the prompts without padding (decoders that read them: anchored)
+        if prompt_logits is not None and d.prompt_nll_window > 0:
+            d.prime_prompt_nll(*prompt_nll(prompt_logits, p_ids, p_mask, d.prompt_nll_window))
     history = torch.cat([p_ids, tokens], dim=1)
     prompt_width = p_ids.shape[1]
     # The prompt cache is shared by every request: each continuation runs on a copy.
