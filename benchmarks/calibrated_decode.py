@@ -2,13 +2,14 @@
 
 Runs ``entcal.generate`` at batch 32 with ``ancestral`` and with ``--decoder`` (default
 ``calibrated``: the shipped SmolLM2 predictor's state features, predicted excess and gated
-sharpening; ``anchored`` adds one pass over the prompts per generation), alternating the two
+sharpening; ``anchored`` reads the prompts' log loss from the prefill), alternating the two
 ``--repeats`` times (the machine may be shared: the median
 of the alternated runs is reported), plus the cost of the application step alone on the logits of
 a real decoding step. Target (issue 12): the decoder's tokens/s >= 0.85 x ancestral's.
 
-    .venv/bin/python benchmarks/calibrated_decode.py --out benchmarks/results/calibrated_decode.json
-    .venv/bin/python benchmarks/calibrated_decode.py --decoder anchored \
+    .venv/bin/python benchmarks/calibrated_decode.py --new-tokens 64 \
+        --out benchmarks/results/calibrated_decode.json
+    .venv/bin/python benchmarks/calibrated_decode.py --decoder anchored --new-tokens 64 \
         --out benchmarks/results/anchored_decode.json
 """
 

@@ -375,19 +375,17 @@ def _generate_chunk(
         prefill: dict[str, Tensor] = {}
 
         def grab(module: Any, args: Any, kwargs: Any, output: Any) -> None:
-            if "logits" not in prefill:  # the first forward is the prefill
-                prefill["logits"] = output.logits
+            # the first forward is the prefill: keep its logits, then stop listening
+            prefill["logits"] = output.logits
+            hook.remove()
 
         def from_prefill() -> tuple[Tensor, Tensor] | None:
             logits = prefill.pop("logits", None)
             if logits is None:
                 return None
-            return prompt_nll(
-                logits,
-                input_ids.repeat_interleave(n, 0),
-                mask.repeat_interleave(n, 0),
-                window,
-            )
+            # generate repeats each prompt n times (prompt-major): read one copy of each
+            nll, real = prompt_nll(logits[::n], input_ids, mask, window)
+            return nll.repeat_interleave(n, 0), real.repeat_interleave(n, 0)
 
         rec.prompt_nll = from_prefill
         hook = model.register_forward_hook(grab, with_kwargs=True)

@@ -424,6 +424,31 @@ def test_generate_hands_the_prefill_log_loss_over(tiny_llama):
         assert torch.allclose(a.logprob, h.logprob, atol=1e-5)
 
 
+def test_prefill_handover_in_a_pipeline_and_its_fallback(tiny_llama):
+    """A pipeline hands the prompts' log loss to its anchored stage (no second pass), and a
+    prompt with no predicted token (1 token) is left to the decoder's own pass, which raises
+    its error naming the row."""
+    from entcal.generation import generate
+
+    model = tiny_llama(vocab=48, hidden=32, lm_head_scale=0.3)
+    tok = _tiny_tokenizer(48)
+    prompts = [[5, 9, 13, 7, 22, 31, 4, 8, 17, 3], [6, 12, 30]]
+    spec = "anchored:strength=3,threshold=-2,warmup=0"
+    widths: list[int] = []
+    hook = model.register_forward_hook(
+        lambda m, a, kw, o: widths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        piped = generate(model, tok, prompts, f"{spec} | top_k=48", max_new_tokens=3, seed=1)
+    finally:
+        hook.remove()
+    assert widths == [10, 1, 1]
+    alone = generate(model, tok, prompts, spec, max_new_tokens=3, seed=1)
+    assert [p.token_ids for p in piped] == [a.token_ids for a in alone]
+    with pytest.raises(ValueError, match="fewer than 2"):
+        generate(model, tok, [[5], [6, 12, 30]], spec, max_new_tokens=2, seed=1)
+
+
 def test_scoring_hands_the_prompt_pass_log_loss_over(tiny_llama, monkeypatch):
     """Teacher-forced scoring takes the level from its own prompt pass (the decoder's own pass,
     prompt_log_loss, is never called) and scores as the decoder's own pass does."""

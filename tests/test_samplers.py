@@ -55,9 +55,11 @@ def test_top_h_per_row_values_and_off_rows():
             else TopHLogitsWarper(float(th[i]))(None, x[i : i + 1]) == NEG
         )
         assert torch.equal(remove[i : i + 1], ref), i
-    assert ops.top_h_apply(x, th) is None  # rows left untouched: the mask's path
-    on = th.clamp(min=0.3)  # every row on: written directly, per-row values
-    assert torch.equal(ops.top_h_apply(x, on), x.masked_fill(ops.top_h_mask(x, on), NEG))
+    out = ops.top_h_apply(x, th)  # written directly, per-row values, off rows untouched
+    for i in range(6):
+        ref = x[i : i + 1] if th[i] == 0 else TopHLogitsWarper(float(th[i]))(None, x[i : i + 1])
+        assert torch.equal(out[i : i + 1], ref), i
+    assert ops.top_h_apply(x, torch.zeros(6)) is None  # no row on
 
 
 def test_top_h_chain_equals_transformers_processor_list():

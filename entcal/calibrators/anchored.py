@@ -372,7 +372,8 @@ class AnchoredDecoder(InstanceBatched):
     @property
     def prompt_nll_window(self) -> int:
         """``target=prompt`` reads the log loss of the prompt's last :data:`PROMPT_WINDOW`
-        tokens: :func:`entcal.generate` hands it over from its prefill."""
+        tokens: :func:`entcal.generate` hands it over from its prefill, teacher-forced scoring
+        from its prompt pass."""
         return PROMPT_WINDOW if self.target is None else 0
 
     def prime_prompt_nll(self, nll: Tensor, real: Tensor) -> None:

@@ -85,6 +85,15 @@ class PipelineDecoder(Decoder):
         for s in self.stages:
             s.observe(tokens)
 
+    @property
+    def prompt_nll_window(self) -> int:  # type: ignore[override]
+        return max(s.prompt_nll_window for s in self.stages)
+
+    def prime_prompt_nll(self, nll: Tensor, real: Tensor) -> None:
+        for s in self.stages:  # each stage its own trailing window
+            if s.prompt_nll_window > 0:
+                s.prime_prompt_nll(nll[:, -s.prompt_nll_window :], real[:, -s.prompt_nll_window :])
+
     def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
         x = logits
         for s in self.stages:

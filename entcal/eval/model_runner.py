@@ -49,7 +49,7 @@ class ModelRunner:
     def prompt(self, ids: Tensor, mask: Tensor, pos: Tensor, keep: int = 1):
         """Run the prompts; return ``(cache, last_output, tail)``: the hidden state or logits of
         the last prompt position, and, when ``keep > 1``, those of the last ``keep`` positions
-        ``[N, keep, ·]`` (else None); :meth:`to_logits` turns either into logits."""
+        ``[N, min(T, keep), ·]`` (else None); :meth:`to_logits` turns either into logits."""
         if self.fast:
             out = self.body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
             hidden = out.last_hidden_state

@@ -242,7 +242,7 @@ def _score(runner, obs_runner, prompt_rows, sets, requests, batch_size, memory_b
         )
     nll_window = max(
         (
-            d.prompt_nll_window
+            getattr(d, "prompt_nll_window", 0)
             for req in requests
             for d in req.decoders.values()
             if getattr(d, "requires_history", False)
@@ -258,7 +258,10 @@ def _score(runner, obs_runner, prompt_rows, sets, requests, batch_size, memory_b
             p_ids, p_mask, p_pos = p_ids.to(device), p_mask.to(device), p_pos.to(device)
             cache, last, tail = runner.prompt(p_ids, p_mask, p_pos, keep=nll_window + 1)
             # the prompts' log loss for decoders that read it (anchored), from this same pass
-            prompt_logits = runner.to_logits(tail) if tail is not None else None
+            # (the [B, window, V] logits are dropped at once: only [B, window] is kept)
+            prompt_losses = None
+            if tail is not None:
+                prompt_losses = prompt_nll(runner.to_logits(tail), p_ids, p_mask, nll_window)
             del tail
             obs = None
             if obs_runner is not None:
@@ -279,7 +282,7 @@ def _score(runner, obs_runner, prompt_rows, sets, requests, batch_size, memory_b
                     last,
                     obs,
                     memory_budget,
-                    prompt_logits,
+                    prompt_losses,
                 )
                 if bar is not None:
                     bar.update(idx.stop - idx.start)
@@ -303,7 +306,7 @@ def _score_rows(
     last,
     obs,
     memory_budget,
-    prompt_logits=None,
+    prompt_losses=None,
 ):
     device = runner.device
     tokens = res.tokens[idx].to(device)
@@ -321,8 +324,10 @@ def _score_rows(
     for d in stateful.values():
         d.reset(b)
         d.prime(prompts)  # the prompts without padding (decoders that read them: anchored)
-        if prompt_logits is not None and d.prompt_nll_window > 0:
-            d.prime_prompt_nll(*prompt_nll(prompt_logits, p_ids, p_mask, d.prompt_nll_window))
+        w = getattr(d, "prompt_nll_window", 0)  # (a duck-typed decoder may lack the hook)
+        if prompt_losses is not None and w > 0:
+            nll, real = prompt_losses
+            d.prime_prompt_nll(nll[:, -w:], real[:, -w:])
     history = torch.cat([p_ids, tokens], dim=1)
     prompt_width = p_ids.shape[1]
     # The prompt cache is shared by every request: each continuation runs on a copy.

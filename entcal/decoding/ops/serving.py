@@ -40,13 +40,14 @@ def top_h_apply(logits: Tensor, top_h: float | Tensor) -> Tensor | None:
     """``logits`` with the tokens :func:`top_h_mask` removes set to ``-inf``, as a new tensor
     written in one pass (``-inf`` everywhere, then the at most 100 kept logits scattered back):
     top-H keeps a handful of tokens, so this skips the full-size mask and the pass that reads
-    it. ``None`` when some row has ``top_h = 0`` (untouched rows: use the mask) or none is on."""
+    it. Rows with ``top_h = 0`` are returned untouched; ``None`` when no row is on."""
     kept = top_h_kept(logits, top_h)
-    if kept is None or kept[2] is not None:
+    if kept is None:
         return None
-    idx, keep, _ = kept
+    idx, keep, active = kept
     vals = logits.gather(1, idx).masked_fill_(~keep, NEG_INF)
-    return torch.full_like(logits, NEG_INF).scatter_(1, idx, vals)
+    out = torch.full_like(logits, NEG_INF).scatter_(1, idx, vals)
+    return out if active is None else torch.where(active.view(-1, 1), out, logits)
 
 
 def top_h_kept(
