@@ -202,6 +202,12 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
     return ids, mask
 
 
+def keeps_logits(model: Any) -> bool:
+    """Whether ``model``'s forward takes ``logits_to_keep`` (the logits of only the last
+    positions, not ``[N, T, V]``)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def prompt_nll(logits: Tensor, ids: Tensor, mask: Tensor, window: int) -> tuple[Tensor, Tensor]:
     """Per-token negative log-likelihoods of the prompts' last ``window`` tokens.
 
@@ -367,7 +373,7 @@ def _generate_chunk(
     extra: dict[str, Any] = {}
     hook = None
     window = dec.prompt_nll_window
-    if window > 0 and "logits_to_keep" in inspect.signature(model.forward).parameters:
+    if window > 0 and keeps_logits(model):
         # The decoder reads the prompts' log loss: keep the prefill's logits of the prompts'
         # last window + 1 positions (generate samples from the last) instead of the decoder
         # running the model over the prompts a second time.

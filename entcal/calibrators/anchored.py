@@ -83,7 +83,6 @@ Example::
 from __future__ import annotations
 
 import copy
-import inspect
 import weakref
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -103,7 +102,7 @@ from entcal.decoding.base import (
     parse_float,
     parse_int,
 )
-from entcal.generation import left_pad, prompt_nll
+from entcal.generation import keeps_logits, left_pad, prompt_nll
 
 __all__ = [
     "DEFAULT_OFFSET",
@@ -171,7 +170,7 @@ def prompt_log_loss(
     t = ids.shape[1]
     kept = min(t, window + 1)  # positions whose logits are needed: (N, kept, V), not (N, T, V)
     extra = {}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    if keeps_logits(model):
         extra["logits_to_keep"] = kept
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra).logits
     return _mean_nll(*prompt_nll(logits, ids, mask, window))
@@ -380,6 +379,7 @@ class AnchoredDecoder(InstanceBatched):
         """Take ``L_prompt`` from the adapter's prompt log-likelihoods (see
         :meth:`~entcal.decoding.Decoder.prime_prompt_nll`) instead of a forward pass of its own.
         Rows with no predicted prompt token are left to that pass, which raises its error."""
+        nll, real = nll[:, -PROMPT_WINDOW:], real[:, -PROMPT_WINDOW:]
         rows_match = nll.shape[0] == self._count.shape[0]
         if self.target is None and rows_match and bool((real.sum(-1) > 0).all()):
             self._levels = _mean_nll(nll, real) + self.offset

@@ -98,10 +98,11 @@ class Decoder:
 
     def prime_prompt_nll(self, nll: Tensor, real: Tensor) -> None:
         """The prompts' per-token negative log-likelihoods, after :meth:`reset` and
-        :meth:`prime`: ``nll`` ``[N, W]`` float32 (nats) of each sequence's last
-        ``W <= prompt_nll_window`` prompt positions (fewer when the batch's prompts are
-        shorter), ``real`` ``[N, W]`` bool marking the positions that hold a predicted prompt
-        token (not left padding, not the first token). A no-op unless the decoder asks
+        :meth:`prime`: ``nll`` ``[N, W]`` float32 (nats) of each sequence's last ``W`` prompt
+        positions (at most the largest window asked for in the batch, fewer when its prompts
+        are shorter; a decoder reads its own last :attr:`prompt_nll_window` columns), ``real``
+        ``[N, W]`` bool marking the positions that hold a predicted prompt token (not left
+        padding, not the first token). A no-op unless the decoder asks
         (:attr:`prompt_nll_window`)."""
 
     # ---- identity -------------------------------------------------------------------------

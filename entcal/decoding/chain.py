@@ -240,11 +240,10 @@ def chain_apply(
         v = params[name]
         if _neutral(v, CHAIN_KEYS[name][0]):
             continue
-        if name == "top_h":  # a handful of tokens kept: written directly, no full-size mask
-            out = ops.top_h_apply(x, v)
-            if out is not None:
-                x, owned = out, True
-                continue
+        write = _WRITE_STAGES.get(name)
+        if write is not None and (out := write(x, v)) is not None:
+            x, owned = out, True
+            continue
         if owned:
             x.masked_fill_(fn(x, v, mk), float("-inf"))
         else:  # one pass that writes the output, instead of a copy and a fill
@@ -265,6 +264,11 @@ _MASK_STAGES: tuple[tuple[str, Callable[[Tensor, Any, Any], Tensor]], ...] = (
     ("epsilon", lambda z, v, mk: _only_active(ops.epsilon_mask(z, v, mk), v, 0.0)),
     ("eta", lambda z, v, mk: _only_active(ops.eta_mask(z, v, mk), v, 0.0)),
 )
+
+
+#: Stages that write their output directly instead of a mask (they keep a handful of tokens:
+#: ``-inf`` everywhere, the kept logits scattered back, no full-size mask to build and read).
+_WRITE_STAGES: dict[str, Callable[[Tensor, Any], Tensor | None]] = {"top_h": ops.top_h_apply}
 
 
 def _only_active(remove: Tensor, value: Any, neutral: Any) -> Tensor:

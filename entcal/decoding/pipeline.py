@@ -90,9 +90,8 @@ class PipelineDecoder(Decoder):
         return max(s.prompt_nll_window for s in self.stages)
 
     def prime_prompt_nll(self, nll: Tensor, real: Tensor) -> None:
-        for s in self.stages:  # each stage its own trailing window
-            if s.prompt_nll_window > 0:
-                s.prime_prompt_nll(nll[:, -s.prompt_nll_window :], real[:, -s.prompt_nll_window :])
+        for s in self.stages:  # (each reads its own trailing window)
+            s.prime_prompt_nll(nll, real)
 
     def _process(self, logits: Tensor, input_ids: Tensor | None) -> Tensor:
         x = logits

@@ -324,10 +324,9 @@ def _score_rows(
     for d in stateful.values():
         d.reset(b)
         d.prime(prompts)  # the prompts without padding (decoders that read them: anchored)
-        w = getattr(d, "prompt_nll_window", 0)  # (a duck-typed decoder may lack the hook)
-        if prompt_losses is not None and w > 0:
-            nll, real = prompt_losses
-            d.prime_prompt_nll(nll[:, -w:], real[:, -w:])
+        # (a duck-typed decoder may lack the hook)
+        if prompt_losses is not None and getattr(d, "prompt_nll_window", 0) > 0:
+            d.prime_prompt_nll(*prompt_losses)
     history = torch.cat([p_ids, tokens], dim=1)
     prompt_width = p_ids.shape[1]
     # The prompt cache is shared by every request: each continuation runs on a copy.
